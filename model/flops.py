@@ -53,10 +53,11 @@ def forward_flops(config: MMDiTConfig, height: int, width: int, text_tokens: int
     per_block_tokens = n_img * full_stream + n_txt * full_stream
     last_block_tokens = n_img * full_stream + n_txt * 3 * h * h  # pre-only text stream: qkv only
     attention = 2 * seq * seq * h  # QK^T and AV per block
+    last_attention = 2 * n_img * seq * h  # the last block's text tokens do not query
     adaln = (2 * 6 * h * h) * (c.depth - 1) + (6 + 2) * h * h + 2 * h * h  # once per sample
     embed = n_img * c.patch_dim * h + n_txt * c.context_dim * h + n_img * h * c.patch_dim
     vectors = (TIMESTEP_FEATURES + h + c.pooled_dim + h) * h
-    macs = ((c.depth - 1) * per_block_tokens + last_block_tokens + c.depth * attention
+    macs = ((c.depth - 1) * (per_block_tokens + attention) + last_block_tokens + last_attention
             + adaln + embed + vectors)
     return 2.0 * macs
 

@@ -69,15 +69,19 @@ class MMDiTBlock(nn.Module):
         n_txt = txt.shape[1]
         (img_q, img_k, img_v), img_mods = self.img.pre_attention(img, y)  # (B, K, N, E) each
         (txt_q, txt_k, txt_v), txt_mods = self.txt.pre_attention(txt, y)  # (B, K, L, E) each
-        q = torch.cat([txt_q, img_q], dim=2)  # (B, K, S, E)
         k = torch.cat([txt_k, img_k], dim=2)  # (B, K, S, E)
         v = torch.cat([txt_v, img_v], dim=2)  # (B, K, S, E)
+        if self.txt.pre_only:
+            # Text outputs of the last block are discarded, so only image tokens query: same result, less work.
+            # The text query weights stay, unused, for SD3 checkpoint compatibility.
+            attn = nn.functional.scaled_dot_product_attention(img_q, k, v)  # (B, K, N, E)
+            img_attn = rearrange(attn, "b k n e -> b n (k e)")  # (B, N, D)
+            return self.img.post_attention(img, img_attn, img_mods), None
+        q = torch.cat([txt_q, img_q], dim=2)  # (B, K, S, E)
         attn = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, K, S, E)
         attn = rearrange(attn, "b k s e -> b s (k e)")  # (B, S, D)
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]  # (B, L, D), (B, N, D)
         img = self.img.post_attention(img, img_attn, img_mods)  # (B, N, D)
-        if self.txt.pre_only:
-            return img, None
         return img, self.txt.post_attention(txt, txt_attn, txt_mods)  # (B, L, D)
 
 
