@@ -49,6 +49,8 @@ class TimestepDensity:
     def __post_init__(self) -> None:
         if self.kind not in ("uniform", "lognorm", "mode", "cosmap"):
             raise ValueError(f"timestep density kind must be uniform, lognorm, mode or cosmap, got {self.kind!r}")
+        if not (math.isfinite(self.loc) and math.isfinite(self.scale)):
+            raise ValueError(f"timestep density {self.kind} parameters must be finite, got {self.loc}, {self.scale}")
         if self.kind == "lognorm" and self.scale <= 0:
             raise ValueError(f"lognorm scale s must be positive, got {self.scale}")
         if self.kind == "mode" and not -1 <= self.scale <= MODE_SCALE_MAX:
@@ -60,7 +62,11 @@ class TimestepDensity:
         match = re.fullmatch(r"\s*(\w+)\s*(?:\(([^)]*)\))?\s*", spec)
         if not match:
             raise ValueError(f"cannot parse timestep density {spec!r}")
-        kind, args = match.group(1), [float(a) for a in (match.group(2) or "").split(",") if a.strip()]
+        kind = match.group(1)
+        try:
+            args = [float(a) for a in (match.group(2) or "").split(",") if a.strip()]
+        except ValueError:
+            raise ValueError(f"timestep density {spec!r}: parameters must be numbers") from None
         arity = {"uniform": 0, "cosmap": 0, "mode": 1, "lognorm": 2}
         if kind not in arity or len(args) != arity[kind]:
             raise ValueError(f"timestep density {spec!r}: expected one of uniform, lognorm(m,s), mode(s), cosmap")

@@ -29,6 +29,11 @@ def _draws(spec: str, n: int = N, seed: int = 0) -> torch.Tensor:
     return TimestepDensity.parse(spec).sample(n, _gen(seed)).double()
 
 
+def _mode_map(u: torch.Tensor, scale: float) -> torch.Tensor:
+    """The paper's f_mode(u; s) = 1 - u - s (cos^2(pi u / 2) - 1 + u)."""
+    return 1 - u - scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+
+
 def _empirical_cdf(samples: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(samples.sort().values, at, right=True).double() / samples.numel()
 
@@ -142,7 +147,14 @@ def test_density_invalid_specs_raise(spec: str, message: str):
 def test_density_constructor_validates_kind():
     with pytest.raises(ValueError, match="kind"):
         TimestepDensity("beta")
-    assert MODE_SCALE_MAX == pytest.approx(1.7519, abs=1e-4)
+
+
+def test_mode_scale_max_is_where_the_map_stops_being_monotone():
+    u = torch.linspace(0, 1, 10_001, dtype=torch.float64)
+    at_max = TimestepDensity("mode", scale=MODE_SCALE_MAX).from_uniform(u)
+    assert (at_max.diff() <= 1e-12).all()
+    beyond = _mode_map(u, MODE_SCALE_MAX + 0.05)  # a scale the constructor rejects
+    assert (beyond.diff() > 0).any()
 
 
 # --- densities: sample statistics -----------------------------------------------------------------------------
@@ -188,7 +200,7 @@ def test_mode_zero_is_uniform():
 def test_mode_cdf_follows_its_decreasing_map(scale: float):
     # t = f(u) is decreasing in u, so P(T <= f(u)) = 1 - u.
     u = torch.linspace(0.02, 0.98, 49, dtype=torch.float64)
-    f_u = 1 - u - scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+    f_u = _mode_map(u, scale)
     gap = _empirical_cdf(_draws(f"mode({scale:.2f})"), f_u) - (1 - u)
     assert gap.abs().max() < 0.01
 
@@ -223,3 +235,9 @@ def test_sample_timesteps_applies_shift():
     assert shifted.median().item() == pytest.approx(0.75, abs=0.03)  # shifted median of a median-1/2 density
     by_object = sample_timesteps(TimestepDensity("lognorm"), 1000, _gen(5), shift=3.0)
     torch.testing.assert_close(by_object, shifted)
+
+
+@pytest.mark.parametrize("spec", ["lognorm(a,1)", "lognorm(0,nan)", "lognorm(nan,1)", "mode(inf)"])
+def test_density_rejects_non_numeric_or_non_finite_parameters(spec):
+    with pytest.raises(ValueError, match=r"timestep density"):
+        TimestepDensity.parse(spec)

@@ -1,0 +1,30 @@
+"""Hydra schema for choosing an MM-DiT: a flavor name from `model.FLAVORS` plus typed field overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from model import MMDiTConfig, get_flavor
+
+
+@dataclass
+class ModelConf:
+    """`model.flavor=d15 model.qk_norm=rms ...`; a None field keeps the flavor's value."""
+
+    flavor: str = "debug"
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    in_channels: int | None = None
+    mlp_ratio: int | None = None
+    context_dim: int | None = None
+    pooled_dim: int | None = None
+    pos_embed_max_size: int | None = None
+    sample_size: int | None = None
+    qk_norm: str | None = None
+
+    def build(self) -> MMDiTConfig:
+        """The validated MMDiTConfig; raises ValueError naming a bad flavor or field."""
+        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "flavor"}
+        return get_flavor(self.flavor, **{k: v for k, v in overrides.items() if v is not None})

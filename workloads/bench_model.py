@@ -1,0 +1,138 @@
+"""Forward+backward step time of our MM-DiT against diffusers' SD3Transformer2DModel.
+
+Same configuration, weights, inputs and dtype; the two are timed alternately in one process and the
+ratio ours / diffusers is printed with, on a GPU, TFLOP/s and MFU from `model.train_flops`.
+Run: `python -m workloads.bench_model` (Hydra overrides, e.g. `'models=[{flavor: d24}]' batch_size=8`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import hydra
+import torch
+from diffusers import SD3Transformer2DModel
+from omegaconf import OmegaConf
+
+from conf.bench import BenchModelConf, register
+from model import MMDiT, MMDiTConfig, train_flops
+from model.interop import diffusers_config, to_diffusers
+from workloads.mfu import mfu, peak_tflops
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BenchResult:
+    flavor: str
+    ours_s: float  # median step seconds
+    theirs_s: float
+    flops_per_step: float
+    peak: float | None
+
+    def line(self) -> str:
+        text = (f"{self.flavor:>12}  ours {self.ours_s * 1e3:9.2f} ms  diffusers {self.theirs_s * 1e3:9.2f} ms  "
+                f"ratio ours/diffusers {self.ours_s / self.theirs_s:5.3f}  "
+                f"ours {self.flops_per_step / self.ours_s / 1e12:7.2f} TFLOP/s")
+        if self.peak:
+            samples_per_s = 1.0  # flops_per_step already covers the batch
+            text += (f"  MFU ours {mfu(self.flops_per_step / self.ours_s, samples_per_s, self.peak):6.1%}"
+                     f"  diffusers {mfu(self.flops_per_step / self.theirs_s, samples_per_s, self.peak):6.1%}")
+        return text
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def build_pair(config: MMDiTConfig, device: torch.device, dtype: torch.dtype) -> tuple[MMDiT, SD3Transformer2DModel]:
+    """Our network and diffusers' with the same weights (ours initialised, then converted)."""
+    ours = MMDiT(config)
+    with torch.no_grad():  # adaLN-Zero would make the backward trivially cheap in places; use live weights
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    theirs = SD3Transformer2DModel(**diffusers_config(config))
+    theirs.load_state_dict(to_diffusers(ours.state_dict(), config))
+    return ours.to(device, dtype).train(), theirs.to(device, dtype).train()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Callable[[], None], device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    step()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_one(cfg: BenchModelConf, index: int, device: torch.device, dtype: torch.dtype) -> BenchResult:
+    config = cfg.models[index].build()
+    torch.manual_seed(cfg.seed)
+    ours, theirs = build_pair(config, device, dtype)
+    b, s = cfg.batch_size, cfg.latent_size
+    x = torch.randn(b, config.in_channels, s, s, device=device, dtype=dtype)
+    t = torch.rand(b, device=device, dtype=dtype)
+    context = torch.randn(b, cfg.text_tokens, config.context_dim, device=device, dtype=dtype)
+    pooled = torch.randn(b, config.pooled_dim, device=device, dtype=dtype)
+
+    def ours_step() -> None:
+        ours.zero_grad(set_to_none=True)
+        ours(x, t, context, pooled).float().square().mean().backward()
+
+    def theirs_step() -> None:
+        theirs.zero_grad(set_to_none=True)
+        out = theirs(hidden_states=x, timestep=t * 1000, encoder_hidden_states=context, pooled_projections=pooled)
+        out.sample.float().square().mean().backward()
+
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for i in range(cfg.warmup + cfg.steps):
+        order = [("ours", ours_step), ("theirs", theirs_step)]
+        for name, step in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
+            elapsed = time_step(step, device)
+            if i >= cfg.warmup:
+                times[name].append(elapsed)
+    flops = train_flops(config, s, s, cfg.text_tokens) * b
+    return BenchResult(cfg.models[index].flavor, statistics.median(times["ours"]),
+                       statistics.median(times["theirs"]), flops, peak_tflops(device, cfg.peak_tflops))
+
+
+def run(cfg: BenchModelConf) -> list[BenchResult]:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"bench_model: device {label}, dtype {dtype}, batch {cfg.batch_size}, latent {cfg.latent_size}^2, "
+          f"text tokens {cfg.text_tokens}, {cfg.steps} timed steps after {cfg.warmup} warm-up, medians")
+    results = []
+    for i in range(len(cfg.models)):
+        results.append(bench_one(cfg, i, device, dtype))
+        print(results[-1].line(), flush=True)
+    return results
+
+
+register()
+
+
+@hydra.main(version_base=None, config_name="bench_model")
+def main(cfg: BenchModelConf) -> None:
+    run(OmegaConf.to_object(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Figures for run reports: loss curves and sample grids (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after choosing the back end
+import torch
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    """Training loss (raw and smoothed) and validation loss against step."""
+    steps = [r["step"] for r in history]
+    losses = torch.tensor([r["loss"] for r in history])
+    window = max(1, len(losses) // 30)
+    smooth = torch.nn.functional.avg_pool1d(losses[None, None], window, stride=1).flatten()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, alpha=0.3, label="train loss")
+    ax.plot(steps[window - 1:], smooth, label=f"train loss ({window}-step mean)")
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss (fixed t grid, fixed noise)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def latents_to_rgb(latents: torch.Tensor) -> torch.Tensor:
+    """Channels 0-2 of synthetic latents, from [-1, 1] to [0, 1] images: (B, S, S, 3)."""
+    return ((latents[:, :3].clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+
+
+def sample_grid(images: torch.Tensor, row_labels: list[str], path: Path) -> None:
+    """(rows * cols, S, S, 3) images in [0, 1], one labelled row per prompt."""
+    rows = len(row_labels)
+    cols = images.shape[0] // rows
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 1.5, 1.3 * rows), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.imshow(images[r * cols + c].numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
