@@ -37,7 +37,7 @@ class DemoConf:
     samples_per_class: int = 4
     sample_steps: int = 20
     sampler: str = "euler"
-    guidance: float = 4.0
+    guidance: float = 2.0
     seed: int = 0
 
 

@@ -79,8 +79,7 @@ def _paper_flavors() -> dict[str, MMDiTConfig]:
     flavors["sd3.5-large"] = MMDiTConfig.from_depth(38, qk_norm="rms")
     # Tiny network for tests and demos: it reads the tiny text encoders' widths (see conditioning.TINY_TEXT).
     flavors["debug"] = MMDiTConfig.from_depth(
-        2, hidden_size=64, num_heads=2, context_dim=64, pooled_dim=64,
-        pos_embed_max_size=32, sample_size=32, qk_norm="rms",
+        2, context_dim=64, pooled_dim=64, pos_embed_max_size=32, sample_size=32, qk_norm="rms",
     )
     return flavors
 

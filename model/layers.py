@@ -11,7 +11,7 @@ from torch import nn
 NORM_EPS = 1e-6
 TIMESTEP_FEATURES = 256
 # SD3 checkpoints embed t*1000 (the sinusoid was trained on the [0, 1000] range); keeping that scale makes
-# public weights load without retraining the time embedding.
+# public weights load without retraining the time embedding. Pass t in fp32: bf16 would round t*1000 by up to 2.
 TIMESTEP_SCALE = 1000.0
 
 

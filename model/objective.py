@@ -43,7 +43,7 @@ def loss_at(network: Network, formulation: Formulation, x0: torch.Tensor, eps: t
             context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """The formulation's per-sample loss for given noise and noise levels: (B,)."""
     z = formulation.state(interpolate(x0, eps, tau), tau)  # a x0 + b eps
-    out = network(formulation.network_input(z, tau), tau.to(x0.dtype), context, pooled)
+    out = network(formulation.network_input(z, tau), tau, context, pooled)  # tau stays fp32 (see layers)
     return _mse_per_sample(out, formulation.target(x0, eps, z, tau))
 
 
@@ -79,7 +79,7 @@ def validation_loss(network: Network, x0: torch.Tensor, context: torch.Tensor, p
     for i, t in enumerate(validation_timesteps(n_timesteps).tolist()):
         # Formulations defined on a narrower range are evaluated at its edge; the target is unchanged since
         # the velocity eps - x0 is constant along the path.
-        tau = form.clamp(torch.full((batch,), t, device=x0.device, dtype=x0.dtype))
+        tau = form.clamp(torch.full((batch,), t, device=x0.device))
         z = form.state(interpolate(x0, noise[i], tau), tau)
         out = network(form.network_input(z, tau), tau, context, pooled)
         losses.append(_mse_per_sample(form.velocity(out, z, tau), noise[i] - x0))

@@ -35,7 +35,7 @@ def guided_velocity(network: Network, context: torch.Tensor, pooled: torch.Tenso
         copies = 1 if guidance == 1.0 else 2
         tau = form.clamp(t.repeat(copies))  # (copies * B,)
         z = form.state(z_rf.repeat(copies, 1, 1, 1), tau)  # (copies * B, C, H, W)
-        v = form.velocity(network(form.network_input(z, tau), tau.to(z.dtype), context, pooled), z, tau)
+        v = form.velocity(network(form.network_input(z, tau), tau, context, pooled), z, tau)
         if copies == 1:
             return v
         v_cond, v_uncond = v.chunk(2)

@@ -59,14 +59,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_pair(config: MMDiTConfig, device: torch.device, dtype: torch.dtype) -> tuple[MMDiT, SD3Transformer2DModel]:
-    """Our network and diffusers' with the same weights (ours initialised, then converted)."""
-    ours = MMDiT(config)
-    with torch.no_grad():  # adaLN-Zero would make the backward trivially cheap in places; use live weights
-        for p in ours.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    theirs = SD3Transformer2DModel(**diffusers_config(config))
+    """Our network and diffusers' with the same weights (ours initialised, then converted), built on `device`."""
+    with device:
+        ours = MMDiT(config)
+        with torch.no_grad():  # adaLN-Zero leaves outputs at zero; give every weight a live value
+            for p in ours.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        theirs = SD3Transformer2DModel(**diffusers_config(config))
     theirs.load_state_dict(to_diffusers(ours.state_dict(), config))
-    return ours.to(device, dtype).train(), theirs.to(device, dtype).train()
+    return ours.to(dtype).train(), theirs.to(dtype).train()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -88,7 +89,7 @@ def bench_one(cfg: BenchModelConf, index: int, device: torch.device, dtype: torc
     ours, theirs = build_pair(config, device, dtype)
     b, s = cfg.batch_size, cfg.latent_size
     x = torch.randn(b, config.in_channels, s, s, device=device, dtype=dtype)
-    t = torch.rand(b, device=device, dtype=dtype)
+    t = torch.rand(b, device=device)  # fp32: bf16 would round t*1000 by up to 2 units
     context = torch.randn(b, cfg.text_tokens, config.context_dim, device=device, dtype=dtype)
     pooled = torch.randn(b, config.pooled_dim, device=device, dtype=dtype)
 
