@@ -16,8 +16,9 @@ from omegaconf import OmegaConf
 
 from conf.demo import DemoConf, register
 from model import MMDiT, count_params, train_flops
+from model.formulations import get_formulation
 from model.interop import export_diffusers, load_diffusers
-from model.sampling import sample
+from model.sampling import SAMPLERS, sample
 from workloads.local_train import train, validate
 from workloads.report import latents_to_rgb, plot_loss, sample_grid
 from workloads.synthetic import SyntheticLatents
@@ -36,8 +37,13 @@ def sample_classes(network: MMDiT, data: SyntheticLatents, cfg: DemoConf) -> tor
 
 def write_summary(out: Path, cfg: DemoConf, history: list[dict], val_before: float, val_after: float,
                   params: int, elapsed: float) -> None:
+    """summary.json (figures) and summary.md (the same for people)."""
     flops = train_flops(cfg.model.build(), cfg.latent_size, cfg.latent_size, text_tokens=154)
     throughput = cfg.batch_size / (sum(r["step_s"] for r in history) / len(history))
+    figures = {"params": params, "steps": cfg.steps, "samples_per_s": throughput,
+               "train_flops_per_sample": flops, "val_loss_init": val_before, "val_loss_final": val_after,
+               "train_loss_final": sum(r["loss"] for r in history[-50:]) / len(history[-50:]), "seconds": elapsed}
+    (out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
     lines = [
         "# Demo run",
         "",
@@ -46,8 +52,7 @@ def write_summary(out: Path, cfg: DemoConf, history: list[dict], val_before: flo
         f"- {cfg.steps} steps at batch {cfg.batch_size}: {throughput:.1f} samples/s, "
         f"{flops * throughput / 1e9:.2f} GFLOP/s by `model.train_flops`, {elapsed:.0f} s in all",
         f"- validation loss (8 fixed timesteps, fixed noise): {val_before:.4f} at init -> {val_after:.4f}",
-        f"- final training loss (mean of last 50 steps): "
-        f"{sum(r['loss'] for r in history[-50:]) / len(history[-50:]):.4f}",
+        f"- final training loss (mean of the last 50 steps): {figures['train_loss_final']:.4f}",
         f"- samples: {cfg.sample_steps} {cfg.sampler} steps, guidance {cfg.guidance}: `samples.png`",
         "- loss curve: `loss.png`; per-step metrics: `metrics.jsonl`",
         "- diffusers export of the trained weights: `export/transformer` (SD3Transformer2DModel)",
@@ -55,7 +60,20 @@ def write_summary(out: Path, cfg: DemoConf, history: list[dict], val_before: flo
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def check(cfg: DemoConf) -> None:
+    """Fail on an invalid config before any work or output."""
+    cfg.model.build()
+    get_formulation(cfg.formulation)
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {cfg.sampler!r}")
+    for name in ("steps", "batch_size", "latent_size", "val_every", "val_samples", "samples_per_class",
+                 "sample_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+
+
 def run(cfg: DemoConf) -> Path:
+    check(cfg)
     start = time.perf_counter()
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ def _inputs(config: MMDiTConfig, batch: int, latent: int, dtype: torch.dtype, de
 
 def check_agreement(device: torch.device) -> None:
     """Same weights and inputs through ours and diffusers on the GPU, fp32 (TF32 off) and bf16."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # diffusers' patch conv too
     for qk in ("none", "rms"):
         config = get_flavor("d15", depth=4, qk_norm=qk)
         for dtype in (torch.float32, torch.bfloat16):
@@ -41,7 +41,7 @@ def check_agreement(device: torch.device) -> None:
             rel = ((a - b).norm() / b.norm()).item()
             print(f"agreement qk_norm={qk:4} {dtype!s:15} max|diff| {(a - b).abs().max().item():.3e}  "
                   f"relative L2 {rel:.3e}", flush=True)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def check_flash_and_memory(device: torch.device, flavor: str, batch: int, latent: int) -> None:
@@ -60,11 +60,15 @@ def check_flash_and_memory(device: torch.device, flavor: str, batch: int, latent
           f"{weights / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB (weights+grads+activations)", flush=True)
 
 
-def time_ours_only(device: torch.device, flavor: str, batch: int, latent: int, steps: int = 8) -> None:
-    """Step time and MFU of our network alone (for sizes where two copies would not fit)."""
+def time_ours_only(device: torch.device, flavor: str, batch: int, latent: int, steps: int = 8,
+                   compile_blocks: bool = False) -> None:
+    """Step time and MFU of our network alone (sizes where two copies would not fit; optional per-block compile)."""
     config = get_flavor(flavor)
     with device:
         net = MMDiT(config).to(torch.bfloat16)
+    if compile_blocks:
+        for block in net.blocks:
+            block.compile()
     inputs = _inputs(config, batch, latent, torch.bfloat16, device)
 
     def step() -> None:
@@ -75,7 +79,8 @@ def time_ours_only(device: torch.device, flavor: str, batch: int, latent: int, s
     median = sorted(times)[len(times) // 2]
     flops = train_flops(config, latent, latent) * batch
     peak = peak_tflops(device)
-    text = f"ours only {flavor} ({count_params(config) / 1e9:.2f}B) batch {batch} latent {latent}^2: " \
+    label = f"ours only{' compiled' if compile_blocks else ''} {flavor} ({count_params(config) / 1e9:.2f}B)"
+    text = f"{label} batch {batch} latent {latent}^2: " \
            f"{median * 1e3:.1f} ms/step, {flops / median / 1e12:.1f} TFLOP/s"
     if peak:
         text += f", MFU {mfu(flops / median, 1.0, peak):.1%} of {peak:.0f}"
@@ -97,6 +102,11 @@ def main() -> None:
                        steps=6, warmup=2, device="cuda", dtype="bfloat16"))
     torch.cuda.empty_cache()
     time_ours_only(device, "sd3.5-large", batch=8, latent=32)
+    for flavor, batch in (("d24", 64), ("sd3.5-large", 32)):
+        torch.cuda.empty_cache()
+        time_ours_only(device, flavor, batch=batch, latent=32)
+        torch.cuda.empty_cache()
+        time_ours_only(device, flavor, batch=batch, latent=32, compile_blocks=True)
     print(f"gpu_check done in {time.perf_counter() - start:.0f} s")
 
 
