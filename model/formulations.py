@@ -12,6 +12,7 @@ Predictions: `velocity` (eps - x0), `eps`, `v` (a eps - b x0) and `edm` (Karras 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -35,8 +36,9 @@ PAPER_GLOBAL_RANK: dict[str, float] = {
 }
 
 
+@functools.cache
 def _ldm_tau() -> torch.Tensor:
-    """tau of each of the LDM schedule's 1000 discrete steps."""
+    """tau of each of the LDM schedule's 1000 discrete steps (cached; do not modify the result)."""
     betas = torch.linspace(LDM_BETA_START**0.5, LDM_BETA_END**0.5, LDM_STEPS, dtype=torch.float64) ** 2
     alpha_bar = torch.cumprod(1 - betas, dim=0)
     return (alpha_bar.rsqrt() * (1 - alpha_bar).sqrt() / (1 + alpha_bar.rsqrt() * (1 - alpha_bar).sqrt())).float()
