@@ -1,0 +1,66 @@
+"""Hydra schema of `python -m pipelines.preprocess`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+SD3_REPO = "stabilityai/stable-diffusion-3-medium-diffusers"  # VAE, CLIP-L, CLIP-G, T5 and tokenizers
+CAPTIONER = "Salesforce/blip-image-captioning-large"  # the paper used CogVLM; any image-to-text model plugs in
+
+
+@dataclass
+class ModelsConf:
+    """`models=tiny` builds small random models of the real classes offline; `models=sd3` loads pretrained ones."""
+
+    kind: str = "tiny"  # tiny | sd3
+    sd3_repo: str = SD3_REPO  # hub id or local folder with the diffusers SD3 layout
+    captioner: str = CAPTIONER
+    tiny_dir: str = "~/.cache/sd3-train/tiny-models"  # where `tiny` builds its models
+    dtype: str = "auto"  # auto: fp16 on GPU, fp32 on CPU
+    caption_max_new_tokens: int = 40
+
+
+@dataclass
+class StageConf:
+    """An autoscaling actor pool for one model stage."""
+
+    batch_size: int = 16
+    min_actors: int = 1
+    max_actors: int = 1
+    num_cpus: float = 0.5  # fractional so all stages fit on a 2-core laptop; raise on clusters
+    torch_threads: int = 1
+
+
+@dataclass
+class ComputeConf:
+    use_gpu: bool = False  # one GPU per model actor
+    decode_num_cpus: float = 0.5
+    decode_batch_size: int = 32
+    write_batch_size: int = 64
+    vae: StageConf = field(default_factory=StageConf)
+    caption: StageConf = field(default_factory=StageConf)
+    text: StageConf = field(default_factory=StageConf)
+
+
+@dataclass
+class PreprocessConf:
+    input: str = MISSING  # local path or s3:// URI
+    output: str = MISSING
+    input_format: str = "auto"  # auto | folder | webdataset | parquet
+    endpoint_url: str | None = None  # S3-compatible stores; else AWS_ENDPOINT_URL(_S3) or AWS defaults
+    models: ModelsConf = field(default_factory=ModelsConf)
+    resolution: int = 256  # square target when no buckets are given
+    buckets: list[str] = field(default_factory=list)  # e.g. ["256x256", "320x192", "192x320"] (width x height)
+    max_pixels: int = 40_000_000  # decompression-bomb limit, checked before decoding
+    min_side: int = 32  # smaller images are rejected
+    max_aspect: float = 4.0  # more elongated images are rejected
+    max_caption_chars: int = 2000  # longer captions are cut (the encoders see 77 tokens anyway)
+    folder_shard_size: int = 256  # images per shard for image-folder inputs
+    compute: ComputeConf = field(default_factory=ComputeConf)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="preprocess", node=PreprocessConf)

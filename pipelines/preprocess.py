@@ -1,0 +1,195 @@
+"""`python -m pipelines.preprocess input=... output=...`: images and captions -> VAE latents, synthetic
+captions and CLIP-L / CLIP-G / T5 embeddings as Parquet, on Ray Data.
+
+read shards (tasks) -> decode + resize (tasks) -> caption, VAE, text encoders (autoscaling actor pools)
+-> write per shard and bucket (tasks) -> the driver writes a completion marker per finished shard.
+Runs unchanged on a laptop (`ray.init()` local) and on a cluster (`RAY_ADDRESS`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import subprocess
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hydra
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from omegaconf import OmegaConf
+from transformers import AutoConfig
+
+from conf.preprocess import PreprocessConf, StageConf, register
+from model.conditioning import TextConditioningConfig
+from pipelines import schema
+from pipelines.decode import DecodeLimits, parse_buckets
+from pipelines.output import Progress, completed_shards, remove_unfinished, write_batch
+from pipelines.sources import Shard, list_shards
+from pipelines.stages import CaptionStage, TextStage, VAEStage, decode_batch, read_rows
+from pipelines.storage import filesystem, join
+from pipelines.tiny_models import build_tiny_models
+
+
+@dataclass
+class Plan:
+    """Everything checked before any cluster work."""
+
+    shards: list[Shard]
+    limits: DecodeLimits
+    repo: str  # diffusers SD3 layout: vae, text_encoder(_2, _3), tokenizer(_2, _3)
+    captioner: str
+    text: TextConditioningConfig
+
+
+def _check_numbers(cfg: PreprocessConf) -> None:
+    if cfg.models.kind not in ("tiny", "sd3"):
+        raise ValueError(f"models.kind must be tiny or sd3, got {cfg.models.kind!r}")
+    if cfg.resolution < 16 or cfg.resolution % 16:
+        raise ValueError(f"resolution must be a positive multiple of 16, got {cfg.resolution}")
+    for name in ("max_pixels", "min_side", "max_caption_chars", "folder_shard_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_aspect < 1:
+        raise ValueError(f"max_aspect must be >= 1, got {cfg.max_aspect}")
+    for name in ("vae", "caption", "text"):
+        stage: StageConf = getattr(cfg.compute, name)
+        if not 1 <= stage.min_actors <= stage.max_actors or stage.batch_size < 1:
+            raise ValueError(f"compute.{name}: need 1 <= min_actors <= max_actors and batch_size >= 1, got {stage}")
+
+
+def text_dims(repo: str) -> TextConditioningConfig:
+    """Encoder widths from the configs in the SD3 layout (no weights loaded)."""
+    clip_l = AutoConfig.from_pretrained(repo, subfolder="text_encoder")
+    clip_g = AutoConfig.from_pretrained(repo, subfolder="text_encoder_2")
+    t5 = AutoConfig.from_pretrained(repo, subfolder="text_encoder_3")
+    widths = (clip_l.hidden_size, clip_g.hidden_size, t5.d_model)
+    return TextConditioningConfig(clip_l_dim=widths[0], clip_g_dim=widths[1], t5_dim=widths[2],
+                                  context_dim=max(widths[0] + widths[1], widths[2]))
+
+
+def plan(cfg: PreprocessConf) -> Plan:
+    """Validate the config and the input; fails with a clear error before Ray starts."""
+    _check_numbers(cfg)
+    limits = DecodeLimits(parse_buckets(cfg.resolution, cfg.buckets), cfg.max_pixels, cfg.min_side,
+                          cfg.max_aspect, cfg.max_caption_chars)
+    shards = list_shards(cfg.input, cfg.input_format, cfg.endpoint_url, cfg.folder_shard_size)
+    if cfg.models.kind == "tiny":
+        tiny = build_tiny_models(os.path.expanduser(cfg.models.tiny_dir))
+        repo, captioner = tiny.repo, tiny.captioner
+    else:
+        repo, captioner = cfg.models.sd3_repo, cfg.models.captioner
+    return Plan(shards, limits, repo, captioner, text_dims(repo))
+
+
+def _actor_args(cfg: PreprocessConf, stage: StageConf) -> dict:
+    return {
+        "compute": ray.data.ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),
+        "batch_size": stage.batch_size, "num_cpus": stage.num_cpus, "num_gpus": 1 if cfg.compute.use_gpu else 0,
+    }
+
+
+def build_dataset(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> ray.data.Dataset:
+    """The streaming pipeline over the pending shards; yields one summary row per written file group."""
+    device = "cuda" if cfg.compute.use_gpu else "cpu"
+    c, m = cfg.compute, cfg.models
+    items = [{"index": s.index, "format": s.format, "paths": list(s.paths), "root": s.root} for s in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(read_rows, fn_kwargs={"endpoint_url": cfg.endpoint_url}, num_cpus=c.decode_num_cpus)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"limits": p.limits}, batch_size=c.decode_batch_size,
+                        num_cpus=c.decode_num_cpus)
+    ds = ds.map_batches(CaptionStage, fn_constructor_kwargs={
+        "path": p.captioner, "device": device, "dtype": m.dtype, "max_new_tokens": m.caption_max_new_tokens,
+        "threads": c.caption.torch_threads}, **_actor_args(cfg, c.caption))
+    ds = ds.map_batches(VAEStage, fn_constructor_kwargs={
+        "repo": p.repo, "device": device, "dtype": m.dtype, "threads": c.vae.torch_threads},
+        **_actor_args(cfg, c.vae))
+    ds = ds.map_batches(TextStage, fn_constructor_kwargs={
+        "repo": p.repo, "device": device, "dtype": m.dtype, "threads": c.text.torch_threads},
+        **_actor_args(cfg, c.text))
+    return ds.map_batches(write_batch, fn_kwargs={"output": cfg.output, "endpoint_url": cfg.endpoint_url,
+                                                  "text": p.text},
+                          batch_size=c.write_batch_size, num_cpus=c.decode_num_cpus)
+
+
+def code_version() -> str:
+    version = importlib.metadata.version("sd3-train")
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        return f"{version}+g{sha}"
+    except (OSError, subprocess.SubprocessError):
+        return version
+
+
+def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict]) -> dict:
+    """_manifest.json from all shard markers: counts, files, schema, models, resolution, code version."""
+    fs, root = filesystem(cfg.output, cfg.endpoint_url)
+    files = sorted(f for m in markers.values() for f in m["files"])
+    data_files = [f for f in files if f"/{schema.DATA_DIR}/" in f]
+    schemas = {}
+    for path in data_files:
+        bucket = path.split(f"/{schema.DATA_DIR}/", 1)[1].split("/", 1)[0]
+        if bucket not in schemas:
+            schemas[bucket] = str(pq.read_schema(pa.BufferReader(fs.cat_file(path))))
+    rejects: Counter = Counter()
+    for path in (f for f in files if f"/{schema.REJECTS_DIR}/" in f):
+        table = pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=[schema.REJECT_STAGE])
+        rejects.update(table.column(0).to_pylist())
+    counts = {k: sum(m[f"rows_{k}"] for m in markers.values()) for k in ("read", "written", "rejected")}
+    manifest = {
+        "input": cfg.input, "output": cfg.output, "input_format": p.shards[0].format, "shards": len(p.shards),
+        "counts": counts, "rejected_by_stage": dict(rejects), "files": files, "schema": schemas,
+        "models": {"kind": cfg.models.kind, "sd3_repo": p.repo, "captioner": p.captioner, "dtype": cfg.models.dtype,
+                   "text": asdict(p.text)},
+        "resolution": cfg.resolution, "buckets": [f"{w}x{h}" for w, h in p.limits.buckets],
+        "limits": asdict(p.limits), "code_version": code_version(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    fs.pipe_file(join(root, schema.MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def run(cfg: PreprocessConf) -> dict:
+    """Process the shards not yet marked done, then write the manifest; returns it."""
+    start = time.perf_counter()
+    p = plan(cfg)
+    done = completed_shards(cfg.output, cfg.endpoint_url)
+    pending = [s for s in p.shards if s.index not in done]
+    removed = remove_unfinished(cfg.output, [s.index for s in pending], cfg.endpoint_url)
+    print(f"[preprocess] {len(p.shards)} {p.shards[0].format} shards: {len(done)} done, {len(pending)} to do"
+          + (f" ({removed} leftover files of an interrupted run removed)" if removed else ""), flush=True)
+    if pending:
+        if not ray.is_initialized():
+            ray.init()  # local, or the cluster in RAY_ADDRESS
+        progress = Progress(cfg.output, cfg.endpoint_url, {s.index: list(s.paths) for s in pending})
+        for row in build_dataset(cfg, p, pending).iter_rows():
+            if progress.update(row):
+                entry = progress.state[int(row["shard"])]
+                print(f"[preprocess] shard {int(row['shard'])} done ({len(progress.completed)}/{len(pending)}): "
+                      f"{entry['written']} written, {entry['rejected']} rejected", flush=True)
+        unfinished = sorted({s.index for s in pending} - set(progress.completed))
+        if unfinished:
+            raise RuntimeError(f"shards {unfinished} did not complete; run the same command again to finish them")
+    manifest = write_manifest(cfg, p, completed_shards(cfg.output, cfg.endpoint_url))
+    c = manifest["counts"]
+    print(f"[preprocess] {c['read']} rows read = {c['written']} written + {c['rejected']} rejected "
+          f"in {time.perf_counter() - start:.0f} s; manifest {join(cfg.output, schema.MANIFEST)}", flush=True)
+    return manifest
+
+
+register()
+
+
+@hydra.main(version_base=None, config_name="preprocess")
+def main(cfg: PreprocessConf) -> None:
+    run(OmegaConf.to_object(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The preprocessed dataset's layout: column names, Arrow schemas and folder names.
+
+The one place these facts live: preprocessing writes them and training reads them. Each data file holds one
+resolution bucket, so the latent column is a fixed-shape tensor (native `arrow.fixed_shape_tensor`, readable
+by plain pyarrow). Text embeddings are stored per encoder, for the original and the synthetic caption, so
+training can drop encoders independently and pick either caption per sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from model.conditioning import TextConditioningConfig
+
+ID, SOURCE, CAPTION, SYNTHETIC_CAPTION = "id", "source", "caption", "caption_synthetic"
+WIDTH, HEIGHT, LATENT = "width", "height", "latent"
+CAPTION_KINDS = ("original", "synthetic")  # which caption an embedding encodes
+ENCODER_OUTPUTS = ("clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled", "t5")
+REJECT_STAGE, REJECT_REASON = "stage", "reason"
+
+DATA_DIR, REJECTS_DIR, MARKERS_DIR, MANIFEST = "data", "rejects", "_markers", "_manifest.json"
+
+
+def embedding_column(kind: str, output: str) -> str:
+    """e.g. ('original', 't5') -> 'original_t5'."""
+    if kind not in CAPTION_KINDS or output not in ENCODER_OUTPUTS:
+        raise ValueError(f"no embedding column for ({kind!r}, {output!r}); kinds {CAPTION_KINDS}, "
+                         f"outputs {ENCODER_OUTPUTS}")
+    return f"{kind}_{output}"
+
+
+EMBEDDING_COLUMNS = tuple(embedding_column(k, o) for k in CAPTION_KINDS for o in ENCODER_OUTPUTS)
+
+
+def embedding_shapes(text: TextConditioningConfig) -> dict[str, tuple[int, ...]]:
+    """Per-sample shape of each encoder output."""
+    return {
+        "clip_l": (text.clip_tokens, text.clip_l_dim), "clip_l_pooled": (text.clip_l_dim,),
+        "clip_g": (text.clip_tokens, text.clip_g_dim), "clip_g_pooled": (text.clip_g_dim,),
+        "t5": (text.t5_tokens, text.t5_dim),
+    }
+
+
+def tensor_type(shape: tuple[int, ...]) -> pa.DataType:
+    return pa.fixed_shape_tensor(pa.float16(), list(shape))
+
+
+def data_schema(latent_shape: tuple[int, int, int], text: TextConditioningConfig) -> pa.Schema:
+    """Schema of a data file whose latents are (C, h, w)."""
+    shapes = embedding_shapes(text)
+    fields = [
+        pa.field(ID, pa.string(), nullable=False), pa.field(SOURCE, pa.string()),
+        pa.field(CAPTION, pa.string()), pa.field(SYNTHETIC_CAPTION, pa.string()),
+        pa.field(WIDTH, pa.int32()), pa.field(HEIGHT, pa.int32()),
+        pa.field(LATENT, tensor_type(latent_shape)),
+    ]
+    fields += [pa.field(embedding_column(k, o), tensor_type(shapes[o])) for k in CAPTION_KINDS for o in ENCODER_OUTPUTS]
+    return pa.schema(fields)
+
+
+REJECTS_SCHEMA = pa.schema([
+    pa.field(ID, pa.string()), pa.field(SOURCE, pa.string()),
+    pa.field(REJECT_STAGE, pa.string()), pa.field(REJECT_REASON, pa.string()),
+])
+
+
+def tensor_column(values: list[np.ndarray] | np.ndarray, shape: tuple[int, ...]) -> pa.Array:
+    """Stack per-row arrays into a native fixed-shape fp16 tensor column."""
+    stacked = np.ascontiguousarray(np.stack(list(values)).astype(np.float16)).reshape(-1, *shape)
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+
+
+def bucket_dir(width: int, height: int) -> str:
+    """Data folder of one resolution bucket, e.g. 'bucket=256x256' (width x height)."""
+    return f"bucket={width}x{height}"
+
+
+def shard_prefix(shard: int) -> str:
+    """File-name prefix of everything one input shard produced; a rerun deletes unfinished shards by it."""
+    return f"shard-{shard:06d}-"

@@ -1,0 +1,175 @@
+"""A procedural dataset of coloured geometric shapes with GenEval-style captions and ground-truth boxes.
+
+Each image holds one to three flat-coloured shapes on a light pastel background. The caption names what is drawn:
+a single object, a count ("two red circles"), two or three distinct objects, or a spatial relation between two
+objects that is read off the drawn centres, so every caption is true of its image. Sample `i` of a seed depends only
+on `(seed, i)`, so any sample can be regenerated alone and shards can be written in any order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 38, 38),
+    "orange": (245, 130, 20),
+    "yellow": (235, 200, 20),
+    "green": (34, 160, 60),
+    "blue": (37, 90, 220),
+    "purple": (130, 50, 180),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
+NUMBER_WORDS = {2: "two", 3: "three"}
+KINDS = ("single", "count", "pair", "triple", "position")
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+MIN_SIZE = 32
+
+_SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges, exact colour inside each shape
+_MIN_SIDE, _MAX_SIDE = 0.16, 0.30  # object side as a fraction of the canvas
+_DOMINANCE = 1.25  # a relation's axis must beat the other axis by this factor, so "left of" is not a diagonal
+
+
+@dataclass
+class Sample:
+    """One image, its caption, and the objects drawn in it (in the order the caption names them)."""
+
+    key: str
+    image: Image.Image
+    caption: str
+    objects: list[dict]
+
+
+def sample_key(seed: int, index: int) -> str:
+    return f"{seed:04d}-{index:06d}"
+
+
+def noun_phrase(count: int, color: str, shape: str) -> str:
+    """'a red circle', 'an orange star', 'two blue squares'."""
+    if count == 1:
+        article = "an" if color[0] in "aeiou" else "a"
+        return f"{article} {color} {shape}"
+    return f"{NUMBER_WORDS[count]} {color} {PLURALS[shape]}"
+
+
+def relation(subject: dict, reference: dict) -> str | None:
+    """The relation of `subject` to `reference` by their centres (image y grows downwards); None if ambiguous."""
+    dx = subject["center"][0] - reference["center"][0]
+    dy = subject["center"][1] - reference["center"][1]
+    if abs(dx) >= _DOMINANCE * abs(dy) and dx != 0:
+        return "to the left of" if dx < 0 else "to the right of"
+    if abs(dy) >= _DOMINANCE * abs(dx) and dy != 0:
+        return "above" if dy < 0 else "below"
+    return None
+
+
+def _star() -> list[tuple[float, float]]:
+    angles = np.deg2rad(-90 + 36 * np.arange(10))
+    radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
+    return list(zip(radii * np.cos(angles), radii * np.sin(angles), strict=True))
+
+
+_OUTLINES: dict[str, Callable[[], list[tuple[float, float]]]] = {
+    "square": lambda: [(0, 0), (1, 0), (1, 1), (0, 1)],
+    "triangle": lambda: [(0.5, 0), (1, 1), (0, 1)],
+    "star": _star,
+    "cross": lambda: [(1, 0), (2, 0), (2, 1), (3, 1), (3, 2), (2, 2), (2, 3), (1, 3), (1, 2), (0, 2), (0, 1), (1, 1)],
+}
+
+
+def _polygon(shape: str, box: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    """The shape's outline stretched to fill `box` exactly, so the box is the tight bounding box."""
+    points = np.asarray(_OUTLINES[shape](), dtype=np.float64)
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    unit = (points - lo) / (hi - lo)
+    x0, y0, x1, y1 = box
+    return [(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in unit]
+
+
+def _specs(kind: str, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(color, shape) of each object; distinct objects for every kind but `count`."""
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    if kind == "count":
+        return [combos[rng.integers(len(combos))]] * int(rng.integers(2, 4))
+    n = {"single": 1, "pair": 2, "position": 2, "triple": 3}[kind]
+    return [combos[j] for j in rng.choice(len(combos), size=n, replace=False)]
+
+
+def _overlaps(a: list[int], b: list[int], gap: int) -> bool:
+    return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
+
+
+def _layout(specs: list[tuple[str, str]], kind: str, size: int, rng: np.random.Generator) -> list[dict]:
+    """Non-overlapping boxes inside the canvas (and an unambiguous relation for `position`), by rejection."""
+    margin, gap = max(1, size // 64), max(2, size // 32)
+    scale = 1.0
+    for attempt in range(2000):
+        if attempt and attempt % 200 == 0:
+            scale *= 0.85  # crowded draws are rare; shrinking guarantees progress
+        lo = max(4, round(_MIN_SIDE * size * scale))
+        hi = max(lo, round(_MAX_SIDE * size * scale))
+        objects: list[dict] = []
+        for color, shape in specs:
+            side = int(rng.integers(lo, hi + 1))
+            x0, y0 = (int(v) for v in rng.integers(margin, size - margin - side + 1, size=2))
+            bbox = [x0, y0, x0 + side, y0 + side]
+            if any(_overlaps(bbox, other["bbox"], gap) for other in objects):
+                break
+            objects.append({"shape": shape, "color": color, "bbox": bbox,
+                            "center": [(bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2]})
+        else:
+            if kind != "position" or relation(objects[0], objects[1]) is not None:
+                return objects
+    raise RuntimeError(f"no layout for {specs} on a {size}px canvas")
+
+
+def _caption(kind: str, objects: list[dict]) -> str:
+    first = objects[0]
+    if kind == "count":
+        return f"a photo of {noun_phrase(len(objects), first['color'], first['shape'])}"
+    phrases = [noun_phrase(1, o["color"], o["shape"]) for o in objects]
+    if kind == "position":
+        return f"a photo of {phrases[0]} {relation(objects[0], objects[1])} {phrases[1]}"
+    if len(phrases) == 1:
+        return f"a photo of {phrases[0]}"
+    return f"a photo of {', '.join(phrases[:-1])} and {phrases[-1]}"
+
+
+def _draw(objects: list[dict], background: tuple[int, int, int], size: int) -> Image.Image:
+    f = _SUPERSAMPLE
+    canvas = Image.new("RGB", (size * f, size * f), background)
+    draw = ImageDraw.Draw(canvas)
+    for obj in objects:
+        x0, y0, x1, y1 = obj["bbox"]
+        box = (x0 * f, y0 * f, x1 * f - 1, y1 * f - 1)
+        color = COLORS[obj["color"]]
+        if obj["shape"] == "circle":
+            draw.ellipse(box, fill=color)
+        else:
+            draw.polygon(_polygon(obj["shape"], box), fill=color)
+    return canvas.resize((size, size), Image.Resampling.BOX)
+
+
+def make_sample(seed: int, index: int, size: int = 256) -> Sample:
+    """Sample `index` of `seed`: a function of (seed, index, size) alone."""
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed} index={index}")
+    rng = np.random.default_rng([seed, index])
+    kind = KINDS[rng.integers(len(KINDS))]
+    background = tuple(int(v) for v in rng.integers(215, 256, size=3))
+    objects = _layout(_specs(kind, rng), kind, size, rng)
+    return Sample(sample_key(seed, index), _draw(objects, background, size), _caption(kind, objects), objects)
+
+
+def generate(n: int, seed: int, size: int = 256) -> Iterator[Sample]:
+    """Samples 0 .. n-1 of `seed`, deterministic for the seed."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    for index in range(n):
+        yield make_sample(seed, index, size)

@@ -1,0 +1,152 @@
+"""Ray Data stages of the preprocessing job. Each works on numpy batches (dict of column arrays); rows already
+rejected pass through untouched, so every input row reaches the writer exactly once.
+
+Columns between stages: id, source, shard, row, shard_rows (rows the shard produced, for completion
+tracking), then caption, pixels (H, W, 3 uint8), width, height, stage/reason (empty when the row is fine),
+caption_synthetic, latent, and the embedding columns of `pipelines.schema`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipelines import schema
+from pipelines.decode import DecodeLimits, Rejected, decode_image, normalise_caption
+from pipelines.encoders import Captioner, TextEncoders, VAEEncoder
+from pipelines.sources import Shard, read_shard
+
+Batch = dict[str, np.ndarray]
+EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
+
+
+def object_column(values: list) -> np.ndarray:
+    """A 1-D object array (numpy would otherwise stack equal-shape arrays into one block)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def read_rows(item: dict, endpoint_url: str | None) -> list[dict]:
+    """One shard -> its records as rows. An unreadable shard becomes one rejected row; an empty one a
+    placeholder (shard_rows=0) so the shard still completes."""
+    shard = Shard(item["index"], item["format"], tuple(item["paths"]), item["root"])
+    # Missing values travel as empty bytes plus a flag: a block whose values are all None would otherwise be
+    # typed null by Arrow and reach the next stage as NaN.
+    base = {"shard": shard.index, "image": b"", "has_image": False, "caption_raw": b"", "has_caption": False,
+            "stage": "", "reason": ""}
+    try:
+        records = read_shard(shard, endpoint_url)
+    except Exception as err:
+        return [{**base, "id": shard.paths[0], "source": shard.paths[0], "row": 0, "shard_rows": 1,
+                 "stage": "read", "reason": f"cannot read shard: {type(err).__name__}: {err}"}]
+    if not records:
+        return [{**base, "id": "", "source": "", "row": -1, "shard_rows": 0}]
+    return [{**base, "id": r.id, "source": r.source, "row": i, "shard_rows": len(records),
+             "image": r.image or b"", "has_image": r.image is not None,
+             "caption_raw": r.caption or b"", "has_caption": r.caption is not None} for i, r in enumerate(records)]
+
+
+def decode_batch(batch: Batch, limits: DecodeLimits) -> Batch:
+    """Decode and resize images, normalise captions; any failure becomes a reject of stage 'decode'."""
+    pixels, widths, heights, captions = [], [], [], []
+    stages, reasons = list(batch["stage"]), list(batch["reason"])
+    for i in range(len(batch["id"])):
+        array, caption = EMPTY_PIXELS, ""
+        if not stages[i] and batch["row"][i] >= 0:
+            try:
+                raw = bytes(batch["caption_raw"][i]) if batch["has_caption"][i] else None
+                caption = normalise_caption(raw, limits.max_caption_chars)
+                array = decode_image(bytes(batch["image"][i]) if batch["has_image"][i] else None, limits)
+            except Rejected as err:
+                stages[i], reasons[i] = "decode", str(err)
+            except Exception as err:  # one bad sample must never stop the job
+                stages[i], reasons[i] = "decode", f"unexpected {type(err).__name__}: {err}"
+        captions.append(caption)
+        pixels.append(array)
+        widths.append(array.shape[1])
+        heights.append(array.shape[0])
+    out = {k: v for k, v in batch.items() if k not in ("image", "has_image", "caption_raw", "has_caption")}
+    out.update(caption=np.array(captions, dtype=object), pixels=object_column(pixels),
+               width=np.array(widths, dtype=np.int32), height=np.array(heights, dtype=np.int32),
+               stage=np.array(stages, dtype=object), reason=np.array(reasons, dtype=object))
+    return out
+
+
+def _live(batch: Batch) -> list[int]:
+    """Indices of rows still in play (not rejected, not a placeholder)."""
+    return [i for i, s in enumerate(batch["stage"]) if not s and batch["row"][i] >= 0]
+
+
+def _reject(batch: Batch, rows: list[int], stage: str, err: Exception) -> None:
+    for i in rows:
+        batch["stage"][i], batch["reason"][i] = stage, f"{type(err).__name__}: {err}"
+
+
+class CaptionStage:
+    """Synthetic captions from the image-to-text model (loaded once per actor)."""
+
+    def __init__(self, path: str, device: str, dtype: str, max_new_tokens: int, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.model = Captioner(path, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
+
+    def __call__(self, batch: Batch) -> Batch:
+        batch["stage"], batch["reason"] = batch["stage"].astype(object), batch["reason"].astype(object)
+        synthetic = [""] * len(batch["id"])
+        live = _live(batch)
+        if live:
+            try:
+                for i, text in zip(live, self.model.caption([batch["pixels"][i] for i in live]), strict=True):
+                    synthetic[i] = text
+            except Exception as err:  # a model failure rejects this batch's rows, not the job
+                _reject(batch, live, "caption", err)
+        batch["caption_synthetic"] = np.array(synthetic, dtype=object)
+        return batch
+
+
+class VAEStage:
+    """Normalised VAE latents (fp16)."""
+
+    def __init__(self, repo: str, device: str, dtype: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.model = VAEEncoder(repo, device=device, dtype=dtype)
+
+    def __call__(self, batch: Batch) -> Batch:
+        batch["stage"], batch["reason"] = batch["stage"].astype(object), batch["reason"].astype(object)
+        latents = [np.zeros((0, 0, 0), dtype=np.float16)] * len(batch["id"])
+        live = _live(batch)
+        if live:
+            try:
+                for i, latent in zip(live, self.model.encode([batch["pixels"][i] for i in live]), strict=True):
+                    latents[i] = latent
+            except Exception as err:
+                _reject(batch, live, "vae", err)
+        batch["latent"] = object_column(latents)
+        del batch["pixels"]  # not needed downstream; keeps blocks small
+        return batch
+
+
+class TextStage:
+    """CLIP-L, CLIP-G and T5 embeddings of the original and the synthetic caption (fp16)."""
+
+    def __init__(self, repo: str, device: str, dtype: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.model = TextEncoders(repo, device=device, dtype=dtype)
+        self.shapes = schema.embedding_shapes(self.model.dims)
+
+    def __call__(self, batch: Batch) -> Batch:
+        batch["stage"], batch["reason"] = batch["stage"].astype(object), batch["reason"].astype(object)
+        n = len(batch["id"])
+        out = {schema.embedding_column(k, o): np.zeros((n, *self.shapes[o]), dtype=np.float16)
+               for k in schema.CAPTION_KINDS for o in schema.ENCODER_OUTPUTS}
+        live = _live(batch)
+        if live:
+            try:
+                for kind, column in (("original", "caption"), ("synthetic", "caption_synthetic")):
+                    encoded = self.model.encode([str(batch[column][i]) for i in live])
+                    for output, values in encoded.items():
+                        out[schema.embedding_column(kind, output)][live] = values
+            except Exception as err:
+                _reject(batch, live, "text", err)
+        batch.update(out)
+        return batch

@@ -1,0 +1,38 @@
+"""Local paths and `s3://` URIs through one fsspec interface.
+
+Credentials come the standard AWS way (environment, profiles, instance roles); an S3-compatible store's
+endpoint comes from `endpoint_url` or the standard `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` variables.
+Nothing is written into files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def endpoint_from_env() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a local path or a URI such as s3://bucket/prefix."""
+    options: dict = {}
+    if uri.startswith(("s3://", "s3a://")):
+        endpoint = endpoint_url or endpoint_from_env()
+        if endpoint:
+            options["endpoint_url"] = endpoint
+        uri = "s3://" + uri.split("://", 1)[1]
+    fs, path = url_to_fs(uri, **options)
+    return fs, path.rstrip("/") or path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with '/', for local paths and bucket paths alike."""
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")

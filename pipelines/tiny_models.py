@@ -1,0 +1,206 @@
+"""Tiny random-initialised stand-ins for the frozen preprocessing models, built locally and offline.
+
+Each is an instance of the real class (diffusers' AutoencoderKL, transformers' CLIP / T5 / BLIP) with tiny widths,
+saved with `save_pretrained` in the production repo layout, so `pipelines.encoders` loads it through the same
+`from_pretrained` call as the real weights. Tokenizers are trained here with the `tokenizers` library on a small
+corpus of shape and colour captions, then wrapped in the real tokenizer classes. Widths match
+`model.conditioning.TINY_TEXT`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from filelock import FileLock
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessorPil,
+    BlipProcessor,
+    BlipTextConfig,
+    BlipVisionConfig,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from model.conditioning import TINY_TEXT
+
+# Production checkpoints (downloaded by the user ahead of a real run; never during tests).
+SD3_REPO = "stabilityai/stable-diffusion-3-medium-diffusers"
+SD3_SUBFOLDERS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+# The paper captioned with CogVLM; the captioner is pluggable and BLIP is the small, widely available default.
+CAPTIONER_ID = "Salesforce/blip-image-captioning-large"
+
+# The SD3 VAE's latent normalisation, copied into the tiny VAE's config so the encoder reads it from there.
+SD3_VAE_SHIFT_FACTOR = 0.0609
+SD3_VAE_SCALING_FACTOR = 1.5305
+
+MARKER = "COMPLETE.json"
+TOKENS = 77
+
+
+def sd3_model_ids() -> dict[str, str]:
+    """The production model ids: the SD3 diffusers repo (one subfolder per component) and the captioner."""
+    return {"sd3": SD3_REPO, "captioner": CAPTIONER_ID, **{name: f"{SD3_REPO}/{name}" for name in SD3_SUBFOLDERS}}
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """Paths of the tiny models: `repo` in SD3's diffusers layout, `captioner` a BLIP model and processor."""
+
+    repo: str
+    captioner: str
+
+
+def caption_corpus() -> list[str]:
+    """Shape and colour captions of the synthetic data, to train the tiny tokenizers on."""
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "pink", "brown", "cyan"]
+    shapes = ["circle", "square", "triangle", "star", "hexagon", "cross", "ring", "diamond"]
+    relations = ["to the left of", "to the right of", "above", "below", "next to", "on top of"]
+    counts = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", *"0123456789"]
+    scenes = itertools.product(colours, shapes, relations, colours[::-1], shapes[::-1])
+    corpus = [f"a {c1} {s1} {r} a {c2} {s2}" for c1, s1, r, c2, s2 in itertools.islice(scenes, 0, None, 11)]
+    corpus += [f"{n} {c} {s}s on a {b} background" for n, c, s, b in zip(
+        itertools.cycle(counts), itertools.cycle(colours), itertools.cycle(shapes), colours * 8, strict=False)]
+    return corpus
+
+
+def _clip_tokenizer(corpus: list[str]) -> CLIPTokenizer:
+    """A byte-level BPE with CLIP's pre-tokenizer, `</w>` word ends and special tokens, in the CLIP class."""
+    pipeline = CLIPTokenizer().backend_tokenizer  # CLIP's normaliser and pre-tokenizer, empty vocabulary
+    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    bpe.normalizer, bpe.pre_tokenizer = pipeline.normalizer, pipeline.pre_tokenizer
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = trained["vocab"]
+    for token in (t for ch in alphabet for t in (ch, ch + "</w>")):  # like CLIP's: every byte, mid- or end-of-word
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def _t5_tokenizer(corpus: list[str]) -> T5Tokenizer:
+    """A Unigram model with T5's Metaspace pre-tokenizer and ids (<pad> 0, </s> 1, <unk> 2), in the T5 class."""
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+    ])
+    ascii_chars = [chr(c) for c in range(33, 127)]
+    trainer = trainers.UnigramTrainer(vocab_size=256, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                                      initial_alphabet=ascii_chars, show_progress=False)
+    unigram.train_from_iterator(corpus, trainer)
+    vocab = [(piece, score) for piece, score in json.loads(unigram.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _bert_tokenizer(corpus: list[str]) -> BertTokenizer:
+    """A WordPiece vocabulary in BLIP's tokenizer class, with BLIP's decoder start token [DEC]."""
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = BertTokenizer().backend_tokenizer.normalizer
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=256, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                                                        "[DEC]"], show_progress=False)
+    wordpiece.train_from_iterator(corpus, trainer)
+    vocab = json.loads(wordpiece.to_str())["model"]["vocab"]
+    return BertTokenizer(vocab=vocab, bos_token="[DEC]")
+
+
+def _save_vae(path: Path) -> None:
+    # 4 blocks: 3 downsamplings, 8x like SD3's VAE; SD3's VAE has no quant convs
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64,
+        shift_factor=SD3_VAE_SHIFT_FACTOR, scaling_factor=SD3_VAE_SCALING_FACTOR,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    vae.save_pretrained(path)
+
+
+def _save_clip(model_path: Path, tokenizer_path: Path, tokenizer: CLIPTokenizer, width: int) -> None:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, projection_dim=width, intermediate_size=2 * width,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TOKENS, hidden_act="gelu",
+        # pooling reads the first <|endoftext|>; an eos id of 2 would select CLIP's legacy argmax pooling
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    assert config.eos_token_id != 2, "tiny CLIP tokenizer must not put <|endoftext|> at id 2"
+    CLIPTextModelWithProjection(config).save_pretrained(model_path)
+    tokenizer.save_pretrained(tokenizer_path)
+
+
+def _save_t5(model_path: Path, tokenizer_path: Path, tokenizer: T5Tokenizer) -> None:
+    config = T5Config(  # T5 v1.1 flavour like SD3's T5-XXL: gated GELU, untied embeddings
+        vocab_size=len(tokenizer), d_model=TINY_TEXT.t5_dim, d_kv=16, d_ff=128, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+    )
+    T5EncoderModel(config).save_pretrained(model_path)
+    tokenizer.save_pretrained(tokenizer_path)
+
+
+def _save_captioner(path: Path, tokenizer: BertTokenizer) -> None:
+    vision = BlipVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=32, patch_size=16,
+                              initializer_range=0.02)  # BLIP's default 1e-10 would make every image look alike
+    text = BlipTextConfig(vocab_size=len(tokenizer), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                          projection_dim=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128,
+                          bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id)
+    config = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32,
+                        image_text_hidden_size=32)
+    BlipForConditionalGeneration(config).save_pretrained(path)
+    image_processor = BlipImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+
+
+def build_tiny_models(out_dir: str, seed: int = 0) -> TinyModels:
+    """Build (or reuse, when a build with this seed completed) the tiny models under `out_dir`.
+
+    A file lock serialises concurrent builders (two drivers sharing a cache directory); the marker is written last,
+    so an interrupted build is detected and redone.
+    """
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tiny = TinyModels(repo=str(root / "sd3"), captioner=str(root / "captioner"))
+    marker = root / MARKER
+    with FileLock(root / ".build.lock"):
+        if marker.is_file() and json.loads(marker.read_text()).get("seed") == seed:
+            return tiny
+        marker.unlink(missing_ok=True)
+        for partial in (tiny.repo, tiny.captioner):
+            shutil.rmtree(partial, ignore_errors=True)
+        _build(Path(tiny.repo), Path(tiny.captioner), seed)
+        marker.write_text(json.dumps({"seed": seed, "repo": tiny.repo, "captioner": tiny.captioner}) + "\n")
+    return tiny
+
+
+def _build(repo: Path, captioner: Path, seed: int) -> None:
+    corpus = caption_corpus()
+    with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        _save_vae(repo / "vae")
+        torch.manual_seed(seed + 1)
+        _save_clip(repo / "text_encoder", repo / "tokenizer", _clip_tokenizer(corpus), TINY_TEXT.clip_l_dim)
+        torch.manual_seed(seed + 2)
+        _save_clip(repo / "text_encoder_2", repo / "tokenizer_2", _clip_tokenizer(corpus), TINY_TEXT.clip_g_dim)
+        torch.manual_seed(seed + 3)
+        _save_t5(repo / "text_encoder_3", repo / "tokenizer_3", _t5_tokenizer(corpus))
+        torch.manual_seed(seed + 4)
+        _save_captioner(captioner, _bert_tokenizer(corpus))

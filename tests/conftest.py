@@ -1,0 +1,72 @@
+"""Shared fixtures: a real S3 server on loopback for `s3://` paths, and one local Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A moto S3 server on 127.0.0.1 with one empty bucket."""
+
+    endpoint_url: str
+    bucket: str
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix.strip('/')}"
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """Moto's threaded S3 server on a free loopback port, reached through the standard AWS environment variables.
+
+    Environment variables rather than in-process mocks, so boto3, s3fs, pyarrow and worker processes (Ray) started
+    during the session all find the server the same way production code finds a real store.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: the OS picks a free one
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = pytest.MonkeyPatch()
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        env.delenv(name, raising=False)  # a developer's own settings must not win over the test server
+    env.setenv("AWS_ACCESS_KEY_ID", "testing")
+    env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    env.setenv("AWS_ENDPOINT_URL", endpoint)
+    env.setenv("AWS_CONFIG_FILE", os.devnull)
+    env.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
+    env.setenv("NO_PROXY", no_proxy)
+    env.setenv("no_proxy", no_proxy)
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="test-bucket")
+        yield S3Server(endpoint_url=endpoint, bucket="test-bucket")
+    finally:
+        env.undo()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3: S3Server) -> Iterator[None]:
+    """One local Ray for the session, started after the S3 environment so its workers inherit it.
+
+    More logical CPUs than the 2 cores: the job's decode tasks and three model actor pools (fractional CPUs) must be
+    schedulable at once, or the pipeline waits forever (FIELD_NOTES).
+    """
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
