@@ -127,7 +127,7 @@ def code_version() -> str:
         return version
 
 
-def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict]) -> dict:
+def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict], last_run: dict) -> dict:
     """_manifest.json from all shard markers: counts, files, schema, models, resolution, code version."""
     fs, root = filesystem(cfg.output, cfg.endpoint_url)
     files = sorted(f for m in markers.values() for f in m["files"])
@@ -148,11 +148,32 @@ def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict]) -> di
         "models": {"kind": cfg.models.kind, "sd3_repo": p.repo, "captioner": p.captioner, "dtype": cfg.models.dtype,
                    "text": asdict(p.text)},
         "resolution": cfg.resolution, "buckets": [f"{w}x{h}" for w, h in p.limits.buckets],
-        "limits": asdict(p.limits), "code_version": code_version(),
+        "limits": asdict(p.limits), "code_version": code_version(), "last_run": last_run,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     fs.pipe_file(join(root, schema.MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def process(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> dict:
+    """Run the pipeline over the pending shards, marking each as it completes; returns this run's timings."""
+    if not ray.is_initialized():
+        ray.init()  # local, or the cluster in RAY_ADDRESS
+    start = time.perf_counter()
+    progress = Progress(cfg.output, cfg.endpoint_url, {s.index: list(s.paths) for s in pending})
+    first_done, rows = None, 0
+    for row in build_dataset(cfg, p, pending).iter_rows():
+        if progress.update(row):
+            entry = progress.state[int(row["shard"])]
+            first_done = first_done or time.perf_counter() - start
+            rows += entry["rows"]
+            print(f"[preprocess] shard {int(row['shard'])} done ({len(progress.completed)}/{len(pending)}): "
+                  f"{entry['written']} written, {entry['rejected']} rejected", flush=True)
+    unfinished = sorted({s.index for s in pending} - set(progress.completed))
+    if unfinished:
+        raise RuntimeError(f"shards {unfinished} did not complete; run the same command again to finish them")
+    return {"shards": len(pending), "rows": rows, "seconds": time.perf_counter() - start,
+            "first_shard_seconds": first_done}
 
 
 def run(cfg: PreprocessConf) -> dict:
@@ -164,19 +185,8 @@ def run(cfg: PreprocessConf) -> dict:
     removed = remove_unfinished(cfg.output, [s.index for s in pending], cfg.endpoint_url)
     print(f"[preprocess] {len(p.shards)} {p.shards[0].format} shards: {len(done)} done, {len(pending)} to do"
           + (f" ({removed} leftover files of an interrupted run removed)" if removed else ""), flush=True)
-    if pending:
-        if not ray.is_initialized():
-            ray.init()  # local, or the cluster in RAY_ADDRESS
-        progress = Progress(cfg.output, cfg.endpoint_url, {s.index: list(s.paths) for s in pending})
-        for row in build_dataset(cfg, p, pending).iter_rows():
-            if progress.update(row):
-                entry = progress.state[int(row["shard"])]
-                print(f"[preprocess] shard {int(row['shard'])} done ({len(progress.completed)}/{len(pending)}): "
-                      f"{entry['written']} written, {entry['rejected']} rejected", flush=True)
-        unfinished = sorted({s.index for s in pending} - set(progress.completed))
-        if unfinished:
-            raise RuntimeError(f"shards {unfinished} did not complete; run the same command again to finish them")
-    manifest = write_manifest(cfg, p, completed_shards(cfg.output, cfg.endpoint_url))
+    last_run = process(cfg, p, pending) if pending else {"shards": 0, "rows": 0, "seconds": 0.0}
+    manifest = write_manifest(cfg, p, completed_shards(cfg.output, cfg.endpoint_url), last_run)
     c = manifest["counts"]
     print(f"[preprocess] {c['read']} rows read = {c['written']} written + {c['rejected']} rejected "
           f"in {time.perf_counter() - start:.0f} s; manifest {join(cfg.output, schema.MANIFEST)}", flush=True)
