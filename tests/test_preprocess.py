@@ -217,3 +217,24 @@ def test_bad_input_fails_fast(tmp_path, s3, tiny_models_dir, make_input, message
         preprocess(config(make_input(tmp_path, s3), str(tmp_path / "out"), tiny_models_dir))
     assert time.perf_counter() - start < 30
     assert not (tmp_path / "out").exists()
+
+
+def test_aspect_ratio_buckets(tiny_models_dir, ray_local, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    sizes = {"wide-0": (150, 100), "wide-1": (160, 96), "tall-0": (100, 150), "square-0": (90, 90)}
+    for stem, size in sizes.items():
+        (folder / f"{stem}.png").write_bytes(png(Image.new("RGB", size, (90, 160, 30))))
+        (folder / f"{stem}.txt").write_text(stem)
+    output = str(tmp_path / "out")
+    manifest = preprocess(config(str(folder), output, tiny_models_dir, buckets=["64x64", "96x64", "64x96"]))
+    assert manifest["buckets"] == ["64x64", "96x64", "64x96"]
+    assert set(manifest["schema"]) == {"bucket=64x64", "bucket=96x64", "bucket=64x96"}
+    rows = read_output(output)
+    expected = {"wide-0": (96, 64, (16, 8, 12)), "wide-1": (96, 64, (16, 8, 12)), "tall-0": (64, 96, (16, 12, 8)),
+                "square-0": (64, 64, (16, 8, 8))}
+    for stem, (width, height, latent_shape) in expected.items():
+        row = rows[stem]
+        assert (row[schema.WIDTH], row[schema.HEIGHT]) == (width, height)
+        path = next(f for f in manifest["files"] if f"/{schema.bucket_dir(width, height)}/" in f)
+        assert tuple(pq.read_schema(path).field(schema.LATENT).type.shape) == latent_shape
