@@ -23,25 +23,14 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from model import precision
 from model.conditioning import TextConditioningConfig
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one, else the CPU; any other name is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from model.precision import resolve_device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is float16 on a GPU and float32 on the CPU (where half-precision kernels are slow or missing)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    """Frozen encoders run in half precision on a GPU (`auto` is float16 there), float32 on the CPU."""
+    return precision.resolve_dtype(name, device, gpu_default=torch.float16)
 
 
 class VAEEncoder:

@@ -20,9 +20,8 @@ from omegaconf import OmegaConf
 from conf.bench import BenchModelConf, register
 from model import MMDiT, MMDiTConfig, train_flops
 from model.interop import diffusers_config, to_diffusers
+from model.precision import resolve_device, resolve_dtype
 from workloads.mfu import mfu, peak_tflops
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -52,20 +51,6 @@ class BenchResult:
             text += (f"  MFU ours {mfu(self.flops_per_step / self.ours_s, samples_per_s, self.peak):6.1%}"
                      f"  diffusers {mfu(self.flops_per_step / self.theirs_s, samples_per_s, self.peak):6.1%}")
         return text
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def build_pair(config: MMDiTConfig, device: torch.device, dtype: torch.dtype) -> tuple[MMDiT, SD3Transformer2DModel]:
