@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -47,6 +48,8 @@ class ComputeConf:
 
 @dataclass
 class PreprocessConf:
+    # Hydra's defaults list: `models=tiny` (default) or `models=sd3` picks a group entry, then fields override.
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"models": "tiny"}])
     input: str = MISSING  # local path or s3:// URI
     output: str = MISSING
     input_format: str = "auto"  # auto | folder | webdataset | parquet
@@ -63,4 +66,7 @@ class PreprocessConf:
 
 
 def register() -> None:
-    ConfigStore.instance().store(name="preprocess", node=PreprocessConf)
+    store = ConfigStore.instance()
+    store.store(group="models", name="tiny", node=ModelsConf(kind="tiny"))
+    store.store(group="models", name="sd3", node=ModelsConf(kind="sd3"))
+    store.store(name="preprocess", node=PreprocessConf)

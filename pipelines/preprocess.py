@@ -84,7 +84,11 @@ def plan(cfg: PreprocessConf) -> Plan:
         repo, captioner = tiny.repo, tiny.captioner
     else:
         repo, captioner = cfg.models.sd3_repo, cfg.models.captioner
-    return Plan(shards, limits, repo, captioner, text_dims(repo))
+    try:
+        text = text_dims(repo)
+    except OSError as err:
+        raise OSError(f"cannot load the encoders of models.sd3_repo={repo!r}: {err}") from err
+    return Plan(shards, limits, repo, captioner, text)
 
 
 def _actor_args(cfg: PreprocessConf, stage: StageConf) -> dict:

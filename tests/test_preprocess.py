@@ -238,3 +238,18 @@ def test_aspect_ratio_buckets(tiny_models_dir, ray_local, tmp_path):
         assert (row[schema.WIDTH], row[schema.HEIGHT]) == (width, height)
         path = next(f for f in manifest["files"] if f"/{schema.bucket_dir(width, height)}/" in f)
         assert tuple(pq.read_schema(path).field(schema.LATENT).type.shape) == latent_shape
+
+
+def test_cli_models_group_selects_pretrained_and_fails_fast_offline(shapes, tmp_path):
+    """`models=sd3` picks the pretrained ids; with no hub access it fails before any Ray work, naming the field."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.preprocess", f"input={shapes / 'folder'}", f"output={tmp_path / 'out'}",
+         "models=sd3", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert proc.returncode != 0
+    assert "models.sd3_repo='stabilityai/stable-diffusion-3-medium-diffusers'" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
