@@ -37,7 +37,9 @@ class StageConf:
 
 @dataclass
 class ComputeConf:
-    use_gpu: bool = False  # one GPU per model actor
+    # One GPU per model actor. None: whenever the cluster has GPUs when the job starts; set true on autoscaling
+    # clusters whose GPU group scales up from zero.
+    use_gpu: bool | None = None
     decode_num_cpus: float = 0.5
     decode_batch_size: int = 32
     write_batch_size: int = 64

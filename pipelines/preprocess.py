@@ -91,16 +91,24 @@ def plan(cfg: PreprocessConf) -> Plan:
     return Plan(shards, limits, repo, captioner, text)
 
 
-def _actor_args(cfg: PreprocessConf, stage: StageConf) -> dict:
+def _actor_args(stage: StageConf, use_gpu: bool) -> dict:
     return {
         "compute": ray.data.ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),
-        "batch_size": stage.batch_size, "num_cpus": stage.num_cpus, "num_gpus": 1 if cfg.compute.use_gpu else 0,
+        "batch_size": stage.batch_size, "num_cpus": stage.num_cpus, "num_gpus": 1 if use_gpu else 0,
     }
+
+
+def use_gpu(cfg: PreprocessConf) -> bool:
+    """The configured choice, or whether the connected cluster has GPUs now."""
+    if cfg.compute.use_gpu is not None:
+        return cfg.compute.use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def build_dataset(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> ray.data.Dataset:
     """The streaming pipeline over the pending shards; yields one summary row per written file group."""
-    device = "cuda" if cfg.compute.use_gpu else "cpu"
+    gpu = use_gpu(cfg)
+    device = "cuda" if gpu else "cpu"
     c, m = cfg.compute, cfg.models
     items = [{"index": s.index, "format": s.format, "paths": list(s.paths), "root": s.root} for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -109,13 +117,13 @@ def build_dataset(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> ray.dat
                         num_cpus=c.decode_num_cpus)
     ds = ds.map_batches(CaptionStage, fn_constructor_kwargs={
         "path": p.captioner, "device": device, "dtype": m.dtype, "max_new_tokens": m.caption_max_new_tokens,
-        "threads": c.caption.torch_threads}, **_actor_args(cfg, c.caption))
+        "threads": c.caption.torch_threads}, **_actor_args(c.caption, gpu))
     ds = ds.map_batches(VAEStage, fn_constructor_kwargs={
         "repo": p.repo, "device": device, "dtype": m.dtype, "threads": c.vae.torch_threads},
-        **_actor_args(cfg, c.vae))
+        **_actor_args(c.vae, gpu))
     ds = ds.map_batches(TextStage, fn_constructor_kwargs={
         "repo": p.repo, "device": device, "dtype": m.dtype, "threads": c.text.torch_threads},
-        **_actor_args(cfg, c.text))
+        **_actor_args(c.text, gpu))
     return ds.map_batches(write_batch, fn_kwargs={"output": cfg.output, "endpoint_url": cfg.endpoint_url,
                                                   "text": p.text},
                           batch_size=c.write_batch_size, num_cpus=c.decode_num_cpus)
