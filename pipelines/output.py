@@ -32,7 +32,10 @@ def completed_shards(output: str, endpoint_url: str | None) -> dict[int, dict]:
     markers = {}
     for path in fs.find(folder):
         if path.endswith(".json"):
-            marker = json.loads(fs.cat_file(path))
+            try:
+                marker = json.loads(fs.cat_file(path))
+            except ValueError:
+                continue  # cut off mid-write: the shard is not done
             markers[marker["shard"]] = marker
     return markers
 
@@ -133,6 +136,8 @@ class Progress:
                   "files": sorted(entry["files"])}
         fs, path = filesystem(marker_path(self.output, shard), self.endpoint_url)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, json.dumps(marker, indent=1).encode())
+        # Write then rename, so a kill never leaves a partial marker (an object store's PUT is whole anyway).
+        fs.pipe_file(path + ".tmp", json.dumps(marker, indent=1).encode())
+        fs.mv(path + ".tmp", path)
         self.completed.append(shard)
         return True

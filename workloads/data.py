@@ -1,0 +1,105 @@
+"""Training input from the preprocessed dataset (layout in `pipelines/schema.py`): the manifest's files by
+bucket, a start-up check that the data fits the model, and a batch's columns -> MM-DiT inputs with the
+per-sample caption choice (original or synthetic) and per-encoder text dropout."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from model import MMDiTConfig
+from model.conditioning import TextConditioningConfig, TextEmbeddings, assemble_conditioning, sample_encoder_keep
+from pipelines import schema
+from pipelines.storage import filesystem, is_remote, join
+
+TENSOR_COLUMNS = (schema.LATENT, *schema.EMBEDDING_COLUMNS)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What training needs to know of a preprocessed dataset."""
+
+    files_by_bucket: dict[str, list[str]]  # 'bucket=WxH' -> data files
+    text: TextConditioningConfig
+
+    @property
+    def rows_hint(self) -> int:
+        return sum(len(f) for f in self.files_by_bucket.values())
+
+
+def read_spec(data: str, endpoint_url: str | None = None) -> DataSpec:
+    """The manifest's data files by bucket and the encoder widths; fails clearly if there is no finished dataset."""
+    fs, root = filesystem(data, endpoint_url)
+    path = join(root, schema.MANIFEST)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{data!r} has no {schema.MANIFEST}: run pipelines.preprocess on it first")
+    manifest = json.loads(fs.cat_file(path))
+    prefix = "s3://" if is_remote(data) else ""  # markers hold paths within the filesystem
+    by_bucket: dict[str, list[str]] = defaultdict(list)
+    for file in manifest["files"]:
+        if f"/{schema.DATA_DIR}/" in file:
+            by_bucket[file.split(f"/{schema.DATA_DIR}/", 1)[1].split("/", 1)[0]].append(prefix + file)
+    if not by_bucket:
+        raise ValueError(f"{data!r}: the manifest lists no data files ({manifest['counts']})")
+    text = {k: v for k, v in manifest["models"]["text"].items() if k != "drop_prob"}
+    return DataSpec(dict(by_bucket), TextConditioningConfig(**text))
+
+
+def check_compatible(file_schema: pa.Schema, model: MMDiTConfig, where: str = "data") -> None:
+    """Raise ValueError naming the column when the data cannot feed `model`."""
+    missing = [c for c in TENSOR_COLUMNS if c not in file_schema.names]
+    if missing:
+        raise ValueError(f"{where}: missing columns {missing}")
+    shape = lambda column: tuple(file_schema.field(column).type.shape)  # noqa: E731
+    channels, height, width = shape(schema.LATENT)
+    if channels != model.in_channels:
+        raise ValueError(f"{where}: column '{schema.LATENT}' has {channels} channels; model.in_channels is "
+                         f"{model.in_channels}")
+    max_side = model.pos_embed_max_size * model.patch_size
+    if height % model.patch_size or width % model.patch_size or max(height, width) > max_side:
+        raise ValueError(f"{where}: column '{schema.LATENT}' is {height}x{width}; the model needs sides divisible by "
+                         f"{model.patch_size} and at most {max_side}")
+    clip = shape("original_clip_l")[-1] + shape("original_clip_g")[-1]
+    if clip > model.context_dim or shape("original_t5")[-1] > model.context_dim:
+        raise ValueError(f"{where}: columns 'original_clip_l' + 'original_clip_g' ({clip}) and 'original_t5' "
+                         f"({shape('original_t5')[-1]}) must fit model.context_dim={model.context_dim}")
+    pooled = shape("original_clip_l_pooled")[-1] + shape("original_clip_g_pooled")[-1]
+    if pooled != model.pooled_dim:
+        raise ValueError(f"{where}: columns 'original_clip_l_pooled' + 'original_clip_g_pooled' give {pooled}; "
+                         f"model.pooled_dim is {model.pooled_dim}")
+
+
+def check_spec(spec: DataSpec, model: MMDiTConfig, endpoint_url: str | None = None) -> None:
+    """Check one file of every bucket against the model (schemas are per bucket)."""
+    for bucket, files in spec.files_by_bucket.items():
+        fs, path = filesystem(files[0], endpoint_url)
+        check_compatible(pq.read_schema(pa.BufferReader(fs.cat_file(path))), model, f"{bucket} ({files[0]})")
+
+
+def to_model_inputs(batch: dict[str, torch.Tensor], text: TextConditioningConfig, synthetic_prob: float = 0.5,
+                    drop_prob: float = 0.463, generator: torch.Generator | None = None,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x0 (B, C, h, w), context (B, 154, D_ctx), pooled (B, D_pool)) from a batch of tensor columns.
+
+    Each sample takes the synthetic caption's embeddings with `synthetic_prob` (the paper's 50/50 mix), then each
+    encoder is dropped independently with `drop_prob`.
+    """
+    x0 = batch[schema.LATENT].to(dtype)
+    b, device = x0.shape[0], x0.device
+    synthetic = torch.rand(b, generator=generator, device=device) < synthetic_prob  # (B,)
+
+    def pick(output: str) -> torch.Tensor:
+        original = batch[schema.embedding_column("original", output)].to(dtype)
+        chosen = batch[schema.embedding_column("synthetic", output)].to(dtype)
+        mask = synthetic.view(-1, *([1] * (original.ndim - 1)))
+        return torch.where(mask, chosen, original)
+
+    embeddings = TextEmbeddings(**{output: pick(output) for output in schema.ENCODER_OUTPUTS})
+    keep = sample_encoder_keep(b, drop_prob, generator, device)
+    context, pooled = assemble_conditioning(embeddings, text, keep)
+    return x0, context, pooled
