@@ -22,9 +22,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from pipelines.shapes import MIN_SIZE, Sample, make_sample
+from pipelines.sources import FORMATS  # the layouts preprocessing reads
 from pipelines.storage import filesystem, is_remote, join
 
-FORMATS = ("folder", "webdataset", "parquet")
 PARQUET_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
