@@ -143,11 +143,10 @@ def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict], last_
     """_manifest.json from all shard markers: counts, files, schema, models, resolution, code version."""
     fs, root = filesystem(cfg.output, cfg.endpoint_url)
     files = sorted(f for m in markers.values() for f in m["files"])
-    data_files = [f for f in files if f"/{schema.DATA_DIR}/" in f]
     schemas = {}
-    for path in data_files:
-        bucket = path.split(f"/{schema.DATA_DIR}/", 1)[1].split("/", 1)[0]
-        if bucket not in schemas:
+    for path in files:
+        bucket = schema.bucket_of(path)
+        if bucket is not None and bucket not in schemas:
             schemas[bucket] = str(pq.read_schema(pa.BufferReader(fs.cat_file(path))))
     rejects: Counter = Counter()
     for path in (f for f in files if f"/{schema.REJECTS_DIR}/" in f):

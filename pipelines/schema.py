@@ -76,6 +76,12 @@ def bucket_dir(width: int, height: int) -> str:
     return f"bucket={width}x{height}"
 
 
+def bucket_of(path: str) -> str | None:
+    """The bucket folder ('bucket=WxH') of a data file's path, or None for files outside `data/`."""
+    marker = f"/{DATA_DIR}/"
+    return path.split(marker, 1)[1].split("/", 1)[0] if marker in path else None
+
+
 def shard_prefix(shard: int) -> str:
     """File-name prefix of everything one input shard produced; a rerun deletes unfinished shards by it."""
     return f"shard-{shard:06d}-"

@@ -74,7 +74,9 @@ def decode_batch(batch: Batch, limits: DecodeLimits) -> Batch:
 
 
 def _live(batch: Batch) -> list[int]:
-    """Indices of rows still in play (not rejected, not a placeholder)."""
+    """Indices of rows still in play (not rejected, not a placeholder). Makes the reject columns object arrays,
+    so a stage can write reasons longer than Ray's fixed-width string arrays hold."""
+    batch["stage"], batch["reason"] = batch["stage"].astype(object), batch["reason"].astype(object)
     return [i for i, s in enumerate(batch["stage"]) if not s and batch["row"][i] >= 0]
 
 
@@ -91,7 +93,6 @@ class CaptionStage:
         self.model = Captioner(path, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
 
     def __call__(self, batch: Batch) -> Batch:
-        batch["stage"], batch["reason"] = batch["stage"].astype(object), batch["reason"].astype(object)
         synthetic = [""] * len(batch["id"])
         live = _live(batch)
         if live:
@@ -112,7 +113,6 @@ class VAEStage:
         self.model = VAEEncoder(repo, device=device, dtype=dtype)
 
     def __call__(self, batch: Batch) -> Batch:
-        batch["stage"], batch["reason"] = batch["stage"].astype(object), batch["reason"].astype(object)
         latents = [np.zeros((0, 0, 0), dtype=np.float16)] * len(batch["id"])
         live = _live(batch)
         if live:
@@ -135,7 +135,6 @@ class TextStage:
         self.shapes = schema.embedding_shapes(self.model.dims)
 
     def __call__(self, batch: Batch) -> Batch:
-        batch["stage"], batch["reason"] = batch["stage"].astype(object), batch["reason"].astype(object)
         n = len(batch["id"])
         out = {schema.embedding_column(k, o): np.zeros((n, *self.shapes[o]), dtype=np.float16)
                for k in schema.CAPTION_KINDS for o in schema.ENCODER_OUTPUTS}

@@ -46,10 +46,9 @@ class BenchResult:
         text = (f"{self.flavor:>12}  ours {self.ours_s * 1e3:9.2f} ms  diffusers {self.theirs_s * 1e3:9.2f} ms  "
                 f"ratio ours/diffusers {self.ours_s / self.theirs_s:5.3f} (fastest steps {best:5.3f})  "
                 f"ours {self.flops_per_step / self.ours_s / 1e12:7.2f} TFLOP/s")
-        if self.peak:
-            samples_per_s = 1.0  # flops_per_step already covers the batch
-            text += (f"  MFU ours {mfu(self.flops_per_step / self.ours_s, samples_per_s, self.peak):6.1%}"
-                     f"  diffusers {mfu(self.flops_per_step / self.theirs_s, samples_per_s, self.peak):6.1%}")
+        if self.peak:  # flops_per_step covers the batch, so the rate is steps per second
+            text += (f"  MFU ours {mfu(self.flops_per_step, 1 / self.ours_s, self.peak):6.1%}"
+                     f"  diffusers {mfu(self.flops_per_step, 1 / self.theirs_s, self.peak):6.1%}")
         return text
 
 

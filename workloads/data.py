@@ -42,8 +42,8 @@ def read_spec(data: str, endpoint_url: str | None = None) -> DataSpec:
     prefix = "s3://" if is_remote(data) else ""  # markers hold paths within the filesystem
     by_bucket: dict[str, list[str]] = defaultdict(list)
     for file in manifest["files"]:
-        if f"/{schema.DATA_DIR}/" in file:
-            by_bucket[file.split(f"/{schema.DATA_DIR}/", 1)[1].split("/", 1)[0]].append(prefix + file)
+        if (bucket := schema.bucket_of(file)) is not None:
+            by_bucket[bucket].append(prefix + file)
     if not by_bucket:
         raise ValueError(f"{data!r}: the manifest lists no data files ({manifest['counts']})")
     text = {k: v for k, v in manifest["models"]["text"].items() if k != "drop_prob"}

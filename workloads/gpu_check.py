@@ -83,7 +83,7 @@ def time_ours_only(device: torch.device, flavor: str, batch: int, latent: int, s
     text = f"{label} batch {batch} latent {latent}^2: " \
            f"{median * 1e3:.1f} ms/step, {flops / median / 1e12:.1f} TFLOP/s"
     if peak:
-        text += f", MFU {mfu(flops / median, 1.0, peak):.1%} of {peak:.0f}"
+        text += f", MFU {mfu(flops, 1 / median, peak):.1%} of {peak:.0f}"
     print(text, flush=True)
 
 
