@@ -27,3 +27,27 @@ class BenchModelConf:
 
 def register() -> None:
     ConfigStore.instance().store(name="bench_model", node=BenchModelConf)
+
+
+@dataclass
+class BenchTrainConf:
+    """Training-step overhead of streaming input, and per-rank ZeRO state bytes (`workloads.bench_train`)."""
+
+    data: str | None = None  # a preprocessed dataset; None: random rows in the same layout, in a temp folder
+    rows: int = 2048  # random rows when `data` is None
+    latent_size: int = 32  # of the random rows (256 px)
+    model: ModelConf = field(default_factory=ModelConf)
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 16  # global
+    stage: int = 2  # ZeRO stage of the timing part
+    warmup: int = 3
+    steps: int = 20  # timed steps per phase; two rounds of streaming then in-memory
+    memory_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    activation_checkpointing: bool = False
+    peak_tflops: float | None = None  # per device, for MFU; None: known GPUs by name
+
+
+def register_train() -> None:
+    ConfigStore.instance().store(name="bench_train", node=BenchTrainConf)

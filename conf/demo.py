@@ -7,16 +7,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from conf.model import ModelConf
-
-
-@dataclass
-class OptimConf:
-    lr: float = 1e-3  # the paper's 1e-4 is for billion-parameter models; the debug net trains faster
-    warmup_steps: int = 50
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+from conf.optim import OptimConf
 
 
 @dataclass
@@ -25,7 +16,8 @@ class DemoConf:
 
     out_dir: str = "demo_output"
     model: ModelConf = field(default_factory=ModelConf)
-    optim: OptimConf = field(default_factory=OptimConf)
+    # the paper's 1e-4 / 1000 warm-up steps are for billion-parameter models; the debug net trains faster
+    optim: OptimConf = field(default_factory=lambda: OptimConf(lr=1e-3, warmup_steps=50))
     steps: int = 600
     batch_size: int = 32
     latent_size: int = 16

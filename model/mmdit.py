@@ -101,7 +101,9 @@ class FinalLayer(nn.Module):
 class MMDiT(nn.Module):
     """Velocity network v(z_t, t, context, pooled) of SD3."""
 
-    def __init__(self, config: MMDiTConfig) -> None:
+    def __init__(self, config: MMDiTConfig, initialize: bool = True) -> None:
+        """`initialize=False` leaves the weights as allocated, for callers that initialise module by module
+        (`init_module`, e.g. under ZeRO-3 where each module is gathered in turn); on the meta device it is implied."""
         super().__init__()
         self.config = config
         d = config.hidden_size
@@ -114,7 +116,7 @@ class MMDiT(nn.Module):
         grid = config.pos_embed_max_size
         # A buffer, not a parameter (as in SD3), but persistent so converted public weights carry their table.
         self.register_buffer("pos_embed", torch.empty(grid * grid, d))
-        if self.pos_embed.device.type != "meta":
+        if initialize and self.pos_embed.device.type != "meta":
             self.init_weights()
 
     @torch.no_grad()
@@ -122,20 +124,29 @@ class MMDiT(nn.Module):
         """Explicit init (call after `to_empty` when built on the meta device): Xavier linears,
         N(0, 0.02) embedders, zero adaLN modulation and final linear (adaLN-Zero), sin-cos positions."""
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm):
-                nn.init.ones_(module.weight)
-        for embedder in (self.time_in, self.vec_in):
-            nn.init.normal_(embedder.lin1.weight, std=0.02)
-            nn.init.normal_(embedder.lin2.weight, std=0.02)
-        for module in self.modules():
-            if isinstance(module, AdaLN):
-                nn.init.zeros_(module.lin.weight)
-                nn.init.zeros_(module.lin.bias)
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
+            self.init_module(module)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_module(self, module: nn.Module) -> None:
+        """Initialise `module`'s own parameters (not its children's) as `init_weights` does."""
+        if isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
+        if not isinstance(module, nn.Linear):
+            return
+        nn.init.zeros_(module.bias)
+        embedders = {e.lin1 for e in (self.time_in, self.vec_in)} | {e.lin2 for e in (self.time_in, self.vec_in)}
+        zeroed = {m.lin for m in self.modules() if isinstance(m, AdaLN)} | {self.final.linear}
+        if module in zeroed:
+            nn.init.zeros_(module.weight)
+        elif module in embedders:
+            nn.init.normal_(module.weight, std=0.02)
+        else:
+            nn.init.xavier_uniform_(module.weight)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The sin-cos position table on the maximum grid."""
         c = self.config
         table = sincos_pos_embed_2d(c.hidden_size, c.pos_embed_max_size, c.sample_size // c.patch_size,
                                     device=self.pos_embed.device)

@@ -79,7 +79,7 @@ def bucket_dir(width: int, height: int) -> str:
 def bucket_of(path: str) -> str | None:
     """The bucket folder ('bucket=WxH') of a data file's path, or None for files outside `data/`."""
     marker = f"/{DATA_DIR}/"
-    return path.split(marker, 1)[1].split("/", 1)[0] if marker in path else None
+    return path.rsplit(marker, 1)[1].split("/", 1)[0] if marker in path else None
 
 
 def shard_prefix(shard: int) -> str:

@@ -70,3 +70,31 @@ def ray_local(s3: S3Server) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def train_dataset(ray_local, tmp_path_factory) -> str:
+    """A preprocessed shapes dataset for training tests: 48 square and 16 wide images in two aspect buckets
+    (64x64 and 80x48 pixels), encoded by the tiny models through the real preprocessing job."""
+    import shutil
+
+    from PIL import Image
+
+    from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
+    from pipelines.make_shapes import MakeShapesConf
+    from pipelines.make_shapes import run as make_shapes
+    from pipelines.preprocess import run as preprocess
+
+    root = tmp_path_factory.mktemp("train-data")
+    make_shapes(MakeShapesConf(out=str(root / "shapes"), n=48, seed=5, size=96, shard_size=8))
+    folder = root / "shapes" / "folder"
+    for png in sorted(folder.glob("*.png"))[:16]:
+        Image.open(png).crop((0, 19, 96, 77)).save(folder / f"wide-{png.name}")
+        shutil.copy(png.with_suffix(".txt"), folder / f"wide-{png.stem}.txt")
+    stage = StageConf(batch_size=8, num_cpus=0.5)
+    preprocess(PreprocessConf(
+        input=str(folder), output=str(root / "data"), buckets=["64x64", "80x48"], folder_shard_size=8,
+        models=ModelsConf(kind="tiny", tiny_dir=str(root / "tiny"), caption_max_new_tokens=8),
+        compute=ComputeConf(decode_num_cpus=0.25, decode_batch_size=8, write_batch_size=8, vae=stage, caption=stage,
+                            text=stage)))
+    return str(root / "data")

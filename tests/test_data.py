@@ -34,7 +34,7 @@ def dataset(tmp_path):
     path = tmp_path / schema.DATA_DIR / "bucket=48x32" / "shard-000000-00000000.parquet"
     path.parent.mkdir(parents=True)
     pq.write_table(_table(6, np.random.default_rng(0)), path)
-    manifest = {"files": [str(path)], "counts": {"read": 6, "written": 6, "rejected": 0},
+    manifest = {"output": str(tmp_path), "files": [str(path)], "counts": {"read": 6, "written": 6, "rejected": 0},
                 "models": {"text": {**TINY_TEXT.__dict__}}}
     (tmp_path / schema.MANIFEST).write_text(json.dumps(manifest))
     return tmp_path, path
@@ -46,6 +46,16 @@ def test_spec_lists_files_by_bucket_and_text_widths(dataset):
     assert spec.files_by_bucket == {"bucket=48x32": [str(path)]}
     assert spec.text == TINY_TEXT
     check_spec(spec, FLAVORS["debug"])
+
+
+def test_moved_dataset_reads_from_its_new_place(dataset, tmp_path_factory):
+    import shutil
+
+    root, path = dataset
+    moved = tmp_path_factory.mktemp("moved") / "copy"
+    shutil.copytree(root, moved)
+    spec = read_spec(str(moved))
+    assert spec.files_by_bucket == {"bucket=48x32": [str(moved / path.relative_to(root))]}
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):

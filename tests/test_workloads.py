@@ -10,8 +10,9 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from conf.bench import BenchModelConf
-from conf.demo import DemoConf, OptimConf
+from conf.demo import DemoConf
 from conf.model import ModelConf
+from conf.optim import OptimConf
 from model import FLAVORS
 from model.interop import load_diffusers
 from workloads import bench_model, demo

@@ -15,7 +15,7 @@ import torch
 from model import MMDiTConfig
 from model.conditioning import TextConditioningConfig, TextEmbeddings, assemble_conditioning, sample_encoder_keep
 from pipelines import schema
-from pipelines.storage import filesystem, is_remote, join
+from pipelines.storage import filesystem, join
 
 TENSOR_COLUMNS = (schema.LATENT, *schema.EMBEDDING_COLUMNS)
 
@@ -26,6 +26,9 @@ class DataSpec:
 
     files_by_bucket: dict[str, list[str]]  # 'bucket=WxH' -> data files
     text: TextConditioningConfig
+    vae: str | None = None  # the VAE's repo (hub id or folder, `vae` subfolder) that encoded the latents
+    resolution: int | None = None  # the square target size, when preprocessed without buckets
+    buckets: tuple[str, ...] = ()  # 'WxH' pixel sizes when preprocessed with buckets
 
     @property
     def rows_hint(self) -> int:
@@ -39,15 +42,20 @@ def read_spec(data: str, endpoint_url: str | None = None) -> DataSpec:
     if not fs.exists(path):
         raise FileNotFoundError(f"{data!r} has no {schema.MANIFEST}: run pipelines.preprocess on it first")
     manifest = json.loads(fs.cat_file(path))
-    prefix = "s3://" if is_remote(data) else ""  # markers hold paths within the filesystem
+    # Paths are read relative to where the dataset is now, so a copied or moved dataset still reads.
+    _, written_root = filesystem(manifest["output"], endpoint_url)
+    base = data.rstrip("/")
     by_bucket: dict[str, list[str]] = defaultdict(list)
     for file in manifest["files"]:
         if (bucket := schema.bucket_of(file)) is not None:
-            by_bucket[bucket].append(prefix + file)
+            relative = file[len(written_root.rstrip("/")) + 1:] if file.startswith(written_root) else file
+            by_bucket[bucket].append(join(base, relative))
     if not by_bucket:
         raise ValueError(f"{data!r}: the manifest lists no data files ({manifest['counts']})")
-    text = {k: v for k, v in manifest["models"]["text"].items() if k != "drop_prob"}
-    return DataSpec(dict(by_bucket), TextConditioningConfig(**text))
+    models = manifest["models"]
+    text = {k: v for k, v in models["text"].items() if k != "drop_prob"}
+    return DataSpec(dict(by_bucket), TextConditioningConfig(**text), vae=models.get("sd3_repo"),
+                    resolution=manifest.get("resolution"), buckets=tuple(manifest.get("buckets") or ()))
 
 
 def check_compatible(file_schema: pa.Schema, model: MMDiTConfig, where: str = "data") -> None:
@@ -74,11 +82,20 @@ def check_compatible(file_schema: pa.Schema, model: MMDiTConfig, where: str = "d
                          f"model.pooled_dim is {model.pooled_dim}")
 
 
+def file_schema(file: str, endpoint_url: str | None = None) -> pa.Schema:
+    fs, path = filesystem(file, endpoint_url)
+    return pq.read_schema(pa.BufferReader(fs.cat_file(path)))
+
+
+def latent_shape(file: str, endpoint_url: str | None = None) -> tuple[int, int, int]:
+    """(C, h, w) of the latents in a data file."""
+    return tuple(file_schema(file, endpoint_url).field(schema.LATENT).type.shape)
+
+
 def check_spec(spec: DataSpec, model: MMDiTConfig, endpoint_url: str | None = None) -> None:
     """Check one file of every bucket against the model (schemas are per bucket)."""
     for bucket, files in spec.files_by_bucket.items():
-        fs, path = filesystem(files[0], endpoint_url)
-        check_compatible(pq.read_schema(pa.BufferReader(fs.cat_file(path))), model, f"{bucket} ({files[0]})")
+        check_compatible(file_schema(files[0], endpoint_url), model, f"{bucket} ({files[0]})")
 
 
 def to_model_inputs(batch: dict[str, torch.Tensor], text: TextConditioningConfig, synthetic_prob: float = 0.5,

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from conf.demo import DemoConf, OptimConf
+from conf.demo import DemoConf
+from conf.optim import OptimConf
 from model import MMDiT
 from model.conditioning import sample_encoder_keep
 from model.formulations import get_formulation

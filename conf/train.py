@@ -1,0 +1,130 @@
+"""Hydra schema of `python -m workloads.train`: groups `model` (a flavor) and `stage` (a resolution stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from conf.model import ModelConf
+from conf.optim import OptimConf
+from model import FLAVORS
+
+
+@dataclass
+class TrainerConf:
+    num_workers: int = 2
+    use_gpu: bool = False  # one GPU per worker; NCCL between them
+    cpus_per_worker: float = 1.0
+    max_steps: int = 1000
+    batch_size: int = 32  # global: split evenly over the workers
+    seed: int = 0
+    max_failures: int = 3  # worker or node deaths survived by restarting from the latest checkpoint (-1: forever)
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    max_nonfinite: int = 10  # consecutive NaN/Inf losses (each step skipped) before the run stops
+
+
+@dataclass
+class DeepSpeedConf:
+    stage: int = 2  # ZeRO stage 0-3; 3 also builds the model sharded
+    offload: bool = False  # optimizer state (and with stage 3 the parameters) in CPU memory
+    torch_adam: bool | None = None  # None: torch's AdamW on CPU, DeepSpeed's fused Adam on GPU
+
+
+@dataclass
+class ObjectiveConf:
+    formulation: str = "rf/lognorm(0.00,1.00)"  # any name `model.formulations.get_formulation` accepts
+    shift: float = 1.0  # training-time timestep shift alpha (3.0 at 1024^2 in the paper)
+    synthetic_caption_prob: float = 0.5  # per sample: the synthetic caption instead of the original
+    text_drop_prob: float = 0.463  # per encoder and sample (the paper's CFG dropout)
+
+
+@dataclass
+class LoaderConf:
+    val_fraction: float = 0.1  # without `val_data`: the share of data files held out for validation
+    shuffle_buffer: int = 1024  # rows in each worker's shuffle buffer, reseeded every epoch
+    prefetch_batches: int = 2
+
+
+@dataclass
+class EMAConf:
+    decay: float = 0.9999
+    warmup: bool = True  # decay min(decay, (1 + step) / (10 + step)): early EMA follows the weights
+
+
+@dataclass
+class ValidationConf:
+    every: int = 1000  # steps; also at the end
+    samples: int = 64  # held-out rows for the fixed-timestep loss (rounded down to a multiple of the workers)
+    batch_size: int = 16
+    grid_prompts: int = 4  # validation captions sampled into the PNG grid
+    grid_per_prompt: int = 4
+    sample_steps: int = 28
+    sampler: str = "euler"
+    guidance: float = 5.0
+    shift: float | None = None  # sampling shift; None: the training shift
+
+
+@dataclass
+class CheckpointConf:
+    every: int = 1000  # steps; also at the end
+    keep: int = 3
+
+
+@dataclass
+class MetricsConf:
+    peak_tflops: float | None = None  # per device, for MFU; None: known GPUs by name, no MFU on CPU
+    t_bins: int = 4  # the per-t-bin loss splits [0, 1] into this many bins
+    sync_every: int = 100  # steps between uploads of metrics.jsonl and TensorBoard files to remote storage
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConf:
+    storage: str = "runs"  # local folder or s3:// URI; everything the run writes is under <storage>/<name>/
+    name: str = "train"  # the resume key: the same storage and name continue the same run
+
+
+@dataclass
+class TrainConf:
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"model": "debug"}, {"stage": None}])
+    data: str = MISSING  # a preprocessing output (local or s3://)
+    val_data: str | None = None  # a held-out preprocessing output; else `loader.val_fraction` of `data`
+    endpoint_url: str | None = None  # S3-compatible stores; else AWS_ENDPOINT_URL(_S3) or AWS defaults
+    init_from: str | None = None  # a previous run's folder (its export/) or a diffusers transformer folder
+    stage_resolution: int | None = None  # set by `stage`: the data must be preprocessed near this resolution
+    stage_needs_init: bool = False  # set by `stage`: later stages continue a previous stage's weights
+    model: ModelConf = field(default_factory=ModelConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    deepspeed: DeepSpeedConf = field(default_factory=DeepSpeedConf)
+    optim: OptimConf = field(default_factory=OptimConf)
+    objective: ObjectiveConf = field(default_factory=ObjectiveConf)
+    loader: LoaderConf = field(default_factory=LoaderConf)
+    ema: EMAConf = field(default_factory=EMAConf)
+    validation: ValidationConf = field(default_factory=ValidationConf)
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    metrics: MetricsConf = field(default_factory=MetricsConf)
+    run: RunConf = field(default_factory=RunConf)
+    export: bool = True  # <run>/export/: the EMA weights as a diffusers SD3Transformer2DModel folder
+
+
+# Resolution stages (the paper pre-trains at 256^2, then continues at higher resolution with mixed aspect ratios and
+# a shifted timestep schedule). Later stages start from the previous stage's weights: `init_from=<its run folder>`.
+STAGES: dict[str, dict] = {
+    "res256": {"stage_resolution": 256, "stage_needs_init": False, "objective": {"shift": 1.0}},
+    "res512": {"stage_resolution": 512, "stage_needs_init": True, "objective": {"shift": 3.0}},
+    "res1024": {"stage_resolution": 1024, "stage_needs_init": True, "objective": {"shift": 3.0},
+                "trainer": {"activation_checkpointing": True}},
+}
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    for name in FLAVORS:
+        store.store(group="model", name=name, node=ModelConf(flavor=name))
+    for name, node in STAGES.items():
+        store.store(group="stage", name=name, node=node, package="_global_")
+    store.store(name="train", node=TrainConf)

@@ -1,0 +1,135 @@
+"""Training checkpoints: one folder per checkpoint under the run folder, written by every rank and reported
+through Ray Train (which merges the ranks' files), and the choice of the latest *complete* one on resume.
+
+A checkpoint folder holds DeepSpeed's state of every rank (tag `ds`), the EMA shards, each rank's RNG states,
+`train_state.json` (step, data position, world size) and one `complete_rank{r}.json` per rank, written last,
+listing that rank's files and sizes. A folder missing any rank's list, or any listed file, or with a file of the
+wrong size, was only partly written and is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from pipelines.storage import filesystem, join
+
+DS_TAG = "ds"
+STATE_FILE = "train_state.json"
+PREFIX = "checkpoint_step="
+_STEP = re.compile(rf"{re.escape(PREFIX)}(\d+)$")
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken (including skipped non-finite ones)
+    epoch: int = 0
+    offset: int = 0  # batches of `epoch` already consumed
+    skipped: int = 0  # non-finite steps skipped so far
+    nonfinite_run: int = 0  # consecutive non-finite steps at the moment of saving
+    world_size: int = 1
+    zero_stage: int = 0
+
+
+def dir_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def complete_name(rank: int) -> str:
+    return f"complete_rank{rank}.json"
+
+
+def ema_name(rank: int) -> str:
+    return f"ema_rank{rank}.pt"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_rank_files(folder: Path, rank: int, state: TrainState, ema: dict | None) -> None:
+    """After DeepSpeed's `save_checkpoint` into `folder`: this rank's EMA (if it holds one), RNG, the train state
+    (rank 0) and, last, this rank's completeness list. `folder` holds only this rank's files (its own temp dir)."""
+    if ema is not None:
+        torch.save(ema, folder / ema_name(rank))
+    torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / complete_name(rank)).write_text(json.dumps(files))
+
+
+def is_complete(fs, folder: str) -> bool:
+    """True when every rank's list is there and every listed file exists with its size."""
+    try:
+        state = json.loads(fs.cat_file(join(folder, STATE_FILE)))
+        sizes = {}
+        for rank in range(int(state["world_size"])):
+            sizes.update(json.loads(fs.cat_file(join(folder, complete_name(rank)))))
+        prefix = folder.rstrip("/") + "/"
+        found = {p[len(prefix):]: info["size"] for p, info in fs.find(folder, detail=True).items()
+                 if p.startswith(prefix)}
+    except (FileNotFoundError, KeyError, ValueError):
+        return False
+    return all(found.get(name) == size for name, size in sizes.items())
+
+
+def find_latest(run_uri: str, endpoint_url: str | None = None) -> str | None:
+    """The URI (or local path) of the newest complete checkpoint folder in the run folder, or None."""
+    fs, root = filesystem(run_uri, endpoint_url)
+    if not fs.exists(root):
+        return None
+    steps = []
+    for entry in fs.ls(root, detail=False):
+        match = _STEP.search(entry.rstrip("/").rsplit("/", 1)[-1])
+        if match:
+            steps.append((int(match.group(1)), entry.rstrip("/")))
+    for step, folder in sorted(steps, reverse=True):
+        if is_complete(fs, folder):
+            return join(run_uri, dir_name(step))
+        print(f"[train] skipping incomplete checkpoint {folder}", flush=True)
+    return None
+
+
+def fetch(checkpoint_uri: str, local: Path, endpoint_url: str | None = None) -> Path:
+    """A local folder with the checkpoint's files: the folder itself when local, else a download into `local`."""
+    fs, path = filesystem(checkpoint_uri, endpoint_url)
+    if isinstance(fs, LocalFileSystem):
+        return Path(path)
+    fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
+    return local
+
+
+def read_state(folder: Path) -> TrainState:
+    return TrainState(**json.loads((folder / STATE_FILE).read_text()))
+
+
+def full_ema(folder: Path) -> tuple[list[str], list[torch.Tensor]]:
+    """The full EMA tensors of a checkpoint (parameter names, fp32 tensors), from the shards of every rank."""
+    state = read_state(folder)
+    first = torch.load(folder / ema_name(0), weights_only=False)
+    if state.zero_stage != 3:
+        return first["names"], first["shadow"]
+    ranks = [first] + [torch.load(folder / ema_name(r), weights_only=False) for r in range(1, state.world_size)]
+    tensors = []
+    for i, (numel, shape) in enumerate(zip(first["numel"], first["shapes"], strict=True)):
+        tensors.append(torch.cat([r["shadow"][i] for r in ranks])[:numel].view(shape))
+    return first["names"], tensors
