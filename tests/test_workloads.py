@@ -91,3 +91,15 @@ def test_bad_cli_overrides_fail_before_work(tmp_path, override, message):
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_train_reports_overhead_and_zero_bytes(ray_local, capsys):
+    from conf.bench import BenchTrainConf
+    from workloads import bench_train
+
+    figures = bench_train.run(BenchTrainConf(rows=64, latent_size=8, batch_size=8, warmup=1, steps=2,
+                                             memory_stages=[1, 3]))
+    assert figures["stream_s"] > 0 and figures["memory_s"] > 0
+    for stage in (1, 3):
+        assert figures[f"zero{stage}_bytes"] == pytest.approx(figures[f"zero{stage}_expected"], rel=0.01)
+    assert "overhead" in capsys.readouterr().out

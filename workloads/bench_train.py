@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from cluster.local import ensure_ray
 from conf.bench import BenchTrainConf, register_train
 from conf.train import TrainConf
 from model import count_params
@@ -57,7 +58,7 @@ def _pull(source: Iterator[dict], kept: list, _index: int) -> dict:
     return kept[-1]
 
 
-def bench_worker(config: dict) -> None:
+def bench_worker(config: dict) -> dict:
     import deepspeed
     import ray.train
     from ray.train.torch import get_device
@@ -112,7 +113,7 @@ def bench_worker(config: dict) -> None:
         figures[f"zero{stage}_bytes"] = max(per_rank)
         figures[f"zero{stage}_expected"] = expected_state_bytes(params, world, stage, param_bytes)
         del trainer
-    ray.train.report(figures)
+    return figures  # rank 0's becomes Result.return_value
 
 
 def report(cfg: BenchTrainConf, figures: dict, params: int) -> str:
@@ -149,8 +150,7 @@ def run(cfg: BenchTrainConf) -> dict:
         from model import train_flops
 
         flops = train_flops(config, *latent_shape(spec.files_by_bucket[bucket][0])[1:], spec.text.text_tokens)
-        if not ray.is_initialized():
-            ray.init()
+        ensure_ray(min_cpus=cfg.num_workers * cfg.cpus_per_worker + 2)  # + room for Ray Data's readers
         options = ray.train.DataConfig.default_ingest_options()
         options.preserve_order = True
         trainer = TorchTrainer(
@@ -160,7 +160,7 @@ def run(cfg: BenchTrainConf) -> dict:
             run_config=ray.train.RunConfig(name="bench_train", storage_path=tmp),
             datasets=streaming.bucket_datasets({b: spec.files_by_bucket[b] for b in batches}, seed=0),
             dataset_config=ray.train.DataConfig(execution_options=options))
-        figures = trainer.fit().metrics
+        figures = trainer.fit().return_value
     print(report(cfg, figures, count_params(config)), flush=True)
     return figures
 

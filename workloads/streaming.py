@@ -81,6 +81,7 @@ def bucket_datasets(files: dict[str, list[str]], seed: int, endpoint_url: str | 
     """One Ray dataset per bucket with the tensor columns only, files in a seeded order."""
     import ray.data
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch bars flood a training log
     datasets = {}
     for bucket, paths in sorted(files.items()):
         order = sorted(paths)  # names sort the same wherever the dataset lives

@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf
 
+from cluster.local import ensure_ray
 from conf.train import TrainConf, register
 from model import MMDiT, count_params, train_flops
 from model.conditioning import TextConditioningConfig
@@ -153,8 +154,7 @@ def run(cfg: TrainConf):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2)  # + room for Ray Data's readers
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # a deterministic split: a resumed run sees the same rows
     files = {b: f for b, f in p.train_files.items() if p.batches.get(b)}

@@ -3,6 +3,7 @@ never materialises the whole network on one rank) and access to each rank's own 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import deepspeed
@@ -115,3 +116,8 @@ def measured_state_bytes(net: torch.nn.Module, optimizer, stage: int) -> int:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
+
+
+# DeepSpeed 0.19 still calls c10d's all_gather_into_tensor / reduce_scatter_tensor, which torch 2.13 deprecates
+# with a warning on every call (one per ZeRO-3 gather); the calls work, so keep the logs readable.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)

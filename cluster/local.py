@@ -1,0 +1,22 @@
+"""Connecting a job's driver to Ray: the cluster in RAY_ADDRESS, or a local one started with enough logical CPUs."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(min_cpus: float = 0) -> None:
+    """Start a local Ray unless one is running or RAY_ADDRESS names a cluster.
+
+    A local cluster gets at least `min_cpus` logical CPUs: a training job's workers hold their CPUs for the whole
+    run, and Ray Data's read tasks need CPUs of their own beside them, or the job waits forever on a laptop with
+    fewer cores than workers plus readers. Logical CPUs above the physical count only let the OS share the cores.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(-(-min_cpus // 1))))
