@@ -120,32 +120,6 @@ def train_worker_pids() -> list[int]:
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
 
 
-def test_killed_worker_is_replaced_and_the_trajectory_is_unchanged(zero2_run, train_dataset, tmp_path):
-    """SIGKILL a worker after the step-4 checkpoint: Ray Train restarts the group, which resumes from step 4 and
-    reproduces the uninterrupted run's losses exactly."""
-    reference, _ = zero2_run
-    cfg = train_conf(train_dataset, str(tmp_path), "killed", stage=2)
-    folder = tmp_path / "killed"
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("result", run(cfg)))
-    thread.start()
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if (folder / checkpointing.dir_name(4)).exists() and len(read_records(str(folder))) >= 5:
-            break
-        time.sleep(0.05)
-    victims = train_worker_pids()
-    assert victims, "no Ray Train worker process found"
-    os.kill(victims[-1], signal.SIGKILL)
-    thread.join(timeout=400)
-    result = outcome["result"]
-    assert result.error is None and result.metrics["step"] == STEPS
-    events = read_records(str(folder), EVENTS)
-    assert [e["event"] for e in events][:2] == ["started", "resumed"]
-    assert events[1]["step"] in (4, 8)
-    assert losses(str(folder)) == losses(str(reference))
-
-
 @pytest.fixture(scope="module")
 def zero3_s3_reference(s3, train_dataset):
     fs, _ = filesystem(s3.uri("datasets"))
@@ -155,6 +129,45 @@ def zero3_s3_reference(s3, train_dataset):
     return data, s3.uri("runs/zero3")
 
 
+def reference(request, stage: int) -> tuple[str, str, str]:
+    """(data, storage for new runs, reference run) of the uninterrupted run at `stage`: ZeRO-2 on local disk,
+    ZeRO-3 on the S3 server."""
+    if stage == 2:
+        folder, _ = request.getfixturevalue("zero2_run")
+        return request.getfixturevalue("train_dataset"), str(request.getfixturevalue("tmp_path")), str(folder)
+    data, uri = request.getfixturevalue("zero3_s3_reference")
+    name = request.node.name.replace("[", "-").replace("]", "")
+    return data, request.getfixturevalue("s3").uri(f"runs/{name}"), uri
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_killed_worker_is_replaced_and_the_trajectory_is_unchanged(request, stage):
+    """SIGKILL a worker after the step-4 checkpoint: Ray Train restarts the group, which resumes from the latest
+    complete checkpoint and reproduces the uninterrupted run's losses exactly."""
+    data, storage, expected = reference(request, stage)
+    cfg = train_conf(data, storage, "killed", stage=stage)
+    uri = join(storage, "killed")
+    fs, root = filesystem(uri)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", run(cfg)))
+    thread.start()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if fs.exists(join(root, checkpointing.dir_name(4), "train_state.json")) and len(read_records(uri)) >= 4:
+            break
+        time.sleep(0.05)
+    victims = train_worker_pids()
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[-1], signal.SIGKILL)
+    thread.join(timeout=400)
+    result = outcome["result"]
+    assert result.error is None and result.metrics["step"] == STEPS
+    events = read_records(uri, EVENTS)
+    assert [e["event"] for e in events] == ["started", "resumed", "finished"]
+    assert events[1]["step"] in (4, 8)
+    assert losses(uri) == losses(expected)
+
+
 def test_zero3_on_s3_matches_zero2(zero3_s3_reference, zero2_run):
     _, uri = zero3_s3_reference
     np.testing.assert_allclose(losses(uri), losses(str(zero2_run[0])), rtol=1e-4)
@@ -162,23 +175,24 @@ def test_zero3_on_s3_matches_zero2(zero3_s3_reference, zero2_run):
     assert fs.exists(join(root, "export", "config.json")) and fs.exists(join(root, "metrics.jsonl"))
 
 
-def test_restarted_job_resumes_and_skips_a_partial_checkpoint(zero3_s3_reference, s3, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_restarted_job_resumes_and_skips_a_partial_checkpoint(request, stage, tmp_path):
     """Stop after 6 steps; plant a newer checkpoint missing one rank's files; the same command with more steps
     resumes from step 6 (not the partial one) and continues the reference trajectory exactly."""
-    data, reference = zero3_s3_reference
-    storage = s3.uri("runs")
-    run(train_conf(data, storage, "restart", stage=3, steps=6))
-    fs, root = filesystem(join(storage, "restart"))
+    data, storage, expected = reference(request, stage)
+    run(train_conf(data, storage, "restart", stage=stage, steps=6))
+    uri = join(storage, "restart")
+    fs, root = filesystem(uri)
     partial = join(root, checkpointing.dir_name(7))
     fs.copy(join(root, checkpointing.dir_name(6)) + "/", partial + "/", recursive=True)
     fs.rm(join(partial, checkpointing.complete_name(1)))
-    assert checkpointing.find_latest(join(storage, "restart")).endswith(checkpointing.dir_name(6))
-    run(train_conf(data, storage, "restart", stage=3))
-    events = read_records(join(storage, "restart"), EVENTS)
+    assert checkpointing.find_latest(uri).endswith(checkpointing.dir_name(6))
+    run(train_conf(data, storage, "restart", stage=stage))
+    events = read_records(uri, EVENTS)
     assert [e["event"] for e in events] == ["started", "finished", "resumed", "finished"]
     assert events[2]["checkpoint"].endswith(checkpointing.dir_name(6))
-    assert losses(join(storage, "restart")) == losses(reference)
-    local = tmp_path / "restart"
+    assert losses(uri) == losses(expected)
+    local = tmp_path / "copy"
     fs.get(root + "/", str(local) + "/", recursive=True)
     assert_export_is_ema(local)
     shutil.rmtree(local)

@@ -216,3 +216,42 @@ def test_data_that_does_not_fit_the_model_fails_at_start_up(train_dataset):
     cfg.model.context_dim = 48
     with pytest.raises(ValueError, match="'original_t5'"):
         plan(cfg)
+
+
+@pytest.mark.parametrize(
+    ("stage", "options"),
+    [(3, {"activation_checkpointing": True}), (2, {"offload": True}), (3, {"offload": True}),
+     (2, {"dtype": "bfloat16"}), (3, {"dtype": "bfloat16"})],
+)
+def test_training_variants_step_save_and_load(process_group, stage, options, tmp_path):
+    """Activation checkpointing, CPU offload and bf16 (DeepSpeed's bf16 optimizer; the GPU default) each train,
+    validate with the EMA and round-trip a checkpoint."""
+    cfg = conf(stage)
+    cfg.deepspeed.offload = options.pop("offload", False)
+    for key, value in options.items():
+        setattr(cfg.trainer, key, value)
+    t = trainer(cfg)
+    results = [t.step(batch(), step) for step in range(1, 4)]
+    assert all(np.isfinite(r.loss) and not r.skipped for r in results)
+    t.save(tmp_path, TrainState(step=3, world_size=1, zero_stage=stage))
+    expected = t.step(batch(4), 4).loss
+    fresh = trainer(cfg)
+    fresh.load(tmp_path)
+    assert fresh.step(batch(4), 4).loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_cli_stage_needs_the_previous_stage_and_fails_before_ray(train_dataset, tmp_path):
+    """`stage=res512` without `init_from` stops before any Ray work, saying what to set."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "workloads.train", f"data={train_dataset}", "stage=res512", "model=debug",
+         f"run.storage={tmp_path / 'runs'}", f"hydra.run.dir={tmp_path}"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode != 0
+    assert "set init_from=<the previous stage's run folder>" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists()
