@@ -29,6 +29,20 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
     return fs, path.rstrip("/") or path
 
 
+def refreshed(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`filesystem()`, with the listings it cached for this path dropped: for state that other processes change
+    (checkpoints, run records), where s3fs would otherwise answer from a stale directory cache."""
+    fs, path = filesystem(uri, endpoint_url)
+    fs.invalidate_cache()  # all of it: children listings (a checkpoint folder's files) go stale too
+    return fs, path
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole file, creating its folder on local disk (object stores have no folders)."""
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, data)
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts with '/', for local paths and bucket paths alike."""
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])

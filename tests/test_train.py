@@ -147,13 +147,12 @@ def test_killed_worker_is_replaced_and_the_trajectory_is_unchanged(request, stag
     data, storage, expected = reference(request, stage)
     cfg = train_conf(data, storage, "killed", stage=stage)
     uri = join(storage, "killed")
-    fs, root = filesystem(uri)
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", run(cfg)))
     thread.start()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        if fs.exists(join(root, checkpointing.dir_name(4), "train_state.json")) and len(read_records(uri)) >= 4:
+        if checkpointing.find_latest(uri) and len(read_records(uri)) >= 4:  # step 4's checkpoint is complete
             break
         time.sleep(0.05)
     victims = train_worker_pids()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines.storage import filesystem, join
+from pipelines.storage import filesystem, join, refreshed
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
@@ -94,7 +94,7 @@ def is_complete(fs, folder: str) -> bool:
 
 def find_latest(run_uri: str, endpoint_url: str | None = None) -> str | None:
     """The URI (or local path) of the newest complete checkpoint folder in the run folder, or None."""
-    fs, root = filesystem(run_uri, endpoint_url)
+    fs, root = refreshed(run_uri, endpoint_url)
     if not fs.exists(root):
         return None
     steps = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -126,7 +127,7 @@ def worker(cfg: TrainConf, plan) -> None:
     stream = EpochStream(shards, batches, local_batch, cfg.trainer.seed, rank, cfg.loader.shuffle_buffer,
                          cfg.loader.prefetch_batches)
     peak = peak_tflops(device, cfg.metrics.peak_tflops)
-    t, last = cfg.trainer, {}
+    t, last, rates = cfg.trainer, {}, []
     while state.step < t.max_steps:
         tick = time.perf_counter()
         for index, bucket, batch in stream.epoch(state.epoch, state.offset):
@@ -140,6 +141,7 @@ def worker(cfg: TrainConf, plan) -> None:
             if state.step % cfg.validation.every == 0 or final:
                 record.update(validation_record(trainer, plan, log, decoder, state.step))
             last.update(record)
+            rates.append(record["samples_per_s"])
             if log is not None:
                 log.log(record)
                 if is_remote(plan.run_uri) and state.step % cfg.metrics.sync_every == 0:
@@ -154,8 +156,12 @@ def worker(cfg: TrainConf, plan) -> None:
     if cfg.export:
         export(trainer, plan, log, cfg.endpoint_url)
     if log is not None:
-        summary = {"step": state.step, "params": plan.params, "skipped_steps": state.skipped,
-                   "val_source": plan.val_source, **{k: last.get(k) for k in ("loss", "val_loss", "samples_per_s")}}
-        log.path(SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+        if last:  # not when a finished run was only started again
+            n = sum(plan.batches.values())
+            summary = {"step": state.step, "params": plan.params, "skipped_steps": state.skipped,
+                       "val_source": plan.val_source, "loss": last["loss"], "val_loss": last.get("val_loss"),
+                       "samples_per_s": statistics.median(rates),  # of this session's steps
+                       "train_flops_per_sample": sum(plan.flops[b] * k for b, k in plan.batches.items()) / n}
+            log.path(SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
         log.event("finished", step=state.step)
         log.close()

@@ -12,7 +12,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from pipelines.storage import filesystem, is_remote, join
+from pipelines.storage import filesystem, is_remote, join, refreshed
 
 METRICS, EVENTS, SUMMARY = "metrics.jsonl", "events.jsonl", "summary.json"
 SYNCED = (METRICS, EVENTS, SUMMARY, "tensorboard", "samples")
@@ -20,7 +20,7 @@ SYNCED = (METRICS, EVENTS, SUMMARY, "tensorboard", "samples")
 
 def read_records(run_uri: str, name: str = METRICS, endpoint_url: str | None = None) -> list[dict]:
     """The JSON-lines records of `<run>/<name>` (metrics or events); [] before the run wrote any."""
-    fs, root = filesystem(run_uri, endpoint_url)
+    fs, root = refreshed(run_uri, endpoint_url)
     path = join(root, name)
     if not fs.exists(path):
         return []

@@ -133,7 +133,7 @@ def plan(cfg: TrainConf) -> Plan:
                 spec.vae, flops, count_params(config))
 
 
-def run_config(cfg: TrainConf):
+def run_config(cfg: TrainConf, callbacks: list | None = None):
     import ray.train
 
     from workloads.streaming import arrow_filesystem
@@ -144,11 +144,12 @@ def run_config(cfg: TrainConf):
     return ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage, storage_filesystem=pafs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep))
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep), callbacks=callbacks)
 
 
-def run(cfg: TrainConf):
-    """Plan, then train on the Ray cluster (local unless RAY_ADDRESS is set); returns Ray Train's Result."""
+def run(cfg: TrainConf, callbacks: list | None = None):
+    """Plan, then train on the Ray cluster (local unless RAY_ADDRESS is set); returns Ray Train's Result.
+    `callbacks` are Ray Train `UserCallback`s (a Tune trial passes `TuneReportCallback`)."""
     p = plan(cfg)
     import ray
     import ray.train
@@ -162,7 +163,7 @@ def run(cfg: TrainConf):
         train_loop, train_loop_config={"cfg": cfg, "plan": p},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
                                                resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
-        run_config=run_config(cfg),
+        run_config=run_config(cfg, callbacks),
         datasets=streaming.bucket_datasets(files, cfg.trainer.seed, cfg.endpoint_url),
         dataset_config=ray.train.DataConfig(execution_options=options))
     result = trainer.fit()
