@@ -6,7 +6,8 @@ import os
 
 
 def ensure_ray(min_cpus: float = 0) -> None:
-    """Start a local Ray unless one is running or RAY_ADDRESS names a cluster.
+    """Start a new local Ray unless one is running in this process or RAY_ADDRESS names a cluster
+    (`RAY_ADDRESS=auto` joins a cluster started on this machine with `ray start`).
 
     A local cluster gets at least `min_cpus` logical CPUs: a training job's workers hold their CPUs for the whole
     run, and Ray Data's read tasks need CPUs of their own beside them, or the job waits forever on a laptop with
@@ -19,4 +20,4 @@ def ensure_ray(min_cpus: float = 0) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(-(-min_cpus // 1))))
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(-(-min_cpus // 1))))

@@ -63,7 +63,19 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _depth(results: pd.DataFrame) -> Analysis:
+def _next_depth(cfg: SweepConf, table: pd.DataFrame) -> tuple[int, int, float]:
+    """(depth, parameters, training FLOPs) of the next depth of the series, for the fits' predictions."""
+    from conf.model import ModelConf
+    from model import count_params, train_flops
+
+    last = int(table["depth"].iloc[-1])
+    depth = last + int(last - table["depth"].iloc[-2])
+    build = lambda d: ModelConf(cfg.train.base_flavor, depth=d, hidden_size=64 * d, num_heads=d).build()  # noqa: E731
+    ratio = train_flops(build(depth), 32, 32) / train_flops(build(last), 32, 32)  # per sample, at 256 px
+    return depth, count_params(build(depth)), float(table["train_flops"].iloc[-1]) * ratio
+
+
+def _depth(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
     table = results.sort_values("depth")[["depth", "params", "flops_per_sample", "train_flops", "val_loss",
                                           "samples_per_s"]].reset_index(drop=True)
     lines = [markdown_table(table), ""]
@@ -84,18 +96,16 @@ def _depth(results: pd.DataFrame) -> Analysis:
             if len(table) >= 3:
                 offset = fit_power_law(table[column], table["val_loss"], offset=True)
                 lines.append(f"  - with an irreducible term: `{offset.formula(variable)}`, R^2 {offset.r2:.4f}")
-        step = int(table["depth"].iloc[-1] - table["depth"].iloc[-2])
-        next_depth = int(table["depth"].iloc[-1]) + step
-        scale = (next_depth / table["depth"].iloc[-1]) ** 3  # params and FLOPs grow about as depth^3 (width 64d)
-        predicted = fit_power_law(table["train_flops"], table["val_loss"]).predict(table["train_flops"].iloc[-1]
-                                                                                   * scale)
-        lines.append(f"- predicted final validation loss at depth {next_depth} (about {scale:.2f}x the compute of "
-                     f"depth {int(table['depth'].iloc[-1])}): {predicted:.4f}")
+        depth, params, flops = _next_depth(cfg, table)
+        by_c = fit_power_law(table["train_flops"], table["val_loss"]).predict(flops)
+        by_n = fit_power_law(table["params"], table["val_loss"]).predict(params)
+        lines.append(f"- predicted final validation loss at depth {depth} ({params:,} parameters, {flops:.3g} "
+                     f"training FLOPs): {by_c:.4f} from the compute fit, {by_n:.4f} from the parameter fit")
         plots["scaling.png"] = _png(fig)
     return Analysis(table, "\n".join(lines), plots)
 
 
-def _shift(results: pd.DataFrame) -> Analysis:
+def _shift(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
     rows = [{"train_shift": r["train_shift"], "sampling_shift": s, "lfd": r[f"lfd@shift={s:g}"]}
             for _, r in results.iterrows() for s in sorted(_keys(r, "lfd@shift="))]
     table = pd.DataFrame(rows).pivot(index="sampling_shift", columns="train_shift", values="lfd")
@@ -114,7 +124,7 @@ def _shift(results: pd.DataFrame) -> Analysis:
     return Analysis(table, "\n".join(lines), {"shift.png": _png(fig)})
 
 
-def _formulation(results: pd.DataFrame) -> Analysis:
+def _formulation(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
     table = results.sort_values("val_loss")[["formulation", "val_loss"]].reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table["paper_global_rank"] = [PAPER_GLOBAL_RANK.get(f) for f in table["formulation"]]
@@ -132,7 +142,7 @@ def _formulation(results: pd.DataFrame) -> Analysis:
     return Analysis(table, "\n".join(lines), {"formulations.png": _png(fig)})
 
 
-def _steps(results: pd.DataFrame) -> Analysis:
+def _steps(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
     rows = []
     for _, r in results.sort_values("depth").iterrows():
         steps = sorted(int(k) for k in _keys(r, "lfd@steps="))
@@ -159,5 +169,5 @@ def _keys(row: pd.Series, prefix: str) -> list[float]:
 ANALYSES = {"depth": _depth, "shift": _shift, "formulation": _formulation, "steps": _steps}
 
 
-def analyze(study: str, results: pd.DataFrame) -> Analysis:
-    return ANALYSES[study](results)
+def analyze(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
+    return ANALYSES[cfg.study](cfg, results)

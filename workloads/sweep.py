@@ -158,7 +158,7 @@ def write_results(cfg: SweepConf) -> pd.DataFrame:
     results.to_parquet(buffer, index=False)
     write_bytes(fs, join(root, "results.parquet"), buffer.getvalue())
     write_bytes(fs, join(root, "results.csv"), results.to_csv(index=False).encode())
-    analysis = studies.analyze(cfg.study, results)
+    analysis = studies.analyze(cfg, results)
     for name, png in analysis.plots.items():
         write_bytes(fs, join(root, name), png)
     total = len(studies.trial_params(cfg))
