@@ -131,7 +131,9 @@ def trial(config: dict) -> None:
            "val_loss": summary["val_loss"], "samples_per_s": summary["samples_per_s"]}
     settings = studies.eval_settings(cfg, float(params["train_shift"]))
     if settings:
-        task = ray.remote(evaluate).options(num_cpus=cfg.trial.cpus_per_worker, num_gpus=int(cfg.trial.use_gpu))
+        # outside the trial's placement group (it only holds the trial's own CPU share), like the Train workers
+        task = ray.remote(evaluate).options(num_cpus=cfg.trial.cpus_per_worker, num_gpus=int(cfg.trial.use_gpu),
+                                            scheduling_strategy="DEFAULT")
         row.update(ray.get(task.remote(cfg, c, settings)))
     fs, root = filesystem(join(cfg.storage, sweep_name(cfg)), cfg.endpoint_url)
     write_bytes(fs, join(root, "trials", f"{c.run.name}.json"), json.dumps(row).encode())
