@@ -47,6 +47,11 @@ class LoaderConf:
     val_fraction: float = 0.1  # without `val_data`: the share of data files held out for validation
     shuffle_buffer: int = 1024  # rows in each worker's shuffle buffer, reseeded every epoch
     prefetch_batches: int = 2
+    # Read the training data into Ray's object store once instead of streaming it every epoch (each streamed epoch
+    # starts a fresh read, seconds per bucket). None: when its files total under `materialize_fraction` of the
+    # cluster's object store memory, so small datasets train fast and large ones always stream.
+    materialize: bool | None = None
+    materialize_fraction: float = 0.2
 
 
 @dataclass

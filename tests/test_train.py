@@ -36,6 +36,9 @@ def train_conf(data: str, storage: str, name: str, stage: int, steps: int = STEP
     v.every, v.samples, v.batch_size, v.grid_prompts, v.grid_per_prompt, v.sample_steps = 6, 8, 8, 2, 2, 4
     cfg.checkpoint.every, cfg.checkpoint.keep = 4, 2
     cfg.loader.shuffle_buffer = 16
+    # ZeRO-2 runs stream every epoch from storage; ZeRO-3 runs (on S3) read the small data into the object store
+    # once (the `auto` choice); the two trajectories are compared, so both paths feed the same rows.
+    cfg.loader.materialize = False if stage == 2 else None
     cfg.run.storage, cfg.run.name = storage, name
     return cfg
 

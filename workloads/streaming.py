@@ -77,8 +77,29 @@ def arrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pa.fs.F
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
-def bucket_datasets(files: dict[str, list[str]], seed: int, endpoint_url: str | None = None) -> dict:
-    """One Ray dataset per bucket with the tensor columns only, files in a seeded order."""
+def total_bytes(files: dict[str, list[str]], endpoint_url: str | None = None) -> int:
+    """Size of the data files on storage (one listing per bucket folder)."""
+    total = 0
+    for paths in files.values():
+        fs, folder = filesystem(paths[0].rsplit("/", 1)[0], endpoint_url)
+        sizes = {name: info["size"] for name, info in fs.find(folder, detail=True).items()}
+        total += sum(sizes.get(filesystem(p, endpoint_url)[1], 0) for p in paths)
+    return total
+
+
+def should_materialize(setting: bool | None, data_bytes: int, fraction: float) -> bool:
+    """The configured choice, or (None) whether the data fits easily in the cluster's object store."""
+    if setting is not None:
+        return setting
+    import ray
+
+    return data_bytes < fraction * ray.cluster_resources().get("object_store_memory", 0)
+
+
+def bucket_datasets(files: dict[str, list[str]], seed: int, endpoint_url: str | None = None,
+                    materialize: bool = False) -> dict:
+    """One Ray dataset per bucket with the tensor columns only, files in a seeded order; read into the object
+    store once with `materialize`, else streamed every epoch."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch bars flood a training log
@@ -88,7 +109,8 @@ def bucket_datasets(files: dict[str, list[str]], seed: int, endpoint_url: str | 
         random.Random(f"{seed}/{bucket}").shuffle(order)
         pafs, _ = arrow_filesystem(order[0], endpoint_url)
         stripped = [arrow_filesystem(p, endpoint_url)[1] for p in order] if pafs is not None else order
-        datasets[dataset_name(bucket)] = ray.data.read_parquet(stripped, filesystem=pafs, columns=list(TENSOR_COLUMNS))
+        dataset = ray.data.read_parquet(stripped, filesystem=pafs, columns=list(TENSOR_COLUMNS))
+        datasets[dataset_name(bucket)] = dataset.materialize() if materialize else dataset
     return datasets
 
 

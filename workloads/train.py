@@ -159,12 +159,16 @@ def run(cfg: TrainConf, callbacks: list | None = None):
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # a deterministic split: a resumed run sees the same rows
     files = {b: f for b, f in p.train_files.items() if p.batches.get(b)}
+    data_bytes = streaming.total_bytes(files, cfg.endpoint_url)
+    materialize = streaming.should_materialize(cfg.loader.materialize, data_bytes, cfg.loader.materialize_fraction)
+    print(f"[train] training data {data_bytes / 2**20:.1f} MiB: "
+          f"{'read once into the object store' if materialize else 'streamed every epoch'}", flush=True)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"cfg": cfg, "plan": p},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
                                                resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
         run_config=run_config(cfg, callbacks),
-        datasets=streaming.bucket_datasets(files, cfg.trainer.seed, cfg.endpoint_url),
+        datasets=streaming.bucket_datasets(files, cfg.trainer.seed, cfg.endpoint_url, materialize),
         dataset_config=ray.train.DataConfig(execution_options=options))
     result = trainer.fit()
     print(f"[train] finished: {result.metrics}; run folder {p.run_uri}", flush=True)
