@@ -110,6 +110,7 @@ def bucket_datasets(files: dict[str, list[str]], seed: int, endpoint_url: str | 
         pafs, _ = arrow_filesystem(order[0], endpoint_url)
         stripped = [arrow_filesystem(p, endpoint_url)[1] for p in order] if pafs is not None else order
         dataset = ray.data.read_parquet(stripped, filesystem=pafs, columns=list(TENSOR_COLUMNS))
+        dataset.context.execution_options.preserve_order = True  # blocks in file order, also when materialised
         datasets[dataset_name(bucket)] = dataset.materialize() if materialize else dataset
     return datasets
 
