@@ -82,15 +82,15 @@ def _depth(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
     plots = {}
     if len(table) >= 2:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, column, label in ((axes[0], "train_flops", "C (training FLOPs)"), (axes[1], "params", "N (params)")):
+        for ax, column, variable, label in ((axes[0], "train_flops", "C", "C (training FLOPs)"),
+                                            (axes[1], "params", "N", "N (parameters)")):
             fit = fit_power_law(table[column], table["val_loss"])
             x = np.geomspace(table[column].min(), table[column].max() * 2, 50)
             ax.loglog(table[column], table["val_loss"], "o", label="trials")
-            ax.loglog(x, fit.predict(x), "-", label=fit.formula(column[0].upper()))
+            ax.loglog(x, fit.predict(x), "-", label=fit.formula(variable))
             ax.set_xlabel(label)
             ax.set_ylabel("final EMA validation loss")
             ax.legend(fontsize=7)
-            variable = "C" if column == "train_flops" else "N"
             lines.append(f"- against {variable}: `{fit.formula(variable)}`, exponent {fit.b:.4f}, R^2 {fit.r2:.4f} "
                          f"({fit.points} points)")
             if len(table) >= 3:
