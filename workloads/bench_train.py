@@ -151,15 +151,13 @@ def run(cfg: BenchTrainConf) -> dict:
 
         flops = train_flops(config, *latent_shape(spec.files_by_bucket[bucket][0])[1:], spec.text.text_tokens)
         ensure_ray(min_cpus=cfg.num_workers * cfg.cpus_per_worker + 2)  # + room for Ray Data's readers
-        options = ray.train.DataConfig.default_ingest_options()
-        options.preserve_order = True
         trainer = TorchTrainer(
             bench_worker, train_loop_config={"cfg": cfg, "text": spec.text, "batches": batches, "flops": flops},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                    resources_per_worker={"CPU": cfg.cpus_per_worker}),
             run_config=ray.train.RunConfig(name="bench_train", storage_path=tmp),
             datasets=streaming.bucket_datasets({b: spec.files_by_bucket[b] for b in batches}, seed=0),
-            dataset_config=ray.train.DataConfig(execution_options=options))
+            dataset_config=streaming.ordered_ingest())
         figures = trainer.fit().return_value
     print(report(cfg, figures, count_params(config)), flush=True)
     return figures

@@ -16,6 +16,7 @@ import random
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -94,6 +95,22 @@ def should_materialize(setting: bool | None, data_bytes: int, fraction: float) -
     import ray
 
     return data_bytes < fraction * ray.cluster_resources().get("object_store_memory", 0)
+
+
+def ray_storage(uri: str, endpoint_url: str | None = None) -> tuple[pa.fs.FileSystem | None, str]:
+    """(filesystem, path) for Ray Train/Tune's `storage_filesystem` and `storage_path`: a remote URI through our
+    fsspec settings, a local path made absolute (Ray needs one)."""
+    pafs, path = arrow_filesystem(uri, endpoint_url)
+    return (pafs, path) if pafs is not None else (None, str(Path(path).expanduser().resolve()))
+
+
+def ordered_ingest():
+    """Ray Train's `DataConfig` with a deterministic split (`preserve_order`): a resumed run sees the same rows."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
 
 
 def bucket_datasets(files: dict[str, list[str]], seed: int, endpoint_url: str | None = None,

@@ -205,13 +205,9 @@ def run(cfg: SweepConf) -> pd.DataFrame:
 
     check(cfg)
     ensure_ray(min_cpus=cfg.trial.workers * cfg.trial.cpus_per_worker + 2)
-    from workloads.streaming import arrow_filesystem
+    from workloads.streaming import ray_storage
 
-    pafs, storage = arrow_filesystem(cfg.storage, cfg.endpoint_url)
-    if pafs is None:
-        from pathlib import Path
-
-        storage = str(Path(storage).expanduser().resolve())
+    pafs, storage = ray_storage(cfg.storage, cfg.endpoint_url)
     trainable = ray.tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPUS})
     experiment = join(storage, sweep_name(cfg))
     if ray.tune.Tuner.can_restore(experiment, storage_filesystem=pafs):

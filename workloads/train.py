@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import hydra
 from omegaconf import OmegaConf
@@ -136,11 +135,7 @@ def plan(cfg: TrainConf) -> Plan:
 def run_config(cfg: TrainConf, callbacks: list | None = None):
     import ray.train
 
-    from workloads.streaming import arrow_filesystem
-
-    pafs, storage = arrow_filesystem(cfg.run.storage, cfg.endpoint_url)
-    if pafs is None:
-        storage = str(Path(storage).expanduser().resolve())
+    pafs, storage = streaming.ray_storage(cfg.run.storage, cfg.endpoint_url)
     return ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage, storage_filesystem=pafs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
@@ -156,8 +151,6 @@ def run(cfg: TrainConf, callbacks: list | None = None):
     from ray.train.torch import TorchTrainer
 
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2)  # + room for Ray Data's readers
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True  # a deterministic split: a resumed run sees the same rows
     files = {b: f for b, f in p.train_files.items() if p.batches.get(b)}
     data_bytes = streaming.total_bytes(files, cfg.endpoint_url)
     materialize = streaming.should_materialize(cfg.loader.materialize, data_bytes, cfg.loader.materialize_fraction)
@@ -169,7 +162,7 @@ def run(cfg: TrainConf, callbacks: list | None = None):
                                                resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
         run_config=run_config(cfg, callbacks),
         datasets=streaming.bucket_datasets(files, cfg.trainer.seed, cfg.endpoint_url, materialize),
-        dataset_config=ray.train.DataConfig(execution_options=options))
+        dataset_config=streaming.ordered_ingest())
     result = trainer.fit()
     print(f"[train] finished: {result.metrics}; run folder {p.run_uri}", flush=True)
     return result
