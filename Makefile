@@ -20,11 +20,13 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q tests
 
+# `make demo storage=s3://bucket/prefix` keeps data, runs and the sweep in object storage; ARGS='...' passes any
+# other override of conf/demo.py (e.g. ARGS='train.steps=500 depths=[1,2,3,4]').
 demo: $(STAMP)
-	$(BIN)/python -m workloads.demo
+	$(BIN)/python -m workloads.demo $(if $(storage),storage=$(storage)) $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m workloads.bench_model
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) outputs demo_output .pytest_cache .ruff_cache

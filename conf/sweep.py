@@ -27,6 +27,8 @@ class SweepTrainConf:
     val_samples: int = 64
     val_every: int = 100
     checkpoint_every: int = 100
+    grid_prompts: int = 2  # validation captions in each run's sample grid
+    grid_per_prompt: int = 2
 
 
 @dataclass

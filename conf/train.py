@@ -85,6 +85,7 @@ class MetricsConf:
     t_bins: int = 4  # the per-t-bin loss splits [0, 1] into this many bins
     sync_every: int = 100  # steps between uploads of metrics.jsonl and TensorBoard files to remote storage
     tensorboard: bool = True
+    print_every: int = 50  # steps between rank 0's progress lines (validation steps always print)
 
 
 @dataclass

@@ -65,7 +65,7 @@ def ray_local(s3: S3Server) -> Iterator[None]:
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     try:
         yield
     finally:

@@ -1,22 +1,18 @@
-"""The demo job, the model benchmark and their Hydra configs."""
+"""The demo's config checks, the model and training benchmarks and their Hydra configs."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
 
 from conf.bench import BenchModelConf
 from conf.demo import DemoConf
 from conf.model import ModelConf
-from conf.optim import OptimConf
+from conf.sweep import SweepTrainConf
 from model import FLAVORS
-from model.interop import load_diffusers
 from workloads import bench_model, demo
-from workloads.synthetic import SyntheticLatents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,36 +22,6 @@ def test_model_conf_builds_flavor_with_overrides():
     assert ModelConf("d15", qk_norm="rms").build().qk_norm == "rms"
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConf("debug", hidden_size=100, num_heads=3).build()
-
-
-def test_synthetic_latents_are_class_dependent_and_deterministic():
-    data = SyntheticLatents()
-    _, x = data.batch(8, torch.Generator().manual_seed(0))
-    _, again = data.batch(8, torch.Generator().manual_seed(0))
-    assert torch.equal(x, again)
-    assert x.shape == (8, 16, 16, 16)
-    context, pooled = data.conditioning(torch.tensor([0, 1]))
-    assert context.shape == (2, 154, 64) and pooled.shape == (2, 64)
-    assert not torch.equal(context[0], context[1])
-    red = data.latents(torch.tensor([0]), torch.Generator().manual_seed(0))  # "a red square"
-    assert (red[0, 0] == 1.0).any() and not (red[0, 1] == 1.0).any()
-
-
-def test_demo_trains_samples_and_exports(tmp_path):
-    cfg = DemoConf(out_dir=str(tmp_path), steps=40, batch_size=16, val_every=20, val_samples=9,
-                   samples_per_class=1, sample_steps=4, optim=OptimConf(lr=2e-3, warmup_steps=5))
-    out = demo.run(cfg)
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in history] == list(range(1, 41))
-    assert all(r["loss"] > 0 and r["grad_norm"] >= 0 for r in history)
-    figures = json.loads((out / "summary.json").read_text())
-    assert figures["val_loss_final"] < figures["val_loss_init"]  # 40 steps already learn the mean colours
-    assert f"{figures['val_loss_final']:.4f}" in (out / "summary.md").read_text()
-    for name in ("loss.png", "samples.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    theirs = SD3Transformer2DModel.from_pretrained(out / "export" / "transformer")
-    assert theirs.config.num_layers == FLAVORS["debug"].depth
-    assert load_diffusers(out / "export" / "transformer").config == FLAVORS["debug"]
 
 
 def test_bench_model_reports_ratio(capsys):
@@ -80,8 +46,7 @@ def test_bench_pair_shares_weights():
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("model.flavor=d99", "unknown model flavor 'd99'"), ("steps=many", "steps"),
-     ("model.qk_norm=layer", "qk_norm"), ("formulation=rf/foo", "rf/foo"), ("sampler=ddim", "sampler")],
+    [("train.base_flavor=d99", "unknown model flavor 'd99'"), ("images=many", "images"), ("depths=[2]", "depths")],
 )
 def test_bad_cli_overrides_fail_before_work(tmp_path, override, message):
     proc = subprocess.run(
@@ -90,6 +55,17 @@ def test_bad_cli_overrides_fail_before_work(tmp_path, override, message):
     )
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"workers": 3}, "divisible"), ({"images": 20}, "shard_size"), ({"main_depth": 4}, "main_depth"),
+     ({"train": SweepTrainConf(steps=0)}, "max_steps")],
+)
+def test_demo_config_checks(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        demo.check(DemoConf(out_dir=str(tmp_path / "out"), **overrides))
     assert not (tmp_path / "out").exists()
 
 

@@ -1,110 +1,145 @@
-"""`make demo`: train the debug MM-DiT on synthetic latents, validate, sample a grid, export to diffusers.
+"""`make demo` (`python -m workloads.demo [storage=s3://...]`): the main job, end to end, on the embedded default.
 
-Until the preprocessing and Ray Train jobs land, this is the largest real path that runs end to end.
-Run: `python -m workloads.demo [steps=... out_dir=...]`.
+On a local Ray cluster (or the one in RAY_ADDRESS): generate the shapes dataset, preprocess it with Ray Data
+(tiny random VAE and text encoders), train the debug MM-DiT with Ray Train + DeepSpeed, run a toy depth sweep with
+Ray Tune (the main run is its depth-2 trial, reused), and write a report folder: sample grid, loss curve, scaling
+plot and a Markdown summary with the figures.
+Data, runs and the sweep live under `storage` (local or s3://); the report is always written locally. Running it
+again resumes each job where it stopped, and a finished job is not redone.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import OmegaConf
 
+from cluster.local import ensure_ray
 from conf.demo import DemoConf, register
-from model import MMDiT, count_params, train_flops
-from model.formulations import get_formulation
-from model.interop import export_diffusers, load_diffusers
-from model.sampling import SAMPLERS, sample
-from workloads.local_train import train, validate
-from workloads.report import latents_to_rgb, plot_loss, sample_grid
-from workloads.synthetic import SyntheticLatents
+from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
+from conf.sweep import SweepConf, TrialResources
+from conf.train import TrainConf
+from pipelines.make_shapes import MakeShapesConf
+from pipelines.storage import filesystem, is_remote, join
+from workloads import demo_report, studies
+from workloads import sweep as sweep_job
+from workloads import train as train_job
+
+STAGES = ("shapes", "preprocess", "train", "sweep", "report")
 
 
-def sample_classes(network: MMDiT, data: SyntheticLatents, cfg: DemoConf) -> torch.Tensor:
-    """`samples_per_class` latents per caption, with classifier-free guidance: (classes * n, C, S, S)."""
-    labels = torch.arange(len(data.captions)).repeat_interleave(cfg.samples_per_class)
-    context, pooled = data.conditioning(labels)
-    noise = torch.randn(len(labels), data.channels, data.size, data.size,
-                        generator=torch.Generator().manual_seed(cfg.seed + 20_000))
-    network.eval()
-    return sample(network, noise, context, pooled, steps=cfg.sample_steps, guidance=cfg.guidance,
-                  shift=cfg.shift, method=cfg.sampler, formulation=cfg.formulation)
+@dataclass(frozen=True)
+class Layout:
+    """Where each job of the demo reads and writes: `<storage>/shapes`, `data`, `runs/<key>` and `demo-depth`."""
+
+    storage: str
+    shapes: str
+    data: str
+
+    @classmethod
+    def under(cls, storage: str) -> Layout:
+        return cls(storage, join(storage, "shapes"), join(storage, "data"))
 
 
-def write_summary(out: Path, cfg: DemoConf, history: list[dict], val_before: float, val_after: float,
-                  params: int, elapsed: float) -> None:
-    """summary.json (figures) and summary.md (the same for people)."""
-    flops = train_flops(cfg.model.build(), cfg.latent_size, cfg.latent_size, text_tokens=154)
-    throughput = cfg.batch_size / (sum(r["step_s"] for r in history) / len(history))
-    figures = {"params": params, "steps": cfg.steps, "samples_per_s": throughput,
-               "train_flops_per_sample": flops, "val_loss_init": val_before, "val_loss_final": val_after,
-               "train_loss_final": sum(r["loss"] for r in history[-50:]) / len(history[-50:]), "seconds": elapsed}
-    (out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
-    lines = [
-        "# Demo run",
-        "",
-        f"- model: `{cfg.model.flavor}` MM-DiT, {params:,} parameters; formulation `{cfg.formulation}`",
-        f"- data: synthetic latents ({cfg.latent_size}x{cfg.latent_size}x16), captions as fixed encoder outputs",
-        f"- {cfg.steps} steps at batch {cfg.batch_size}: {throughput:.1f} samples/s, "
-        f"{flops * throughput / 1e9:.2f} GFLOP/s by `model.train_flops`, {elapsed:.0f} s in all",
-        f"- validation loss (8 fixed timesteps, fixed noise): {val_before:.4f} at init -> {val_after:.4f}",
-        f"- final training loss (mean of the last 50 steps): {figures['train_loss_final']:.4f}",
-        f"- samples: {cfg.sample_steps} {cfg.sampler} steps, guidance {cfg.guidance}: `samples.png`",
-        "- loss curve: `loss.png`; per-step metrics: `metrics.jsonl`",
-        "- diffusers export of the trained weights: `export/transformer` (SD3Transformer2DModel)",
-    ]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+def storage_of(cfg: DemoConf) -> str:
+    return cfg.storage or str(Path(cfg.out_dir).resolve() / "work")
+
+
+def shapes_conf(cfg: DemoConf, at: Layout) -> MakeShapesConf:
+    return MakeShapesConf(out=at.shapes, n=cfg.images, seed=cfg.seed, size=cfg.image_size,
+                          shard_size=cfg.shard_size, formats=["folder"], endpoint_url=cfg.endpoint_url)
+
+
+def preprocess_conf(cfg: DemoConf, at: Layout) -> PreprocessConf:
+    stage = StageConf(batch_size=16, num_cpus=0.5)  # fractional: all stages fit beside each other on 2 cores
+    return PreprocessConf(
+        input=join(at.shapes, "folder"), output=at.data, input_format="folder", endpoint_url=cfg.endpoint_url,
+        resolution=cfg.resolution, folder_shard_size=cfg.shard_size,
+        models=ModelsConf(kind="tiny", caption_max_new_tokens=8),
+        compute=ComputeConf(use_gpu=False, decode_num_cpus=0.25, decode_batch_size=16, write_batch_size=16,
+                            vae=stage, caption=stage, text=stage))
+
+
+def sweep_conf(cfg: DemoConf, at: Layout) -> SweepConf:
+    return SweepConf(study="depth", preset="toy", data=at.data, endpoint_url=cfg.endpoint_url, storage=at.storage,
+                     name="demo-depth", depths=list(cfg.depths), train=cfg.train, eval_samples=16,
+                     trial=TrialResources(workers=cfg.workers))
+
+
+def main_run_conf(cfg: DemoConf, at: Layout) -> TrainConf:
+    """The demo's main training run: the sweep's trial at `main_depth`, so the sweep reuses it."""
+    sweep = sweep_conf(cfg, at)
+    (params,) = [p for p in studies.trial_params(sweep) if p["depth"] == cfg.main_depth]
+    return sweep_job.trial_train_conf(sweep, params)
 
 
 def check(cfg: DemoConf) -> None:
-    """Fail on an invalid config before any work or output."""
-    cfg.model.build()
-    get_formulation(cfg.formulation)
-    if cfg.sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {cfg.sampler!r}")
-    for name in ("steps", "batch_size", "latent_size", "val_every", "val_samples", "samples_per_class",
-                 "sample_steps"):
+    """Everything that can be wrong before any work: numbers, each job's config, a missing bucket."""
+    for name in ("images", "image_size", "resolution", "shard_size", "workers"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.images < 2 * cfg.shard_size:
+        raise ValueError(f"images={cfg.images} makes fewer than 2 data files of shard_size={cfg.shard_size}: "
+                         "validation holds out whole files, so training would have none")
+    if len(set(cfg.depths)) < 2 or cfg.main_depth not in cfg.depths:
+        raise ValueError(f"depths needs at least 2 distinct values (a scaling fit) including main_depth="
+                         f"{cfg.main_depth}, got {list(cfg.depths)}")
+    at = Layout.under(storage_of(cfg))
+    from pipelines.make_shapes import check as check_shapes
+
+    check_shapes(shapes_conf(cfg, at))
+    sweep = sweep_conf(cfg, at)
+    for params in studies.trial_params(sweep):
+        train_job.check(sweep_job.trial_train_conf(sweep, params))
+    if is_remote(at.storage):
+        fs, root = filesystem(at.storage, cfg.endpoint_url)
+        bucket = root.split("/", 1)[0]
+        if not fs.exists(bucket):
+            raise FileNotFoundError(f"storage: bucket {bucket!r} does not exist or is not reachable")
+
+
+@contextlib.contextmanager
+def stage(name: str, what: str, timings: dict[str, float]) -> Iterator[None]:
+    """Progress lines around one step of the demo; its seconds go to `timings`."""
+    index = STAGES.index(name) + 1
+    print(f"\n[demo {index}/{len(STAGES)}] {what}", flush=True)
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    print(f"[demo {index}/{len(STAGES)}] {name} done in {timings[name]:.0f} s", flush=True)
 
 
 def run(cfg: DemoConf) -> Path:
     check(cfg)
     start = time.perf_counter()
+    at, timings = Layout.under(storage_of(cfg)), {}
     out = Path(cfg.out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    config = cfg.model.build()
-    data = SyntheticLatents(channels=config.in_channels, size=cfg.latent_size, seed=cfg.seed)
-    network = MMDiT(config)
-    params = count_params(config)
-    print(f"[demo] {cfg.model.flavor} MM-DiT, {params:,} parameters; {len(data.captions)} synthetic classes")
-    val_before = validate(network, data, cfg).mean().item()
-    with (out / "metrics.jsonl").open("w") as metrics:
-        def log(record: dict) -> None:
-            metrics.write(json.dumps(record) + "\n")
-            if record["step"] % 50 == 0 or "val_loss" in record:
-                extra = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""
-                print(f"[demo] step {record['step']:5d}/{cfg.steps}  loss {record['loss']:.4f}{extra}", flush=True)
+    ensure_ray(min_cpus=cfg.workers + 2)  # training workers plus room for Ray Data's readers
+    from pipelines import make_shapes, preprocess
 
-        history = train(network, data, cfg, log)
-    val_after = history[-1]["val_loss"]
-    plot_loss(history, out / "loss.png")
-    print("[demo] sampling", flush=True)
-    latents = sample_classes(network, data, cfg)
-    sample_grid(latents_to_rgb(latents), data.captions, out / "samples.png")
-    export_diffusers(network, out / "export" / "transformer")
-    reloaded = load_diffusers(out / "export" / "transformer")
-    if not all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), network.state_dict().values(),
-                                                 strict=True)):
-        raise RuntimeError("the diffusers export did not reload to the same weights")
-    write_summary(out, cfg, history, val_before, val_after, params, time.perf_counter() - start)
-    print((out / "summary.md").read_text())
-    print(f"[demo] report written to {out}")
+    with stage("shapes", f"generating {cfg.images} shapes images ({cfg.image_size} px) in {at.shapes}", timings):
+        make_shapes.run(shapes_conf(cfg, at))
+    with stage("preprocess", f"preprocessing with Ray Data (tiny VAE and text encoders) into {at.data}", timings):
+        manifest = preprocess.run(preprocess_conf(cfg, at))
+    train = main_run_conf(cfg, at)
+    with stage("train", f"training the depth-{cfg.main_depth} ({train.model.flavor} flavor) MM-DiT with Ray Train + "
+                        f"DeepSpeed ZeRO-{train.deepspeed.stage} on {cfg.workers} workers, {cfg.train.steps} steps",
+               timings):
+        train_job.run(train)
+    sweep = sweep_conf(cfg, at)
+    with stage("sweep", f"toy depth sweep with Ray Tune: depths {list(cfg.depths)} (depth {cfg.main_depth} is the "
+                        "main run, found finished and reused)", timings):
+        results = sweep_job.run(sweep)
+    with stage("report", f"writing the report to {out}", timings):
+        summary = demo_report.write(out, demo_report.Sources(manifest, train, sweep, results), timings,
+                                    time.perf_counter() - start)
+    print("\n" + summary, flush=True)
+    print(f"[demo] finished in {time.perf_counter() - start:.0f} s; report folder: {out}", flush=True)
     return out
 
 

@@ -64,6 +64,12 @@ def step_record(state: TrainState, bucket: str, result: StepResult, step_s: floa
     return record
 
 
+def progress_line(record: dict, max_steps: int) -> str:
+    line = (f"[train] step {record['step']}/{max_steps} loss {record['loss']:.4f} "
+            f"{record['samples_per_s']:.1f} samples/s")
+    return line + (f" | EMA validation loss {record['val_loss']:.4f}" if "val_loss" in record else "")
+
+
 def validation_record(trainer: Trainer, plan, log: RunLog | None, decoder: list, step: int) -> dict:
     """EMA validation loss (overall and per timestep) and, on rank 0, the sample grid PNG."""
     per_t = trainer.validate(plan.val)
@@ -144,6 +150,8 @@ def worker(cfg: TrainConf, plan) -> None:
             rates.append(record["samples_per_s"])
             if log is not None:
                 log.log(record)
+                if state.step % cfg.metrics.print_every == 0 or "val_loss" in record:
+                    print(progress_line(record, t.max_steps), flush=True)
                 if is_remote(plan.run_uri) and state.step % cfg.metrics.sync_every == 0:
                     log.sync()
             if state.step % cfg.checkpoint.every == 0 or final:

@@ -119,7 +119,9 @@ def bucket_datasets(files: dict[str, list[str]], seed: int, endpoint_url: str | 
     store once with `materialize`, else streamed every epoch."""
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch bars flood a training log
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # per-epoch bars and start-up lines flood a training log
+    context.print_on_execution_start = False
     datasets = {}
     for bucket, paths in sorted(files.items()):
         order = sorted(paths)  # names sort the same wherever the dataset lives

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from conf.sweep import STUDIES, SweepConf
 from model.formulations import PAPER_GLOBAL_RANK
@@ -90,6 +91,9 @@ def _depth(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
             ax.loglog(x, fit.predict(x), "-", label=fit.formula(variable))
             ax.set_xlabel(label)
             ax.set_ylabel("final EMA validation loss")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
             ax.legend(fontsize=7)
             lines.append(f"- against {variable}: `{fit.formula(variable)}`, exponent {fit.b:.4f}, R^2 {fit.r2:.4f} "
                          f"({fit.points} points)")

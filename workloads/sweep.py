@@ -49,7 +49,8 @@ def trial_train_conf(cfg: SweepConf, params: dict) -> TrainConf:
     c.objective.formulation, c.objective.shift = params["formulation"], float(params["train_shift"])
     c.ema.decay = t.ema_decay
     v = c.validation
-    v.every, v.samples, v.grid_prompts, v.grid_per_prompt, v.sample_steps = t.val_every, t.val_samples, 2, 2, 20
+    v.every, v.samples, v.grid_prompts, v.grid_per_prompt, v.sample_steps = \
+        t.val_every, t.val_samples, t.grid_prompts, t.grid_per_prompt, 20
     c.checkpoint.every, c.checkpoint.keep = t.checkpoint_every, 2
     c.run.storage = join(cfg.storage, "runs")
     c.run.name = run_key(c)

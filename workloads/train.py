@@ -54,7 +54,8 @@ def check(cfg: TrainConf) -> None:
                         ("trainer.batch_size", t.batch_size), ("validation.every", v.every),
                         ("validation.samples", v.samples), ("validation.batch_size", v.batch_size),
                         ("validation.sample_steps", v.sample_steps), ("checkpoint.every", cfg.checkpoint.every),
-                        ("checkpoint.keep", cfg.checkpoint.keep), ("metrics.t_bins", cfg.metrics.t_bins)):
+                        ("checkpoint.keep", cfg.checkpoint.keep), ("metrics.t_bins", cfg.metrics.t_bins),
+                        ("metrics.print_every", cfg.metrics.print_every)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if t.batch_size % t.num_workers:

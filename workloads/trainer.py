@@ -26,10 +26,14 @@ from model.precision import resolve_dtype
 from workloads.checkpointing import DS_TAG, TrainState, ema_name, read_state, set_rng_state, write_rank_files
 from workloads.data import to_model_inputs
 from workloads.ema import EMA
-from workloads.local_train import warmup_lambda
 from workloads.parallelize import apply_activation_checkpointing
 from workloads.validation import ValGroup, distributed_val_loss, sample_latents
 from workloads.zero import build_model, deepspeed_config, full_from_shards, local_shards
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the base learning rate, then constant (the paper's schedule)."""
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
 
 @dataclass
