@@ -130,7 +130,10 @@ def run(cfg: DemoConf) -> Path:
     with stage("train", f"training the depth-{cfg.main_depth} ({train.model.flavor} flavor) MM-DiT with Ray Train + "
                         f"DeepSpeed ZeRO-{train.deepspeed.stage} on {cfg.workers} workers, {cfg.train.steps} steps",
                timings):
-        train_job.run(train)
+        if sweep_job.finished(train) is None:
+            train_job.run(train)
+        else:
+            print(f"[demo] {join(train.run.storage, train.run.name)} already trained to the end: kept", flush=True)
     sweep = sweep_conf(cfg, at)
     with stage("sweep", f"toy depth sweep with Ray Tune: depths {list(cfg.depths)} (depth {cfg.main_depth} is the "
                         "main run, found finished and reused)", timings):

@@ -87,7 +87,7 @@ def markdown(src: Sources, f: dict, sweep_body: str, decoder_note: str | None, g
     lines = [
         "# sd3-train demo",
         "",
-        f"{f['seconds']:.0f} s in all ({stages}).",
+        f"{f['seconds']:.0f} s for this invocation ({stages}); what an earlier one finished is kept, not redone.",
         "",
         "## Data (Ray Data)",
         f"- {d['read']} shapes images read, {d['written']} written as latents and text embeddings, "

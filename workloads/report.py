@@ -41,7 +41,8 @@ def sample_grid(images: torch.Tensor, row_labels: list[str], path: Path) -> None
     """(rows * cols, S, S, 3) images in [0, 1], one labelled row per prompt."""
     rows = len(row_labels)
     cols = images.shape[0] // rows
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 1.5, 1.3 * rows), squeeze=False)
+    label_in, width = 2.6, 1.3 * cols + 2.8  # inches: room for the captions on the left, then the images
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 1.3 * rows), squeeze=False)
     for r in range(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -49,6 +50,7 @@ def sample_grid(images: torch.Tensor, row_labels: list[str], path: Path) -> None
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout()
+    # tight_layout ignores horizontal row labels and cuts them off in narrow grids
+    fig.subplots_adjust(left=label_in / width, right=0.98, top=0.97, bottom=0.03, wspace=0.05, hspace=0.08)
     fig.savefig(path, dpi=120)
     plt.close(fig)
