@@ -15,12 +15,12 @@ def ensure_ray(min_cpus: float = 0) -> None:
     """
     import ray
 
+    # Ray Train 2.60 sends workers' print() to its logger and, when stdout is wrapped, to stdout as well: every
+    # progress line showed twice. Ray Train hands this variable from the driver to its controller and workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    # Ray Train 2.60 sends workers' print() to its logger and, when stdout is wrapped, to stdout as well: every
-    # progress line showed twice. Workers of a local cluster inherit this environment.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(-(-min_cpus // 1))))

@@ -18,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def small(out_dir: str, storage: str) -> DemoConf:
     return DemoConf(
-        out_dir=out_dir, storage=storage, images=24, image_size=64, resolution=64, shard_size=8,
+        out_dir=out_dir, storage=storage, images=16, image_size=64, resolution=64, shard_size=8,
         depths=[1, 2], main_depth=2,
         train=SweepTrainConf(steps=6, batch_size=8, warmup_steps=2, val_every=3, checkpoint_every=3, val_samples=8,
                              grid_prompts=2, grid_per_prompt=2))
@@ -34,7 +34,8 @@ def test_demo_runs_every_job_against_object_storage_and_writes_the_report(ray_lo
     for name in ("samples.png", "reference.png", "loss.png", "scaling.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
     figures = json.loads((out / "summary.json").read_text())
-    assert figures["data"]["read"] == 24 == figures["data"]["written"] + figures["data"]["rejected"]
+    assert figures["data"]["read"] == 16 == figures["data"]["written"] + figures["data"]["rejected"]
+    assert figures["data"]["output"] == cfg.storage + "/data"  # Ray Data read its input from S3 and wrote there
     assert figures["train"]["steps"] == 6 and figures["train"]["workers"] == 2
     assert [s for s, _ in figures["train"]["val_loss"]] == [3, 6]
     assert [row["depth"] for row in figures["sweep"]] == [1, 2]

@@ -196,18 +196,6 @@ def test_other_input_formats(shapes, tiny_models_dir, ray_local, tmp_path, fmt):
     assert len(read_output(str(tmp_path / "out"))) == N_GOOD
 
 
-def test_s3_input_and_output(s3, shapes, tiny_models_dir, ray_local, folder_run):
-    fs, _ = filesystem(s3.uri("x"))
-    fs.put(str(shapes / "webdataset"), f"{s3.bucket}/shapes/webdataset", recursive=True)
-    output = s3.uri("preprocessed")
-    manifest = preprocess(config(s3.uri("shapes/webdataset"), output, tiny_models_dir))
-    assert manifest["counts"] == {"read": N_GOOD, "written": N_GOOD, "rejected": 0}
-    rows = read_output(output)
-    local = read_output(folder_run[0])
-    key = next(iter(rows))
-    assert np.array_equal(np.asarray(rows[key][schema.LATENT]), np.asarray(local[key][schema.LATENT]))
-
-
 @pytest.mark.parametrize(
     ("make_input", "message"),
     [

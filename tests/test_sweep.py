@@ -3,6 +3,8 @@ steps, shift and formulation studies on the same storage (reusing the trained ru
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -36,8 +38,9 @@ def conf(data: str, storage: str, study: str, **overrides) -> SweepConf:
 
 
 @pytest.fixture(scope="module")
-def depth_sweep(train_dataset, tmp_path_factory):
-    """The depth sweep from the command line, stopped (SIGTERM) after its first trial and run again."""
+def depth_sweep(train_dataset, ray_local, tmp_path_factory):
+    """The depth sweep from the command line, stopped (SIGTERM) after its first trial, then run again (in this
+    process, on the session's Ray: the same `run` the command calls, without a second cluster start-up)."""
     storage = str(tmp_path_factory.mktemp("sweeps"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     trials = Path(storage) / "depth-toy" / "trials"
@@ -49,10 +52,10 @@ def depth_sweep(train_dataset, tmp_path_factory):
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=120)
     interrupted = sorted(p.name for p in trials.glob("*.json"))
-    second = subprocess.run(cli(train_dataset, storage, "depth"), cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    return storage, interrupted, second.stdout
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        sweep.run(conf(train_dataset, storage, "depth"))
+    return storage, interrupted, printed.getvalue()
 
 
 def test_interrupted_depth_sweep_resumes_without_rerunning_finished_trials(depth_sweep):

@@ -46,7 +46,7 @@ def test_bench_pair_shares_weights():
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("train.base_flavor=d99", "unknown model flavor 'd99'"), ("images=many", "images"), ("depths=[2]", "depths")],
+    [("images=many", "images"), ("depths=[2]", "depths")],
 )
 def test_bad_cli_overrides_fail_before_work(tmp_path, override, message):
     proc = subprocess.run(
@@ -60,7 +60,8 @@ def test_bad_cli_overrides_fail_before_work(tmp_path, override, message):
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"workers": 3}, "divisible"), ({"images": 20}, "shard_size"), ({"main_depth": 4}, "main_depth"),
+    [({"train": SweepTrainConf(base_flavor="d99")}, "unknown model flavor 'd99'"), ({"workers": 3}, "divisible"),
+     ({"images": 20}, "shard_size"), ({"main_depth": 4}, "main_depth"),
      ({"train": SweepTrainConf(steps=0)}, "max_steps")],
 )
 def test_demo_config_checks(tmp_path, overrides, message):
