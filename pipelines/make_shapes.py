@@ -23,7 +23,7 @@ from omegaconf import MISSING, OmegaConf
 
 from pipelines.shapes import MIN_SIZE, Sample, make_sample
 from pipelines.sources import FORMATS  # the layouts preprocessing reads
-from pipelines.storage import filesystem, is_remote, join
+from pipelines.storage import filesystem, is_remote, join, require_bucket
 
 PARQUET_SCHEMA = pa.schema(
     [
@@ -118,11 +118,8 @@ def run(cfg: MakeShapesConf) -> dict[str, int]:
     """Write the dataset; returns the samples written per format."""
     check(cfg)
     fs, root = filesystem(cfg.out, cfg.endpoint_url)
-    if is_remote(cfg.out):
-        bucket = root.split("/", 1)[0]
-        if not fs.exists(bucket):  # fail before generating, and never create a bucket from a typo
-            raise FileNotFoundError(f"out: bucket {bucket!r} does not exist or is not reachable")
-    else:
+    require_bucket(cfg.out, "out", cfg.endpoint_url)  # before generating anything
+    if not is_remote(cfg.out):
         for name in cfg.formats:
             fs.makedirs(join(root, name), exist_ok=True)
     counts = dict.fromkeys(cfg.formats, 0)

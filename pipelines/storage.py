@@ -37,6 +37,16 @@ def refreshed(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstrac
     return fs, path
 
 
+def require_bucket(uri: str, field: str, endpoint_url: str | None = None) -> None:
+    """Fail, naming the config `field`, when an object-store URI's bucket is missing: never create one from a typo."""
+    if not is_remote(uri):
+        return
+    fs, root = filesystem(uri, endpoint_url)
+    bucket = root.split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise FileNotFoundError(f"{field}: bucket {bucket!r} does not exist or is not reachable")
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a whole file, creating its folder on local disk (object stores have no folders)."""
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)

@@ -25,7 +25,7 @@ from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
 from conf.sweep import SweepConf, TrialResources
 from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
-from pipelines.storage import filesystem, is_remote, join
+from pipelines.storage import join, require_bucket
 from workloads import demo_report, studies
 from workloads import sweep as sweep_job
 from workloads import train as train_job
@@ -96,11 +96,7 @@ def check(cfg: DemoConf) -> None:
     sweep = sweep_conf(cfg, at)
     for params in studies.trial_params(sweep):
         train_job.check(sweep_job.trial_train_conf(sweep, params))
-    if is_remote(at.storage):
-        fs, root = filesystem(at.storage, cfg.endpoint_url)
-        bucket = root.split("/", 1)[0]
-        if not fs.exists(bucket):
-            raise FileNotFoundError(f"storage: bucket {bucket!r} does not exist or is not reachable")
+    require_bucket(at.storage, "storage", cfg.endpoint_url)
 
 
 @contextlib.contextmanager
