@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean
 
 install: $(STAMP)
 
@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The unit tier (tests/unit: no Ray, no S3) runs in seconds; `make test` adds the integration tier (real Ray, S3, jobs).
+test-fast: lint
+	$(BIN)/python -m pytest -q tests/unit
+
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests/unit tests/integration
 
 # `make demo storage=s3://bucket/prefix` keeps data, runs and the sweep in object storage; ARGS='...' passes any
 # other override of conf/demo.py (e.g. ARGS='train.steps=500 depths=[1,2,3,4]').
@@ -26,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/python -m workloads.demo $(if $(storage),storage=$(storage)) $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m workloads.bench_model
+	$(BIN)/python -m workloads.bench.model
 
 clean:
 	rm -rf $(VENV) outputs demo_output .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Hydra schema of `python -m workloads.bench_model`."""
+"""Hydra schema of `python -m workloads.bench.model`."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def register() -> None:
 
 @dataclass
 class BenchTrainConf:
-    """Training-step overhead of streaming input, and per-rank ZeRO state bytes (`workloads.bench_train`)."""
+    """Training-step overhead of streaming input, and per-rank ZeRO state bytes (`workloads.bench.train`)."""
 
     data: str | None = None  # a preprocessed dataset; None: random rows in the same layout, in a temp folder
     rows: int = 2048  # random rows when `data` is None

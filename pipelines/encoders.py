@@ -1,8 +1,8 @@
 """The frozen models of preprocessing: the VAE, the three text encoders and an image captioner.
 
 Each class loads its model once in `__init__` with `from_pretrained` (real checkpoints and the tiny models of
-`pipelines.tiny_models` go through the same call) and then processes lists, so a Ray Data stage can wrap it as a
-callable class. Everything runs under `torch.inference_mode()`; outputs are float16 numpy arrays, the precision
+`pipelines.synthetic.tiny_models` go through the same call) and then processes lists, so a Ray Data stage can wrap
+it as a callable class. Everything runs under `torch.inference_mode()`; outputs are float16 numpy arrays, the precision
 the paper stores its pre-encoded data in.
 """
 

@@ -15,15 +15,15 @@ import json
 import tarfile
 from dataclasses import asdict, dataclass, field
 
-import hydra
 import pyarrow as pa
 import pyarrow.parquet as pq
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
-from pipelines.shapes import MIN_SIZE, Sample, make_sample
 from pipelines.sources import FORMATS  # the layouts preprocessing reads
 from pipelines.storage import filesystem, is_remote, join, require_bucket
+from pipelines.synthetic.shapes import MIN_SIZE, Sample, make_sample
+from workloads.runtime import cli, logger
 
 PARQUET_SCHEMA = pa.schema(
     [
@@ -145,10 +145,13 @@ def run(cfg: MakeShapesConf) -> dict[str, int]:
 ConfigStore.instance().store(name="make_shapes", node=MakeShapesConf)
 
 
-@hydra.main(version_base=None, config_name="make_shapes")
-def main(cfg: MakeShapesConf) -> None:
-    counts = run(OmegaConf.to_object(cfg))
-    print(f"[make_shapes] wrote {counts} to {cfg.out}")
+def run_and_report(cfg: MakeShapesConf) -> None:
+    counts = run(cfg)
+    logger("make_shapes").info(f"wrote {counts} to {cfg.out}")
+
+
+def main() -> None:
+    cli("make_shapes", run_and_report, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import hydra
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from omegaconf import OmegaConf
 from transformers import AutoConfig
 
 from conf.preprocess import PreprocessConf, StageConf, register
@@ -33,7 +31,8 @@ from pipelines.output import Progress, completed_shards, remove_unfinished, writ
 from pipelines.sources import Shard, list_shards
 from pipelines.stages import CaptionStage, TextStage, VAEStage, decode_batch, read_rows
 from pipelines.storage import filesystem, join
-from pipelines.tiny_models import build_tiny_models
+from pipelines.synthetic.tiny_models import build_tiny_models
+from workloads.runtime import cli
 
 
 @dataclass
@@ -207,9 +206,8 @@ def run(cfg: PreprocessConf) -> dict:
 register()
 
 
-@hydra.main(version_base=None, config_name="preprocess")
-def main(cfg: PreprocessConf) -> None:
-    run(OmegaConf.to_object(cfg))
+def main() -> None:
+    cli("preprocess", run, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""`make demo` end to end, shrunk: shapes -> Ray Data preprocessing -> Ray Train + DeepSpeed -> Ray Tune depth sweep
+-> report folder, with data, runs and the sweep on the loopback S3 server (the `storage=s3://...` variant)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conf.demo import DemoConf
+from conf.sweep import SweepTrainConf
+from pipelines.storage import filesystem, join
+from workloads.demo import driver as demo
+from workloads.train.runlog import EVENTS, read_records
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def small(out_dir: str, storage: str) -> DemoConf:
+    return DemoConf(
+        out_dir=out_dir, storage=storage, images=16, image_size=64, resolution=64, shard_size=8,
+        depths=[1, 2], main_depth=2,
+        train=SweepTrainConf(steps=6, batch_size=8, warmup_steps=2, val_every=3, checkpoint_every=3, val_samples=8,
+                             grid_prompts=2, grid_per_prompt=2))
+
+
+def test_demo_runs_every_job_against_object_storage_and_writes_the_report(ray_local, s3, tmp_path, capsys):
+    cfg = small(str(tmp_path / "report"), s3.uri("demo"))
+    out = demo.run(cfg)
+    printed = capsys.readouterr().out
+    for k in range(1, 6):
+        assert f"[demo {k}/5]" in printed
+    assert f"report folder: {out}" in printed
+    for name in ("samples.png", "reference.png", "loss.png", "scaling.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+    figures = json.loads((out / "summary.json").read_text())
+    assert figures["data"]["read"] == 16 == figures["data"]["written"] + figures["data"]["rejected"]
+    assert figures["data"]["output"] == cfg.storage + "/data"  # Ray Data read its input from S3 and wrote there
+    assert figures["train"]["steps"] == 6 and figures["train"]["workers"] == 2
+    assert [s for s, _ in figures["train"]["val_loss"]] == [3, 6]
+    assert [row["depth"] for row in figures["sweep"]] == [1, 2]
+    assert figures["sweep"][0]["params"] < figures["sweep"][1]["params"]
+    summary = (out / "summary.md").read_text()
+    assert "against C:" in summary and "predicted final validation loss" in summary
+    assert f"{figures['train']['samples_per_s']:.1f} samples/s" in summary
+    fs, root = filesystem(cfg.storage)
+    assert {p.rsplit("/", 1)[-1] for p in fs.ls(root)} == {"shapes", "data", "runs", "demo-depth"}
+    main = demo.main_run_conf(cfg, demo.Layout.under(cfg.storage))
+    events = [e["event"] for e in read_records(join(main.run.storage, main.run.name), EVENTS)]
+    assert events == ["started", "finished"]  # the sweep's depth-2 trial reused the main run: trained once
+    assert not (out / "work").exists()  # with s3 storage only the report is local
+
+
+def test_demo_checks_its_config_before_any_work(s3, tmp_path):
+    cfg = small(str(tmp_path / "report"), "s3://no-such-bucket-for-the-demo/x")
+    with pytest.raises(FileNotFoundError, match="no-such-bucket-for-the-demo"):
+        demo.check(cfg)
+    assert not (tmp_path / "report").exists()

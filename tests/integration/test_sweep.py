@@ -1,0 +1,100 @@
+"""Ray Tune studies on the local cluster: a depth sweep interrupted and resumed from the command line, then the
+steps, shift and formulation studies on the same storage (reusing the trained runs where their configs match)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conf.sweep import SweepConf, SweepTrainConf
+from workloads.sweep import driver as sweep
+from workloads.train.runlog import EVENTS, read_records
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = {"steps": 12, "batch_size": 8, "warmup_steps": 2, "val_every": 12, "checkpoint_every": 6, "val_samples": 8}
+SWEEP = {"depths": [1, 2], "study_depth": 1, "max_concurrent_trials": 1, "eval_samples": 16, "eval_sample_steps": 6,
+         "sampling_shifts": [1.0, 3.0], "sampling_steps": [3, 6], "training_shifts": [1.0]}
+
+
+def cli(data: str, storage: str, study: str) -> list[str]:
+    args = [f"study={study}", f"data={data}", f"storage={storage}"]
+    args += [f"{k}=[{','.join(map(str, v))}]" if isinstance(v, list) else f"{k}={v}" for k, v in SWEEP.items()]
+    args += [f"train.{k}={v}" for k, v in TRAIN.items()]
+    return [sys.executable, "-m", "workloads.sweep", *args]
+
+
+def conf(data: str, storage: str, study: str, **overrides) -> SweepConf:
+    return SweepConf(study=study, data=data, storage=storage, train=SweepTrainConf(**TRAIN), **{**SWEEP, **overrides})
+
+
+@pytest.fixture(scope="module")
+def depth_sweep(train_dataset, ray_local, tmp_path_factory):
+    """The depth sweep from the command line, stopped (SIGTERM) after its first trial, then run again (in this
+    process, on the session's Ray: the same `run` the command calls, without a second cluster start-up)."""
+    storage = str(tmp_path_factory.mktemp("sweeps"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    trials = Path(storage) / "depth-toy" / "trials"
+    first = subprocess.Popen(cli(train_dataset, storage, "depth"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and not (trials.exists() and list(trials.glob("*.json"))):
+        time.sleep(0.5)
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=120)
+    interrupted = sorted(p.name for p in trials.glob("*.json"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        sweep.run(conf(train_dataset, storage, "depth"))
+    return storage, interrupted, printed.getvalue()
+
+
+def test_interrupted_depth_sweep_resumes_without_rerunning_finished_trials(depth_sweep):
+    storage, interrupted, stdout = depth_sweep
+    assert len(interrupted) == 1
+    assert "[sweep] resuming" in stdout
+    results = pd.read_csv(Path(storage) / "depth-toy" / "results.csv")
+    assert sorted(results["depth"]) == [1, 2]
+    finished_first = results[results["run"] + ".json" == interrupted[0]]["run"].item()
+    events = [e["event"] for e in read_records(str(Path(storage) / "runs" / finished_first), EVENTS)]
+    assert events == ["started", "finished"]  # trained once: not rerun after the interruption
+    assert (results["params"].diff().dropna() > 0).all() and (results["train_flops"] > 0).all()
+    report = (Path(storage) / "depth-toy" / "report.md").read_text()
+    assert "2 of 2 trials finished" in report and "against C:" in report and "predicted final validation loss" in report
+    assert (Path(storage) / "depth-toy" / "scaling.png").stat().st_size > 0
+    assert len(pd.read_parquet(Path(storage) / "depth-toy" / "results.parquet")) == 2
+
+
+def test_steps_and_shift_studies_sample_the_trained_runs(depth_sweep, train_dataset, ray_local):
+    storage, _, _ = depth_sweep
+    steps = sweep.run(conf(train_dataset, storage, "steps"))
+    assert {"lfd@steps=3", "lfd@steps=6", "change@steps=3"} <= set(steps.columns)
+    assert (steps["change@steps=6"] == 0).all() and (steps["change@steps=3"] > 0).all()
+    report = (Path(storage) / "steps-toy" / "report.md").read_text()
+    assert "LFD +% at 3" in report
+    shift = sweep.run(conf(train_dataset, storage, "shift"))
+    assert {"lfd@shift=1", "lfd@shift=3"} <= set(shift.columns)
+    assert "best sampling shift" in (Path(storage) / "shift-toy" / "report.md").read_text()
+    for study in ("steps", "shift"):  # evaluation only: the depth sweep's runs were reused
+        for row in pd.read_csv(Path(storage) / f"{study}-toy" / "results.csv").itertuples():
+            events = [e["event"] for e in read_records(str(Path(storage) / "runs" / row.run), EVENTS)]
+            assert events == ["started", "finished"]
+
+
+def test_formulation_study_ranks_next_to_the_paper(depth_sweep, train_dataset, ray_local):
+    storage, _, _ = depth_sweep
+    results = sweep.run(conf(train_dataset, storage, "formulation",
+                             formulations=["rf/lognorm(0.00,1.00)", "eps/linear"]))
+    assert sorted(results["formulation"]) == ["eps/linear", "rf/lognorm(0.00,1.00)"]
+    report = (Path(storage) / "formulation-toy" / "report.md").read_text()
+    assert "paper_global_rank" in report and "Spearman correlation" in report
+    assert json.loads((Path(storage) / "formulation-toy" / "trials").iterdir().__next__().read_text())["val_loss"] > 0

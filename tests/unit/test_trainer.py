@@ -1,0 +1,210 @@
+"""One rank's trainer in this process (a 1-process gloo group): overfitting, non-finite steps, EMA, checkpoints,
+ZeRO-3 construction, resolution-stage initialisation, and the training job's start-up checks."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from conf.train import TrainConf
+from model import FLAVORS, MMDiT
+from model.conditioning import TINY_TEXT
+from model.interop import export_diffusers
+from pipelines import schema
+from workloads.train import checkpointing, streaming
+from workloads.train.checkpointing import TrainState
+from workloads.train.distribute import expected_state_bytes, measured_state_bytes
+from workloads.train.driver import check
+from workloads.train.ema import EMA
+from workloads.train.worker import track_nonfinite
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = pytest.MonkeyPatch()
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                        ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        env.setenv(name, value)  # what Ray Train sets in its workers; DeepSpeed reads LOCAL_RANK
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    env.undo()
+
+
+def conf(stage: int = 2, **trainer) -> TrainConf:
+    cfg = TrainConf(data="unused")
+    cfg.deepspeed.stage = stage
+    cfg.trainer.num_workers, cfg.trainer.batch_size = 1, 4
+    for key, value in trainer.items():
+        setattr(cfg.trainer, key, value)
+    cfg.optim.lr, cfg.optim.warmup_steps = 2e-3, 1
+    cfg.ema.decay = 0.5
+    return cfg
+
+
+def batch(seed: int = 0, n: int = 4) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = schema.embedding_shapes(TINY_TEXT)
+    out = {schema.LATENT: torch.randn(n, 16, 8, 8, generator=gen).half()}
+    for column in schema.EMBEDDING_COLUMNS:
+        out[column] = torch.randn(n, *shapes[column.split("_", 1)[1]], generator=gen).half()
+    return out
+
+
+def trainer(cfg: TrainConf, load=None):
+    from workloads.train.trainer import Trainer
+
+    return Trainer(cfg, TINY_TEXT, torch.device("cpu"), load)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_overfitting_one_batch_drives_the_loss_down(process_group, stage):
+    t = trainer(conf(stage))
+    fixed = batch()
+    losses = [t.step(fixed, step).loss for step in range(1, 61)]
+    assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10])  # fresh noise and t each step: not to zero
+
+
+def test_zero3_builds_the_same_network_sharded(process_group):
+    plain, sharded = trainer(conf(2)), trainer(conf(3))
+    fixed = batch()
+    assert plain.step(fixed, 1).loss == pytest.approx(sharded.step(fixed, 1).loss, rel=1e-6)
+    assert all(hasattr(p, "ds_tensor") for p in sharded.module.parameters())
+
+
+def test_nonfinite_loss_skips_the_step_without_touching_the_weights(process_group):
+    t = trainer(conf(2))
+    bad = batch()
+    bad[schema.LATENT][0, 0, 0, 0] = float("nan")
+    before = [p.detach().clone() for p in t.module.parameters()]
+    result = t.step(bad, 1)
+    assert result.skipped and np.isnan(result.loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, t.module.parameters(), strict=True))
+    assert not t.step(batch(), 2).skipped
+
+
+def test_consecutive_nonfinite_steps_stop_the_run():
+    state = TrainState()
+    for skipped in (True, True, False, True, True):
+        track_nonfinite(state, skipped, limit=3)
+    assert (state.skipped, state.nonfinite_run) == (4, 2)
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
+        track_nonfinite(state, True, limit=3)
+
+
+def test_ema_follows_the_weights_with_warmup():
+    weight = torch.zeros(3)
+    ema = EMA([weight], decay=0.9, warmup=True)
+    weight += 1.0
+    ema.update()  # decay min(0.9, 1/10) = 0.1
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 0.9))
+    with ema.applied():
+        assert torch.allclose(weight, torch.full((3,), 0.9))
+    assert torch.equal(weight, torch.ones(3))
+    with pytest.raises(ValueError, match="decay"):
+        EMA([weight], decay=1.0)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_round_trip_continues_identically(process_group, stage, tmp_path):
+    t = trainer(conf(stage))
+    for step in range(1, 4):
+        t.step(batch(step), step)
+    t.save(tmp_path, TrainState(step=3, world_size=1, zero_stage=stage))
+    assert checkpointing.is_complete(*_local(tmp_path))
+    expected = [t.step(batch(step), step).loss for step in (4, 5)]
+    fresh = trainer(conf(stage))
+    assert fresh.load(tmp_path).step == 3
+    assert [fresh.step(batch(step), step).loss for step in (4, 5)] == expected
+    names, tensors = checkpointing.full_ema(tmp_path)
+    assert names == [n for n, _ in t.module.named_parameters()]
+    assert tensors[0].shape == dict(MMDiT(FLAVORS["debug"]).named_parameters())[names[0]].shape
+
+
+def _local(folder: Path):
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem(), str(folder)
+
+
+def test_a_checkpoint_missing_a_file_is_never_resumed(process_group, tmp_path):
+    t = trainer(conf(2))
+    for step in (4, 8):
+        folder = tmp_path / checkpointing.dir_name(step)
+        folder.mkdir()
+        t.save(folder, TrainState(step=step, world_size=1, zero_stage=2))
+    (tmp_path / checkpointing.dir_name(8) / checkpointing.ema_name(0)).unlink()
+    assert checkpointing.find_latest(str(tmp_path)).endswith(checkpointing.dir_name(4))
+    (tmp_path / checkpointing.dir_name(4) / checkpointing.STATE_FILE).write_text("{")  # truncated
+    assert checkpointing.find_latest(str(tmp_path)) is None
+
+
+def test_resuming_with_another_world_size_is_a_clear_error(process_group, tmp_path):
+    t = trainer(conf(2))
+    t.save(tmp_path, TrainState(step=1, world_size=1, zero_stage=2))
+    state = json.loads((tmp_path / checkpointing.STATE_FILE).read_text())
+    (tmp_path / checkpointing.STATE_FILE).write_text(json.dumps({**state, "world_size": 4}))
+    with pytest.raises(ValueError, match="written by 4 workers"):
+        t.load(tmp_path)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_init_from_a_previous_stage_starts_from_its_weights(process_group, stage, tmp_path):
+    from workloads.train.initialize import weight_loader
+
+    torch.manual_seed(7)
+    previous = MMDiT(FLAVORS["debug"])
+    for p in previous.parameters():
+        p.data.normal_(std=0.02)
+    export_diffusers(previous, tmp_path / "run" / "export")
+    t = trainer(conf(stage), load=weight_loader(str(tmp_path / "run"), None))
+    got = t.ema_model().state_dict()
+    for name, value in previous.state_dict().items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+
+
+def test_state_bytes_match_the_zero_expectation(process_group):
+    params = sum(p.numel() for p in MMDiT(FLAVORS["debug"]).parameters())
+    for stage in (0, 2, 3):
+        t = trainer(conf(stage))
+        t.step(batch(), 1)
+        measured = measured_state_bytes(t.module, t.optimizer, stage)
+        assert measured == pytest.approx(expected_state_bytes(params, 1, stage, 4), rel=0.01)
+    assert expected_state_bytes(100, 4, 3, 2) == pytest.approx(100 * (2 + 12) / 4)
+    assert expected_state_bytes(100, 4, 1, 2) == pytest.approx(100 * 2 + 100 * 12 / 4)
+
+
+def test_epoch_schedule_interleaves_buckets_reproducibly():
+    batches = {"bucket=64x64": 5, "bucket=80x48": 2}
+    first = streaming.epoch_schedule(batches, seed=0, epoch=0)
+    assert sorted(first) == ["bucket=64x64"] * 5 + ["bucket=80x48"] * 2
+    assert first == streaming.epoch_schedule(batches, seed=0, epoch=0)
+    assert any(streaming.epoch_schedule(batches, 0, e) != first for e in range(1, 5))
+    assert streaming.batches_per_epoch({"a": 41, "b": 7}, world_size=2, local_batch=4) == {"a": 5, "b": 0}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [(lambda c: setattr(c.trainer, "batch_size", 7), "divisible by trainer.num_workers"),
+     (lambda c: setattr(c.deepspeed, "stage", 4), "deepspeed.stage"),
+     (lambda c: setattr(c.objective, "formulation", "nope"), "nope"),
+     (lambda c: (setattr(c, "stage_needs_init", True), setattr(c, "stage_resolution", 512)), "init_from"),
+     (lambda c: setattr(c.validation, "sampler", "ddim"), "validation.sampler"),
+     (lambda c: setattr(c.model, "depth", 0), "depth")],
+)
+def test_invalid_configs_fail_before_any_work(change, message):
+    cfg = conf()
+    cfg.trainer.num_workers = 2
+    cfg.trainer.batch_size = 8
+    change(cfg)
+    with pytest.raises(ValueError, match=message):
+        check(cfg)

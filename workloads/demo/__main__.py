@@ -1,0 +1,3 @@
+from workloads.demo.driver import main
+
+main()

@@ -1,0 +1,151 @@
+"""`make demo` (`python -m workloads.demo [storage=s3://...]`): the main job, end to end, on the embedded default.
+
+On a local Ray cluster (or the one in RAY_ADDRESS): generate the shapes dataset, preprocess it with Ray Data
+(tiny random VAE and text encoders), train the debug MM-DiT with Ray Train + DeepSpeed, run a toy depth sweep with
+Ray Tune (the main run is its depth-2 trial, reused), and write a report folder: sample grid, loss curve, scaling
+plot and a Markdown summary with the figures.
+Data, runs and the sweep live under `storage` (local or s3://); the report is always written locally. Running it
+again resumes each job where it stopped, and a finished job is not redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from conf.demo import DemoConf, register
+from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
+from conf.sweep import SweepConf, TrialResources
+from conf.train import TrainConf
+from pipelines.make_shapes import MakeShapesConf
+from pipelines.storage import join, require_bucket
+from workloads.demo import report as demo_report
+from workloads.runtime import cli, ensure_ray
+from workloads.sweep import driver as sweep_job
+from workloads.sweep import studies
+from workloads.train import driver as train_job
+
+STAGES = ("shapes", "preprocess", "train", "sweep", "report")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each job of the demo reads and writes: `<storage>/shapes`, `data`, `runs/<key>` and `demo-depth`."""
+
+    storage: str
+    shapes: str
+    data: str
+
+    @classmethod
+    def under(cls, storage: str) -> Layout:
+        return cls(storage, join(storage, "shapes"), join(storage, "data"))
+
+
+def storage_of(cfg: DemoConf) -> str:
+    return cfg.storage or str(Path(cfg.out_dir).resolve() / "work")
+
+
+def shapes_conf(cfg: DemoConf, at: Layout) -> MakeShapesConf:
+    return MakeShapesConf(out=at.shapes, n=cfg.images, seed=cfg.seed, size=cfg.image_size,
+                          shard_size=cfg.shard_size, formats=["folder"], endpoint_url=cfg.endpoint_url)
+
+
+def preprocess_conf(cfg: DemoConf, at: Layout) -> PreprocessConf:
+    stage = StageConf(batch_size=16, num_cpus=0.5)  # fractional: all stages fit beside each other on 2 cores
+    return PreprocessConf(
+        input=join(at.shapes, "folder"), output=at.data, input_format="folder", endpoint_url=cfg.endpoint_url,
+        resolution=cfg.resolution, folder_shard_size=cfg.shard_size,
+        models=ModelsConf(kind="tiny", caption_max_new_tokens=8),
+        compute=ComputeConf(use_gpu=False, decode_num_cpus=0.25, decode_batch_size=16, write_batch_size=16,
+                            vae=stage, caption=stage, text=stage))
+
+
+def sweep_conf(cfg: DemoConf, at: Layout) -> SweepConf:
+    return SweepConf(study="depth", preset="toy", data=at.data, endpoint_url=cfg.endpoint_url, storage=at.storage,
+                     name="demo-depth", depths=list(cfg.depths), train=cfg.train, eval_samples=16,
+                     trial=TrialResources(workers=cfg.workers))
+
+
+def main_run_conf(cfg: DemoConf, at: Layout) -> TrainConf:
+    """The demo's main training run: the sweep's trial at `main_depth`, so the sweep reuses it."""
+    sweep = sweep_conf(cfg, at)
+    (params,) = [p for p in studies.trial_params(sweep) if p["depth"] == cfg.main_depth]
+    return sweep_job.trial_train_conf(sweep, params)
+
+
+def check(cfg: DemoConf) -> None:
+    """Everything that can be wrong before any work: numbers, each job's config, a missing bucket."""
+    for name in ("images", "image_size", "resolution", "shard_size", "workers"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.images < 2 * cfg.shard_size:
+        raise ValueError(f"images={cfg.images} makes fewer than 2 data files of shard_size={cfg.shard_size}: "
+                         "validation holds out whole files, so training would have none")
+    if len(set(cfg.depths)) < 2 or cfg.main_depth not in cfg.depths:
+        raise ValueError(f"depths needs at least 2 distinct values (a scaling fit) including main_depth="
+                         f"{cfg.main_depth}, got {list(cfg.depths)}")
+    at = Layout.under(storage_of(cfg))
+    from pipelines.make_shapes import check as check_shapes
+
+    check_shapes(shapes_conf(cfg, at))
+    sweep = sweep_conf(cfg, at)
+    for params in studies.trial_params(sweep):
+        train_job.check(sweep_job.trial_train_conf(sweep, params))
+    require_bucket(at.storage, "storage", cfg.endpoint_url)
+
+
+@contextlib.contextmanager
+def stage(name: str, what: str, timings: dict[str, float]) -> Iterator[None]:
+    """Progress lines around one step of the demo; its seconds go to `timings`."""
+    index = STAGES.index(name) + 1
+    print(f"\n[demo {index}/{len(STAGES)}] {what}", flush=True)
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    print(f"[demo {index}/{len(STAGES)}] {name} done in {timings[name]:.0f} s", flush=True)
+
+
+def run(cfg: DemoConf) -> Path:
+    check(cfg)
+    start = time.perf_counter()
+    at, timings = Layout.under(storage_of(cfg)), {}
+    out = Path(cfg.out_dir).resolve()
+    ensure_ray(min_cpus=cfg.workers + 2)  # training workers plus room for Ray Data's readers
+    from pipelines import make_shapes, preprocess
+
+    with stage("shapes", f"generating {cfg.images} shapes images ({cfg.image_size} px) in {at.shapes}", timings):
+        make_shapes.run(shapes_conf(cfg, at))
+    with stage("preprocess", f"preprocessing with Ray Data (tiny VAE and text encoders) into {at.data}", timings):
+        manifest = preprocess.run(preprocess_conf(cfg, at))
+    train = main_run_conf(cfg, at)
+    with stage("train", f"training the depth-{cfg.main_depth} ({train.model.flavor} flavor) MM-DiT with Ray Train + "
+                        f"DeepSpeed ZeRO-{train.deepspeed.stage} on {cfg.workers} workers, {cfg.train.steps} steps",
+               timings):
+        if sweep_job.finished(train) is None:
+            train_job.run(train)
+        else:
+            print(f"[demo] {join(train.run.storage, train.run.name)} already trained to the end: kept", flush=True)
+    sweep = sweep_conf(cfg, at)
+    with stage("sweep", f"toy depth sweep with Ray Tune: depths {list(cfg.depths)} (depth {cfg.main_depth} is the "
+                        "main run, found finished and reused)", timings):
+        results = sweep_job.run(sweep)
+    with stage("report", f"writing the report to {out}", timings):
+        summary = demo_report.write(out, demo_report.Sources(manifest, train, sweep, results), timings,
+                                    time.perf_counter() - start)
+    print("\n" + summary, flush=True)
+    print(f"[demo] finished in {time.perf_counter() - start:.0f} s; report folder: {out}", flush=True)
+    return out
+
+
+register()
+
+
+def main() -> None:
+    cli("demo", run, doc=__doc__)
+
+
+if __name__ == "__main__":
+    main()

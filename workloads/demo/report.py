@@ -1,0 +1,131 @@
+"""The demo's report folder: `samples.png`, `reference.png`, `loss.png`, `scaling.png`, `summary.md` and
+`summary.json`, gathered from the finished jobs' own outputs (local or s3://)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from conf.sweep import SweepConf
+from conf.train import TrainConf
+from pipelines import schema
+from pipelines.storage import filesystem, join, refreshed
+from workloads.plots import plot_loss
+from workloads.sweep import studies
+from workloads.train.runlog import METRICS, SUMMARY, read_records
+from workloads.train.validation import LatentDecoder, write_grid
+
+
+@dataclass
+class Sources:
+    """The finished jobs the report reads."""
+
+    manifest: dict  # the preprocessing manifest
+    train: TrainConf
+    sweep: SweepConf
+    results: pd.DataFrame  # the sweep's trial rows
+
+    @property
+    def run(self) -> str:
+        return join(self.train.run.storage, self.train.run.name)
+
+
+def copy_latest_grid(src: Sources, path: Path) -> str:
+    """The run's last sample grid (CFG samples of validation captions) to `path`; returns its source."""
+    fs, root = refreshed(src.run, src.train.endpoint_url)
+    grids = sorted(fs.glob(join(root, "samples", "step_*.png")))
+    if not grids:
+        raise FileNotFoundError(f"the run {src.run} wrote no sample grid")
+    path.write_bytes(fs.cat_file(grids[-1]))
+    return grids[-1].rsplit("/", 1)[-1]
+
+
+def write_reference(src: Sources, path: Path) -> str | None:
+    """The held-out latents whose captions prompt the sample grid's rows, through the same decoder, to compare
+    the samples with; returns the decoder's note when it fell back to a latent preview."""
+    from workloads.train.driver import plan
+
+    p = plan(src.train)
+    group = p.val[0]  # the group the run samples its grid from
+    rows = min(len(group), src.train.validation.grid_prompts)
+    decoder = LatentDecoder(p.vae)
+    latents = torch.from_numpy(group.columns[schema.LATENT][:rows].copy()).float()
+    write_grid(decoder, latents, group.captions[:rows], path)
+    return decoder.note
+
+
+def figures(src: Sources, timings: dict[str, float], seconds: float) -> tuple[dict, list[dict]]:
+    """The report's figures, and the run's metric records."""
+    records = read_records(src.run, METRICS, src.train.endpoint_url)
+    validations = [r for r in records if "val_loss" in r]
+    fs, root = filesystem(src.run, src.train.endpoint_url)
+    run_summary = json.loads(fs.cat_file(join(root, SUMMARY)))
+    counts = src.manifest["counts"]
+    return {
+        "seconds": seconds, "seconds_by_stage": timings,
+        "data": {"read": counts["read"], "written": counts["written"], "rejected": counts["rejected"],
+                 "buckets": src.manifest["buckets"], "output": src.manifest["output"]},
+        "train": {"run": src.run, "flavor": src.train.model.flavor, "params": run_summary["params"],
+                  "workers": src.train.trainer.num_workers, "zero_stage": src.train.deepspeed.stage,
+                  "steps": run_summary["step"], "batch_size": src.train.trainer.batch_size,
+                  "samples_per_s": run_summary["samples_per_s"], "train_loss_first": records[0]["loss"],
+                  "train_loss_last": records[-1]["loss"],
+                  "val_loss": [(r["step"], r["val_loss"]) for r in validations]},
+        "sweep": src.results.sort_values("depth")[["depth", "params", "train_flops", "val_loss"]]
+        .to_dict(orient="records"),
+    }, records
+
+
+def markdown(src: Sources, f: dict, sweep_body: str, decoder_note: str | None, grid: str) -> str:
+    d, t = f["data"], f["train"]
+    val = t["val_loss"]
+    stages = ", ".join(f"{name} {s:.0f} s" for name, s in f["seconds_by_stage"].items())
+    lines = [
+        "# sd3-train demo",
+        "",
+        f"{f['seconds']:.0f} s for this invocation ({stages}); what an earlier one finished is kept, not redone.",
+        "",
+        "## Data (Ray Data)",
+        f"- {d['read']} shapes images read, {d['written']} written as latents and text embeddings, "
+        f"{d['rejected']} rejected; buckets {', '.join(d['buckets'])}; `{d['output']}`",
+        "",
+        "## Training (Ray Train + DeepSpeed)",
+        f"- `{t['flavor']}` MM-DiT, {t['params']:,} parameters, {t['workers']} workers, ZeRO-{t['zero_stage']}, "
+        f"{t['steps']} steps at global batch {t['batch_size']}, {t['samples_per_s']:.1f} samples/s (median)",
+        f"- training loss {t['train_loss_first']:.4f} at step 1, {t['train_loss_last']:.4f} at the last step",
+        "- EMA validation loss (8 fixed timesteps, fixed noise): "
+        + ", ".join(f"{v:.4f} at step {s}" for s, v in val),
+        f"- run folder (metrics, TensorBoard, checkpoints, diffusers export): `{t['run']}`",
+        f"- `samples.png`: CFG samples of validation captions ({grid}); `reference.png`: the held-out image of each "
+        "row's caption through the same decoder; `loss.png`: the loss curves",
+    ]
+    if decoder_note:
+        lines.append(f"- the grids show latent channels 0-2: {decoder_note}")
+    else:
+        lines.append("- the tiny VAE is randomly initialised (no weights can be downloaded here), so decoded images "
+                     "are textures, not shapes: compare samples with the reference, not with the input images")
+    lines += ["", "## Toy depth sweep (Ray Tune)",
+              f"Width 64*depth, {t['steps']} steps each; the depth-{src.train.model.depth} trial is the run above (the "
+              "same training config, so the sweep found it finished and reused it).", "", sweep_body, "",
+              "![scaling](scaling.png)", ""]
+    return "\n".join(lines)
+
+
+def write(out: Path, src: Sources, timings: dict[str, float], seconds: float) -> str:
+    """Write the report folder; returns summary.md's text."""
+    out.mkdir(parents=True, exist_ok=True)
+    grid = copy_latest_grid(src, out / "samples.png")
+    note = write_reference(src, out / "reference.png")
+    f, records = figures(src, timings, seconds)
+    plot_loss(records, out / "loss.png")
+    analysis = studies.analyze(src.sweep, src.results)
+    for name, png in analysis.plots.items():
+        (out / name).write_bytes(png)
+    text = markdown(src, f, analysis.markdown, note, grid)
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(f, indent=1) + "\n")
+    return text

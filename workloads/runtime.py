@@ -1,0 +1,147 @@
+"""What every job shares at its edges: the command line (a Hydra schema composed with the overrides, a user error as
+one line and exit status 2), logging for people, and the connection to Ray (the cluster in RAY_ADDRESS, or a local
+one started with enough logical CPUs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+LOGGER_PREFIX = "sd3."
+TRACEBACK_FLAG = "--traceback"
+# Errors a user fixes by changing the command: bad overrides, values a config rejects, missing inputs.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
+                                                 FileExistsError, PermissionError)
+
+
+def logger(name: str) -> logging.Logger:
+    """The project logger of one job or component (`logger("train")` prints as `[train] ...`)."""
+    return logging.getLogger(LOGGER_PREFIX + name)
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        name = record.name.removeprefix(LOGGER_PREFIX)
+        text = f"[{name}] {record.getMessage()}"
+        if record.levelno >= logging.WARNING:
+            text = f"[{name}] {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Project loggers print `[job] message` lines to stdout; idempotent (drivers and Ray workers both call it)."""
+    root = logging.getLogger(LOGGER_PREFIX.rstrip("."))
+    if any(getattr(h, "_sd3", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_Format())
+    handler._sd3 = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def one_line(error: BaseException) -> str:
+    """An exception (and the config error behind it) as one line, without OmegaConf's key/type trailer lines."""
+    parts: list[str] = []
+    seen: BaseException | None = error
+    while seen is not None and len(parts) < 3:
+        for line in str(seen).splitlines():
+            line = line.strip()
+            if line and not line.startswith(("full_key:", "object_type=", "reference_type=", "msg:")) \
+                    and line not in parts:
+                parts.append(line)
+        seen = seen.__cause__
+    return "; ".join(parts) or type(error).__name__
+
+
+def compose(config_name: str, overrides: Sequence[str]) -> Any:
+    """The typed config of a job from its registered Hydra schema and command-line overrides. The dataclasses'
+    own checks (`__post_init__`) run here, so a bad value fails before any work."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize
+    from omegaconf import OmegaConf
+
+    with initialize(version_base=None):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+def is_user_error(error: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(error, (*USER_ERRORS, HydraException, OmegaConfBaseException))
+
+
+def cli(config_name: str, run: Callable[[Any], object], argv: Sequence[str] | None = None,
+        doc: str | None = None) -> None:
+    """A job's `python -m` entry: compose the config from `argv` (Hydra override syntax), then `run(cfg)`.
+
+    A user error (bad override or value, missing input) prints `error: ...` on one line and exits with status 2;
+    `--traceback` (or HYDRA_FULL_ERROR=1) shows the traceback instead. `--help` prints the defaults.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    full = TRACEBACK_FLAG in args or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    args = [a for a in args if a != TRACEBACK_FLAG]
+    setup_logging()
+    if args and args[0] in ("-h", "--help"):
+        print_help(config_name, doc)
+        return
+    try:
+        cfg = compose(config_name, args)
+        run(cfg)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BaseException as error:
+        if full or not is_user_error(error):
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def print_help(config_name: str, doc: str | None) -> None:
+    from hydra import compose as hydra_compose
+    from hydra import initialize
+    from omegaconf import OmegaConf
+
+    with initialize(version_base=None):
+        cfg = hydra_compose(config_name=config_name)
+    print((doc or "").strip() + "\n\nDefaults (override with key=value; --traceback shows a failure's traceback):\n")
+    print(OmegaConf.to_yaml(cfg))
+
+
+def ensure_ray(min_cpus: float = 0) -> None:
+    """Start a new local Ray unless one is running in this process or RAY_ADDRESS names a cluster
+    (`RAY_ADDRESS=auto` joins a cluster started on this machine with `ray start`).
+
+    A local cluster gets at least `min_cpus` logical CPUs: a training job's workers hold their CPUs for the whole
+    run, and Ray Data's read tasks need CPUs of their own beside them, or the job waits forever on a laptop with
+    fewer cores than workers plus readers. Logical CPUs above the physical count only let the OS share the cores.
+    """
+    import ray
+
+    quiet_ray()
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+        return
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(-(-min_cpus // 1))),
+             include_dashboard=False, logging_level=logging.WARNING)
+
+
+def quiet_ray() -> None:
+    """Ray's own chatter reduced to what a user needs: warnings, no per-dataset progress bars."""
+    # Ray Train 2.60 sends workers' print() to its logger and, when stdout is wrapped, to stdout as well: every
+    # progress line showed twice. Ray Train hands this variable from the driver to its controller and workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)

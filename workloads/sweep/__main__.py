@@ -1,0 +1,3 @@
+from workloads.sweep.driver import main
+
+main()

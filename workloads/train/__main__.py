@@ -1,0 +1,3 @@
+from workloads.train.driver import main
+
+main()

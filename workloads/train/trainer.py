@@ -1,0 +1,193 @@
+"""One rank's training state: the DeepSpeed engine around the MM-DiT, the EMA, the step with its collective
+non-finite check, validation and sampling with the EMA weights, checkpoints and the diffusers export.
+
+Runs inside a Ray Train worker, or in any process with `torch.distributed` initialised (tests use one process).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from conf.train import TrainConf
+from model import MMDiT
+from model.conditioning import TextConditioningConfig
+from model.formulations import get_formulation
+from model.interop import export_diffusers
+from model.objective import training_loss
+from model.precision import resolve_dtype
+from workloads.train.checkpointing import DS_TAG, TrainState, ema_name, read_state, set_rng_state, write_rank_files
+from workloads.train.data import to_model_inputs
+from workloads.train.distribute import (
+    apply_activation_checkpointing,
+    build_model,
+    deepspeed_config,
+    full_from_shards,
+    local_shards,
+)
+from workloads.train.ema import EMA
+from workloads.train.validation import ValGroup, distributed_val_loss, sample_latents
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the base learning rate, then constant (the paper's schedule)."""
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch (nan when skipped)
+    bins: list[float | None]  # mean loss per t-bin over the global batch (None: no sample in the bin)
+    grad_norm: float | None
+    lr: float
+    skipped: bool
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one rank's randomness at one step (caption choice, dropout, t, noise): resumable by design."""
+    return zlib.crc32(f"{seed}/{rank}/{step}".encode())
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConf, text: TextConditioningConfig, device: torch.device,
+                 load: Callable[[MMDiT], None] | None = None) -> None:
+        self.cfg, self.text, self.device = cfg, text, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.stage = cfg.deepspeed.stage
+        self.config = cfg.model.build()
+        self.dtype = resolve_dtype(cfg.trainer.dtype, device, gpu_default=torch.bfloat16)
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"trainer.dtype must be float32 or bfloat16 (auto: bf16 on GPU), got {self.dtype}")
+        ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.trainer.batch_size, self.world,
+                                     bf16=self.dtype == torch.bfloat16, on_gpu=device.type == "cuda")
+        if self.stage == 3:
+            # Every parameter is partitioned between uses, so swapping the EMA into the partitions is always seen.
+            ds_config["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0)
+        torch.manual_seed(cfg.trainer.seed)  # the initial weights depend on the seed only
+        net = build_model(self.config, self.stage, ds_config, load)
+        if cfg.trainer.activation_checkpointing:
+            apply_activation_checkpointing(net)
+        warmup = warmup_lambda(cfg.optim.warmup_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds_config,
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, warmup))
+        self.ema = EMA(local_shards(self.engine.module, self.stage), cfg.ema.decay, cfg.ema.warmup)
+        self.formulation = get_formulation(cfg.objective.formulation)
+
+    @property
+    def module(self) -> MMDiT:
+        return self.engine.module
+
+    def step(self, batch: dict[str, torch.Tensor], step: int) -> StepResult:
+        """One optimizer step on this rank's part of the global batch; every rank skips it together if any rank's
+        loss is not finite."""
+        cfg, n_bins = self.cfg, self.cfg.metrics.t_bins
+        gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.trainer.seed, self.rank, step))
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        x0, context, pooled = to_model_inputs(batch, self.text, cfg.objective.synthetic_caption_prob,
+                                              cfg.objective.text_drop_prob, gen, self.dtype)
+        out = training_loss(self.engine, x0, context, pooled, self.formulation, cfg.objective.shift, gen)
+        per_sample = out.per_sample.float()
+        finite = bool(torch.isfinite(per_sample).all())
+        stats = torch.zeros(2 + 2 * n_bins, dtype=torch.float64, device=self.device)
+        if finite:
+            bins = (out.tau.float() * n_bins).long().clamp(0, n_bins - 1)
+            stats[0] = per_sample.detach().sum()
+            stats[2:2 + n_bins].index_add_(0, bins, per_sample.detach().double())
+            stats[2 + n_bins:].index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float64))
+        else:
+            stats[1] = 1
+        dist.all_reduce(stats)
+        lr = self.scheduler.get_last_lr()[0]
+        counts = stats[2 + n_bins:]
+        bin_means = [float(s / c) if c > 0 else None for s, c in zip(stats[2:2 + n_bins], counts, strict=True)]
+        if stats[1] > 0:
+            return StepResult(float("nan"), [None] * n_bins, None, lr, skipped=True)
+        self.engine.backward(per_sample.mean())
+        self.engine.step()
+        self.ema.update()
+        norm = self.engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        return StepResult(float(stats[0] / counts.sum()), bin_means, norm, lr, skipped=False)
+
+    def _release(self) -> None:
+        if self.stage == 3:
+            self.engine.empty_partition_cache()  # drop every gathered copy: the next forward reads the partitions
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Forward passes inside use the EMA weights (every rank must enter: ZeRO-3 gathers collectively)."""
+        self._release()
+        self.engine.eval()
+        with self.ema.applied():
+            try:
+                yield
+            finally:
+                self._release()
+        self.engine.train()
+
+    def validate(self, groups: list[ValGroup]) -> torch.Tensor:
+        """The EMA model's fixed-timestep validation loss per timestep: (n_timesteps,)."""
+        v = self.cfg.validation
+        with self.ema_weights():
+            return distributed_val_loss(self.engine, groups, self.text, self.cfg.objective.formulation,
+                                        v.batch_size, self.cfg.trainer.seed, self.device, self.dtype)
+
+    def samples(self, group: ValGroup) -> tuple[torch.Tensor, list[str]]:
+        v, o = self.cfg.validation, self.cfg.objective
+        with self.ema_weights():
+            return sample_latents(self.engine, group, self.text, v.grid_prompts, v.grid_per_prompt, v.sample_steps,
+                                  v.guidance, o.shift if v.shift is None else v.shift, v.sampler, o.formulation,
+                                  self.cfg.trainer.seed, self.device, self.dtype)
+
+    def ema_state(self) -> dict:
+        params = list(self.module.named_parameters())
+        state = self.ema.state_dict()
+        state["names"] = [n for n, _ in params]
+        state["numel"] = [int(p.ds_numel) if self.stage == 3 else p.numel() for _, p in params]
+        state["shapes"] = [tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape) for _, p in params]
+        return state
+
+    def save(self, folder: Path, state: TrainState) -> None:
+        """This rank's part of a checkpoint into `folder` (its own local directory)."""
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG)
+        holds_ema = self.stage == 3 or self.rank == 0
+        write_rank_files(folder, self.rank, state, self.ema_state() if holds_ema else None)
+
+    def load(self, folder: Path) -> TrainState:
+        state = read_state(folder)
+        if (state.world_size, state.zero_stage) != (self.world, self.stage):
+            raise ValueError(f"checkpoint {folder.name} was written by {state.world_size} workers with ZeRO stage "
+                             f"{state.zero_stage}; this run has {self.world} workers and stage {self.stage}. Resume "
+                             "with the same trainer.num_workers and deepspeed.stage, or start a new run.name")
+        path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
+        ema = torch.load(folder / ema_name(self.rank if self.stage == 3 else 0), weights_only=False)
+        self.ema.load_state_dict(ema)
+        set_rng_state(torch.load(folder / f"rng_rank{self.rank}.pt", weights_only=False))
+        return state
+
+    def ema_model(self) -> MMDiT | None:
+        """The full EMA network on rank 0 (None elsewhere); a collective under ZeRO-3."""
+        full = full_from_shards(self.module, self.ema.shadow, self.stage, self.device)
+        if self.rank != 0:
+            return None
+        with torch.device("meta"):
+            net = MMDiT(self.config)
+        state = {**full, "pos_embed": self.module.pos_embed.detach().float().cpu()}
+        net.load_state_dict(state, strict=True, assign=True)
+        return net
+
+    def export(self, folder: Path) -> None:
+        """The EMA weights as a diffusers `SD3Transformer2DModel` folder (written by rank 0)."""
+        net = self.ema_model()
+        if net is not None:
+            export_diffusers(net, folder)

@@ -1,0 +1,136 @@
+"""Validation during training: a fixed held-out set (read once by the driver), the fixed-timestep loss of
+`model.objective` split over the ranks, and a PNG grid of CFG samples for fixed validation captions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from model.conditioning import TextConditioningConfig
+from model.objective import DEFAULT_VALIDATION_TIMESTEPS, validation_loss
+from model.sampling import sample
+from pipelines import schema
+from pipelines.storage import filesystem
+from workloads.plots import latents_to_rgb, sample_grid
+from workloads.train.data import TENSOR_COLUMNS, to_model_inputs
+
+
+@dataclass
+class ValGroup:
+    """Held-out rows of one bucket: tensor columns as numpy arrays, captions, and ids that key the fixed noise."""
+
+    bucket: str
+    columns: dict[str, np.ndarray]
+    captions: list[str]
+    ids: np.ndarray  # (n,) int64, unique over the whole validation set
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def tensors(self, rows: np.ndarray | slice) -> dict[str, torch.Tensor]:
+        return {c: torch.from_numpy(np.ascontiguousarray(v[rows])) for c, v in self.columns.items()}
+
+
+def read_val_set(files: dict[str, list[str]], samples: int, world_size: int,
+                 endpoint_url: str | None = None) -> list[ValGroup]:
+    """Up to `samples` rows shared evenly over the buckets, each bucket's count a multiple of `world_size` (every
+    rank then runs the same number of forward passes, which ZeRO-3 needs)."""
+    quota = samples // max(1, len(files))
+    groups, next_id = [], 0
+    for bucket, paths in sorted(files.items()):
+        tables, rows = [], 0
+        for path in sorted(paths):
+            fs, p = filesystem(path, endpoint_url)
+            table = pq.read_table(pa.BufferReader(fs.cat_file(p)), columns=[*TENSOR_COLUMNS, schema.CAPTION])
+            tables.append(table)
+            rows += table.num_rows
+            if rows >= quota:
+                break
+        n = (min(rows, quota) // world_size) * world_size
+        if n == 0:
+            continue
+        table = pa.concat_tables(tables).slice(0, n)
+        columns = {c: table.column(c).combine_chunks().to_numpy_ndarray() for c in TENSOR_COLUMNS}
+        captions = [c or "" for c in table.column(schema.CAPTION).to_pylist()]
+        groups.append(ValGroup(bucket, columns, captions, np.arange(next_id, next_id + n)))
+        next_id += n
+    if not groups:
+        raise ValueError(f"no validation rows: {sum(len(p) for p in files.values())} validation files give fewer "
+                         f"than {world_size} rows per bucket (validation.samples={samples})")
+    return groups
+
+
+@torch.no_grad()
+def distributed_val_loss(network, groups: list[ValGroup], text: TextConditioningConfig, formulation: str,
+                         batch_size: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Mean validation loss per timestep over every rank's share of the set: (n_timesteps,), same on all ranks."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    sums = torch.zeros(DEFAULT_VALIDATION_TIMESTEPS + 1, dtype=torch.float64, device=device)  # last: count
+    for group in groups:
+        mine = np.arange(rank, len(group), world)
+        for start in range(0, len(mine), batch_size):
+            rows = mine[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in group.tensors(rows).items()}
+            x0, context, pooled = to_model_inputs(batch, text, synthetic_prob=0.0, drop_prob=0.0, dtype=dtype)
+            losses = validation_loss(network, x0, context, pooled, torch.from_numpy(group.ids[rows]),
+                                     formulation=formulation, seed=seed)  # (B, n_t)
+            sums[:-1] += losses.sum(dim=0).double()
+            sums[-1] += len(rows)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return (sums[:-1] / sums[-1]).float().cpu()
+
+
+@torch.no_grad()
+def sample_latents(network, group: ValGroup, text: TextConditioningConfig, prompts: int, per_prompt: int,
+                   steps: int, guidance: float, shift: float, method: str, formulation: str, seed: int,
+                   device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list[str]]:
+    """CFG samples for the group's first `prompts` captions, `per_prompt` fixed noises each: (P * n, C, h, w)."""
+    rows = np.repeat(np.arange(min(prompts, len(group))), per_prompt)
+    batch = {k: v.to(device) for k, v in group.tensors(rows).items()}
+    _, context, pooled = to_model_inputs(batch, text, synthetic_prob=0.0, drop_prob=0.0, dtype=dtype)
+    shape = tuple(batch[schema.LATENT].shape[1:])
+    noise = torch.randn((len(rows), *shape), generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    latents = sample(network, noise, context, pooled, steps=steps, guidance=guidance, shift=shift, method=method,
+                     formulation=formulation)
+    return latents.float().cpu(), [group.captions[i] for i in range(min(prompts, len(group)))]
+
+
+class LatentDecoder:
+    """Latents to RGB with the dataset's VAE (`(z / scale) + shift`, then decode); without a loadable VAE, a
+    preview of the first three latent channels."""
+
+    def __init__(self, repo: str | None) -> None:
+        self.repo, self.vae, self.note = repo, None, None
+        if repo is None:
+            self.note = "no VAE recorded in the dataset manifest"
+            return
+        try:
+            from diffusers import AutoencoderKL
+
+            self.vae = AutoencoderKL.from_pretrained(repo, subfolder="vae").eval()
+        except Exception as error:  # any loading failure falls back to the preview
+            self.note = f"VAE {repo!r} not loadable ({type(error).__name__}: {error})"
+        if self.note:
+            print(f"[train] sample grids show latent channels 0-2: {self.note}", flush=True)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, H, W, 3) in [0, 1]."""
+        if self.vae is None:
+            return latents_to_rgb(latents)
+        config = self.vae.config
+        z = latents / config.scaling_factor + (config.shift_factor or 0.0)
+        images = self.vae.decode(z.to(self.vae.dtype)).sample.float()
+        return ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+
+
+def write_grid(decoder: LatentDecoder, latents: torch.Tensor, captions: list[str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sample_grid(decoder(latents), [c[:40] for c in captions], path)
