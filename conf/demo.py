@@ -6,11 +6,25 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from conf.sweep import SweepTrainConf
+from conf.checks import at_least
+from conf.optim import OptimConf
+from conf.train import CheckpointConf, EMAConf, TrainConf, TrainerConf, ValidationConf
+
+
+def demo_train() -> TrainConf:
+    """Every demo run's training settings: 2 Ray Train workers, 200 steps; the paper's 1e-4 / 1000 warm-up steps
+    are for billion-parameter models."""
+    return TrainConf(
+        trainer=TrainerConf(num_workers=2, max_steps=200, batch_size=16),
+        optim=OptimConf(lr=1e-3, warmup_steps=30),
+        ema=EMAConf(decay=0.99),
+        validation=ValidationConf(every=100, samples=16, grid_prompts=4, grid_per_prompt=4, sample_steps=20),
+        checkpoint=CheckpointConf(every=100, keep=2))
 
 
 @dataclass
 class DemoConf:
+    SECTION = "demo"
     out_dir: str = "demo_output"  # the report folder (always local)
     # where the data, runs and sweep live: a local folder or s3://bucket/prefix; None: <out_dir>/work
     storage: str | None = None
@@ -18,17 +32,21 @@ class DemoConf:
     images: int = 96  # shapes images generated
     image_size: int = 96
     resolution: int = 64  # preprocessing's square bucket (latents 8x8 with the 8x VAE)
-    shard_size: int = 16  # images per preprocessing shard (and data file: validation holds out whole files)
+    shard_size: int = 16  # images per preprocessing shard
     seed: int = 0
-    workers: int = 2  # Ray Train workers of every run
-    # The toy depth sweep (width 64*depth, depth heads); the main run is its `main_depth` trial, which at depth 2 is
-    # the debug flavor. The sweep finds that run finished and reuses it, like any study whose runs already exist.
+    # The toy depth sweep (the `train.model.flavor` at each depth, width 64*depth); the main run is its `main_depth`
+    # trial, which at depth 2 is the debug flavor. The sweep finds that run finished and reuses it, like any study
+    # whose runs already exist.
     depths: list[int] = field(default_factory=lambda: [1, 2, 3])
     main_depth: int = 2
-    # every run's training settings; the paper's 1e-4 / 1000 warm-up steps are for billion-parameter models
-    train: SweepTrainConf = field(default_factory=lambda: SweepTrainConf(
-        steps=200, batch_size=16, lr=1e-3, warmup_steps=30, ema_decay=0.99, val_every=100, checkpoint_every=100,
-        val_samples=16, grid_prompts=4, grid_per_prompt=4))
+    # Every run's training config (the training job's own schema: `train.trainer.num_workers=1`, `train.optim.lr=...`).
+    train: TrainConf = field(default_factory=demo_train)
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "images", "image_size", "resolution", "shard_size")
+        if len(set(self.depths)) < 2 or self.main_depth not in self.depths:
+            raise ValueError(f"depths needs at least 2 distinct values (a scaling fit) including main_depth="
+                             f"{self.main_depth}, got {list(self.depths)}")
 
 
 def register() -> None:

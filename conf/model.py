@@ -24,6 +24,15 @@ class ModelConf:
     sample_size: int | None = None
     qk_norm: str | None = None
 
+    def __post_init__(self) -> None:
+        self.build()  # a bad flavor or field fails when the config is made, naming it
+
+    @classmethod
+    def at_depth(cls, flavor: str, depth: int) -> ModelConf:
+        """The flavor at another depth with the paper's width rule (`MMDiTConfig.at_depth`)."""
+        config = get_flavor(flavor).at_depth(depth)
+        return cls(flavor, depth=config.depth, hidden_size=config.hidden_size, num_heads=config.num_heads)
+
     def build(self) -> MMDiTConfig:
         """The validated MMDiTConfig; raises ValueError naming a bad flavor or field."""
         overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "flavor"}

@@ -8,20 +8,24 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-SD3_REPO = "stabilityai/stable-diffusion-3-medium-diffusers"  # VAE, CLIP-L, CLIP-G, T5 and tokenizers
-CAPTIONER = "Salesforce/blip-image-captioning-large"  # the paper used CogVLM; any image-to-text model plugs in
+from conf.checks import Dtype, InputFormat, ModelsKind
+from pipelines.models import CAPTIONER, SD3_REPO
 
 
 @dataclass
 class ModelsConf:
     """`models=tiny` builds small random models of the real classes offline; `models=sd3` loads pretrained ones."""
 
-    kind: str = "tiny"  # tiny | sd3
+    kind: ModelsKind = ModelsKind.tiny
     sd3_repo: str = SD3_REPO  # hub id or local folder with the diffusers SD3 layout
     captioner: str = CAPTIONER
     tiny_dir: str = "~/.cache/sd3-train/tiny-models"  # where `tiny` builds its models
-    dtype: str = "auto"  # auto: fp16 on GPU, fp32 on CPU
+    dtype: Dtype = Dtype.auto  # auto: fp16 on GPU, fp32 on CPU
     caption_max_new_tokens: int = 40
+
+    def __post_init__(self) -> None:
+        if self.caption_max_new_tokens < 1:
+            raise ValueError(f"models.caption_max_new_tokens must be >= 1, got {self.caption_max_new_tokens}")
 
 
 @dataclass
@@ -47,6 +51,13 @@ class ComputeConf:
     caption: StageConf = field(default_factory=StageConf)
     text: StageConf = field(default_factory=StageConf)
 
+    def __post_init__(self) -> None:
+        for name in ("vae", "caption", "text"):
+            stage: StageConf = getattr(self, name)
+            if not 1 <= stage.min_actors <= stage.max_actors or stage.batch_size < 1:
+                raise ValueError(f"compute.{name}: need 1 <= min_actors <= max_actors and batch_size >= 1, got "
+                                 f"{stage}")
+
 
 @dataclass
 class PreprocessConf:
@@ -54,7 +65,7 @@ class PreprocessConf:
     defaults: list[Any] = field(default_factory=lambda: ["_self_", {"models": "tiny"}])
     input: str = MISSING  # local path or s3:// URI
     output: str = MISSING
-    input_format: str = "auto"  # auto | folder | webdataset | parquet
+    input_format: InputFormat = InputFormat.auto
     endpoint_url: str | None = None  # S3-compatible stores; else AWS_ENDPOINT_URL(_S3) or AWS defaults
     models: ModelsConf = field(default_factory=ModelsConf)
     resolution: int = 256  # square target when no buckets are given
@@ -65,6 +76,15 @@ class PreprocessConf:
     max_caption_chars: int = 2000  # longer captions are cut (the encoders see 77 tokens anyway)
     folder_shard_size: int = 256  # images per shard for image-folder inputs
     compute: ComputeConf = field(default_factory=ComputeConf)
+
+    def __post_init__(self) -> None:
+        if self.resolution < 16 or self.resolution % 16:
+            raise ValueError(f"resolution must be a positive multiple of 16, got {self.resolution}")
+        for name in ("max_pixels", "min_side", "max_caption_chars", "folder_shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_aspect < 1:
+            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
 
 
 def register() -> None:

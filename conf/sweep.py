@@ -3,51 +3,46 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STUDIES = ("depth", "shift", "formulation", "steps")
+from conf.checks import at_least
+from conf.optim import OptimConf
+from conf.train import CheckpointConf, EMAConf, TrainConf, TrainerConf, ValidationConf
 
 
-@dataclass
-class SweepTrainConf:
-    """What every trial's training run shares (the rest of `workloads.train`'s defaults apply)."""
-
-    base_flavor: str = "debug"  # text widths, patch size, QK-norm; each trial sets depth, hidden 64*d and d heads
-    steps: int = 300
-    batch_size: int = 16  # global
-    lr: float = 1e-3
-    warmup_steps: int = 30
-    ema_decay: float = 0.99
-    formulation: str = "rf/lognorm(0.00,1.00)"
-    shift: float = 1.0
-    deepspeed_stage: int = 2
-    val_samples: int = 64
-    val_every: int = 100
-    checkpoint_every: int = 100
-    grid_prompts: int = 2  # validation captions in each run's sample grid
-    grid_per_prompt: int = 2
+class Study(StrEnum):
+    depth = "depth"  # validation loss against training compute over depths (the scaling study)
+    shift = "shift"  # sampling shift x training shift at one depth
+    formulation = "formulation"  # the paper's Table 1 formulations at one depth
+    steps = "steps"  # sample quality at fewer sampling steps, per depth
 
 
-@dataclass
-class TrialResources:
-    workers: int = 1  # Ray Train workers per trial
-    use_gpu: bool = False  # one GPU per worker, and one for the trial's evaluation
-    cpus_per_worker: float = 1.0
+def toy_train() -> TrainConf:
+    """Every trial's training run in the toy preset (minutes on a 2-core laptop); each trial sets only its axis."""
+    return TrainConf(
+        trainer=TrainerConf(num_workers=1, max_steps=300, batch_size=16),
+        optim=OptimConf(lr=1e-3, warmup_steps=30),  # the paper's 1e-4 / 1000 are for billion-parameter models
+        ema=EMAConf(decay=0.99),
+        validation=ValidationConf(every=100, samples=64, grid_prompts=2, grid_per_prompt=2, sample_steps=20),
+        checkpoint=CheckpointConf(every=100, keep=2))
 
 
 @dataclass
 class SweepConf:
-    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"preset": "toy"}])
-    study: str = "depth"  # depth | shift | formulation | steps
+    SECTION = "sweep"
+    study: Study = Study.depth
     preset: str = "toy"  # set by the preset group; part of the default sweep name
-    data: str = MISSING  # a preprocessing output (local or s3://)
+    data: str = MISSING  # a preprocessing output (local or s3://), for every trial
     val_data: str | None = None
     endpoint_url: str | None = None
     storage: str = "sweeps"  # local folder or s3:// URI: <storage>/<name>/ holds results; <storage>/runs/ the trials
     name: str | None = None  # default <study>-<preset>; the same storage and name resume the sweep
+    # The trial axes. Depth trials take `train.model.flavor`'s text widths, patch size and QK-norm at each depth with
+    # the paper's width rule (hidden 64*d, d heads).
     depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     study_depth: int = 2  # the depth of the shift and formulation studies
     training_shifts: list[float] = field(default_factory=lambda: [1.0, 3.0])  # shift study: trial axis
@@ -57,23 +52,33 @@ class SweepConf:
         "rf/lognorm(0.00,1.00)", "rf/mode(1.29)", "rf/cosmap", "eps/linear", "v/cos", "edm(-1.20,1.20)"])
     eval_samples: int = 64  # validation rows the sample metrics compare against
     eval_sample_steps: int = 28  # sampling steps of the shift study
-    train: SweepTrainConf = field(default_factory=SweepTrainConf)
-    trial: TrialResources = field(default_factory=TrialResources)
+    # The training schema itself: every trial's run is this config with the trial's axis set (depth and width,
+    # training shift or formulation), `data`/`val_data`/`endpoint_url` from above and `run` from the trial's key.
+    train: TrainConf = field(default_factory=toy_train)
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
     max_failures: int = 2  # a failed trial is retried this often (its training resumes from its checkpoints)
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "study_depth", "eval_samples", "eval_sample_steps")
+        if self.study in (Study.depth, Study.steps) and (not self.depths or min(self.depths) < 1):
+            raise ValueError(f"sweep.depths must be positive depths, got {list(self.depths)}")
+        if self.study == Study.steps and len(self.sampling_steps) < 2:
+            raise ValueError("the steps study needs at least two sampling_steps (the largest is the reference)")
+        if self.train.data or self.train.val_data:
+            raise ValueError("set data= and val_data= at the sweep level (they feed every trial), not in train")
 
 
 PRESETS: dict[str, dict] = {
     # minutes on a 2-core laptop: the debug flavor's widths at depths 1-4, a few hundred steps on the shapes data
-    "toy": {"preset": "toy", "depths": [1, 2, 3, 4], "study_depth": 2,
-            "train": {"base_flavor": "debug", "steps": 300, "batch_size": 16, "lr": 1e-3, "warmup_steps": 30,
-                      "ema_decay": 0.99, "val_every": 100, "checkpoint_every": 100}},
+    "toy": {"preset": "toy", "depths": [1, 2, 3, 4], "study_depth": 2},
     # the paper's scaling study: depths 15-38 at 256^2, batch 4096, 500k steps, lr 1e-4, on a real cluster
     "paper": {"preset": "paper", "depths": [15, 18, 21, 24, 30, 38], "study_depth": 24, "eval_samples": 10000,
-              "train": {"base_flavor": "d24", "steps": 500_000, "batch_size": 4096, "lr": 1e-4,
-                        "warmup_steps": 1000, "ema_decay": 0.9999, "val_every": 10_000,
-                        "checkpoint_every": 2000, "deepspeed_stage": 2},
-              "trial": {"workers": 64, "use_gpu": True, "cpus_per_worker": 8}},
+              "train": {"model": {"flavor": "d24"},
+                        "trainer": {"num_workers": 64, "use_gpu": True, "cpus_per_worker": 8, "max_steps": 500_000,
+                                    "batch_size": 4096},
+                        "optim": {"lr": 1e-4, "warmup_steps": 1000}, "ema": {"decay": 0.9999},
+                        "validation": {"every": 10_000, "sample_steps": 28}, "checkpoint": {"every": 2000},
+                        "deepspeed": {"stage": 2}}},
 }
 
 
@@ -81,4 +86,11 @@ def register() -> None:
     store = ConfigStore.instance()
     for name, node in PRESETS.items():
         store.store(group="preset", name=name, node=node, package="_global_")
-    store.store(name="sweep", node=SweepConf)
+    store.store(name="sweep", node=SweepJob)
+
+
+@dataclass
+class SweepJob(SweepConf):
+    """`python -m workloads.sweep`'s primary config: the schema plus Hydra's `preset` group."""
+
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"preset": "toy"}])

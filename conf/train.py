@@ -6,15 +6,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
+from conf.checks import Dtype, Sampler, ZeroStage, at_least, in_unit_interval
 from conf.model import ModelConf
 from conf.optim import OptimConf
 from model import FLAVORS
+from model.conditioning import PAPER_DROP_PROB
+from model.formulations import get_formulation
 
 
 @dataclass
 class TrainerConf:
+    SECTION = "trainer"
     num_workers: int = 2
     use_gpu: bool = False  # one GPU per worker; NCCL between them
     cpus_per_worker: float = 1.0
@@ -22,29 +25,55 @@ class TrainerConf:
     batch_size: int = 32  # global: split evenly over the workers
     seed: int = 0
     max_failures: int = 3  # worker or node deaths survived by restarting from the latest checkpoint (-1: forever)
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: Dtype = Dtype.auto  # auto: bf16 on GPU, fp32 on CPU (float16 is refused: no loss scaling)
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     max_nonfinite: int = 10  # consecutive NaN/Inf losses (each step skipped) before the run stops
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "num_workers", "max_steps", "batch_size", "max_nonfinite")
+        at_least(self, 0, "cpus_per_worker")
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"trainer.batch_size={self.batch_size} (global) must be divisible by "
+                             f"trainer.num_workers={self.num_workers}")
+        if self.dtype == Dtype.float16:
+            raise ValueError("trainer.dtype must be auto, float32 or bfloat16 (float16 training needs loss scaling)")
 
 
 @dataclass
 class DeepSpeedConf:
-    stage: int = 2  # ZeRO stage 0-3; 3 also builds the model sharded
+    SECTION = "deepspeed"
+    stage: ZeroStage = ZeroStage["2"]  # ZeRO stage 0-3; 3 also builds the model sharded
     offload: bool = False  # optimizer state (and with stage 3 the parameters) in CPU memory
     torch_adam: bool | None = None  # None: torch's AdamW on CPU, DeepSpeed's fused Adam on GPU
+
+    def __post_init__(self) -> None:
+        if self.offload and self.stage == 0:
+            raise ValueError("deepspeed.offload needs ZeRO stage 1, 2 or 3 (deepspeed.stage)")
 
 
 @dataclass
 class ObjectiveConf:
+    SECTION = "objective"
+
     formulation: str = "rf/lognorm(0.00,1.00)"  # any name `model.formulations.get_formulation` accepts
     shift: float = 1.0  # training-time timestep shift alpha (3.0 at 1024^2 in the paper)
     synthetic_caption_prob: float = 0.5  # per sample: the synthetic caption instead of the original
-    text_drop_prob: float = 0.463  # per encoder and sample (the paper's CFG dropout)
+    text_drop_prob: float = PAPER_DROP_PROB  # per encoder and sample (the paper's CFG dropout)
+
+    def __post_init__(self) -> None:
+        get_formulation(self.formulation)  # names the accepted forms
+        if self.shift <= 0:
+            raise ValueError(f"objective.shift must be positive, got {self.shift}")
+        in_unit_interval(self, "synthetic_caption_prob", "text_drop_prob")
 
 
 @dataclass
 class LoaderConf:
-    val_fraction: float = 0.1  # without `val_data`: the share of data files held out for validation
+    SECTION = "loader"
+    # without `val_data`: the share of rows held out for validation, chosen by a hash of the sample id, so the same
+    # rows in every run, restart and worker count (tiny datasets: at least one row per worker); 0: validate on
+    # training rows
+    val_fraction: float = 0.1
     shuffle_buffer: int = 1024  # rows in each worker's shuffle buffer, reseeded every epoch
     prefetch_batches: int = 2
     # Read the training data into Ray's object store once instead of streaming it every epoch (each streamed epoch
@@ -53,39 +82,61 @@ class LoaderConf:
     materialize: bool | None = None
     materialize_fraction: float = 0.2
 
+    def __post_init__(self) -> None:
+        in_unit_interval(self, "val_fraction", open_right=True)
+        at_least(self, 0, "shuffle_buffer", "prefetch_batches", "materialize_fraction")
+
 
 @dataclass
 class EMAConf:
+    SECTION = "ema"
     decay: float = 0.9999
     warmup: bool = True  # decay min(decay, (1 + step) / (10 + step)): early EMA follows the weights
+
+    def __post_init__(self) -> None:
+        in_unit_interval(self, "decay", open_right=True)
 
 
 @dataclass
 class ValidationConf:
+    SECTION = "validation"
     every: int = 1000  # steps; also at the end
     samples: int = 64  # held-out rows for the fixed-timestep loss (rounded down to a multiple of the workers)
     batch_size: int = 16
     grid_prompts: int = 4  # validation captions sampled into the PNG grid
     grid_per_prompt: int = 4
     sample_steps: int = 28
-    sampler: str = "euler"
+    sampler: Sampler = Sampler.euler
     guidance: float = 5.0
     shift: float | None = None  # sampling shift; None: the training shift
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "every", "samples", "batch_size", "grid_prompts", "grid_per_prompt", "sample_steps")
+        if self.shift is not None and self.shift <= 0:
+            raise ValueError(f"validation.shift must be positive, got {self.shift}")
 
 
 @dataclass
 class CheckpointConf:
+    SECTION = "checkpoint"
     every: int = 1000  # steps; also at the end
     keep: int = 3
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "every", "keep")
 
 
 @dataclass
 class MetricsConf:
+    SECTION = "metrics"
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs by name, no MFU on CPU
     t_bins: int = 4  # the per-t-bin loss splits [0, 1] into this many bins
     sync_every: int = 100  # steps between uploads of metrics.jsonl and TensorBoard files to remote storage
     tensorboard: bool = True
     print_every: int = 50  # steps between rank 0's progress lines (validation steps always print)
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "t_bins", "sync_every", "print_every")
 
 
 @dataclass
@@ -96,8 +147,10 @@ class RunConf:
 
 @dataclass
 class TrainConf:
-    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"model": "debug"}, {"stage": None}])
-    data: str = MISSING  # a preprocessing output (local or s3://)
+    """One training run. Sweep trials and the demo carry this schema itself (their `train:` section) and set only
+    their own axis on it."""
+
+    data: str | None = None  # a preprocessing output (local or s3://); required to run
     val_data: str | None = None  # a held-out preprocessing output; else `loader.val_fraction` of `data`
     endpoint_url: str | None = None  # S3-compatible stores; else AWS_ENDPOINT_URL(_S3) or AWS defaults
     init_from: str | None = None  # a previous run's folder (its export/) or a diffusers transformer folder
@@ -116,6 +169,18 @@ class TrainConf:
     run: RunConf = field(default_factory=RunConf)
     export: bool = True  # <run>/export/: the EMA weights as a diffusers SD3Transformer2DModel folder
 
+    def __post_init__(self) -> None:
+        if self.stage_needs_init and not self.init_from:
+            raise ValueError(f"the stage at {self.stage_resolution}px continues a previous stage: set "
+                             "init_from=<the previous stage's run folder>")
+
+
+@dataclass
+class TrainJob(TrainConf):
+    """`python -m workloads.train`'s primary config: the schema plus Hydra's groups `model` and `stage`."""
+
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"model": "debug"}, {"stage": None}])
+
 
 # Resolution stages (the paper pre-trains at 256^2, then continues at higher resolution with mixed aspect ratios and
 # a shifted timestep schedule). Later stages start from the previous stage's weights: `init_from=<its run folder>`.
@@ -133,4 +198,4 @@ def register() -> None:
         store.store(group="model", name=name, node=ModelConf(flavor=name))
     for name, node in STAGES.items():
         store.store(group="stage", name=name, node=node, package="_global_")
-    store.store(name="train", node=TrainConf)
+    store.store(name="train", node=TrainJob)

@@ -27,11 +27,10 @@ class TextConditioningConfig:
     clip_tokens: int = 77
     t5_tokens: int = 77
     context_dim: int = 4096
-    drop_prob: float = PAPER_DROP_PROB
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name != "drop_prob" and getattr(self, f.name) < 1:
+            if getattr(self, f.name) < 1:
                 raise ValueError(f"TextConditioningConfig.{f.name} must be positive, got {getattr(self, f.name)}")
         if self.clip_l_dim + self.clip_g_dim > self.context_dim:
             raise ValueError(
@@ -40,8 +39,6 @@ class TextConditioningConfig:
             )
         if self.t5_dim > self.context_dim:
             raise ValueError(f"TextConditioningConfig.t5_dim ({self.t5_dim}) exceeds context_dim ({self.context_dim})")
-        if not 0.0 <= self.drop_prob <= 1.0:
-            raise ValueError(f"TextConditioningConfig.drop_prob must be in [0, 1], got {self.drop_prob}")
 
     @property
     def pooled_dim(self) -> int:
@@ -128,6 +125,8 @@ def sample_encoder_keep(batch_size: int, drop_prob: float = PAPER_DROP_PROB,
                         generator: torch.Generator | None = None,
                         device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Independent per-sample, per-encoder keep masks for training-time text dropout."""
+    if not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"text dropout drop_prob must be in [0, 1], got {drop_prob}")
     draws = torch.rand(len(ENCODERS), batch_size, generator=generator, device=device)
     return {name: draws[i] >= drop_prob for i, name in enumerate(ENCODERS)}
 

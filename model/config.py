@@ -11,7 +11,7 @@ HEAD_DIM = 64  # the paper's width rule: hidden 64*d with d heads
 
 @dataclass(frozen=True)
 class MMDiTConfig:
-    """Shape of an MM-DiT. `from_depth` applies the paper's width-by-depth rule."""
+    """Shape of an MM-DiT. `from_depth` and `at_depth` apply the paper's width-by-depth rule."""
 
     depth: int
     hidden_size: int
@@ -50,10 +50,11 @@ class MMDiTConfig:
     @classmethod
     def from_depth(cls, depth: int, **overrides: object) -> MMDiTConfig:
         """The paper's scaling rule: hidden 64*d, d heads of width 64, MLP ratio 4."""
-        if not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"MMDiTConfig.depth must be a positive int, got {depth!r}")
-        base = cls(depth=depth, hidden_size=HEAD_DIM * depth, num_heads=depth)
-        return replace(base, **overrides)
+        return replace(cls(**_paper_widths(depth)), **overrides)
+
+    def at_depth(self, depth: int) -> MMDiTConfig:
+        """This shape at another depth by the paper's width rule (as `from_depth`); every other field kept."""
+        return replace(self, **_paper_widths(depth))
 
     @property
     def head_dim(self) -> int:
@@ -71,6 +72,13 @@ class MMDiTConfig:
     def image_tokens(self, height: int, width: int) -> int:
         """Number of image tokens for a latent of `height` x `width`."""
         return (height // self.patch_size) * (width // self.patch_size)
+
+
+def _paper_widths(depth: int) -> dict[str, int]:
+    """The width-by-depth rule, stated once: hidden 64*d with d heads of width 64."""
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"MMDiTConfig.depth must be a positive int, got {depth!r}")
+    return {"depth": depth, "hidden_size": HEAD_DIM * depth, "num_heads": depth}
 
 
 def _paper_flavors() -> dict[str, MMDiTConfig]:

@@ -27,15 +27,11 @@ def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 def shift_timesteps(t: torch.Tensor, alpha: float) -> torch.Tensor:
     """Resolution-dependent shift t_m = alpha t / (1 + (alpha - 1) t); equivalently it scales the
-    noise-to-signal ratio t / (1 - t) by alpha. alpha = sqrt(m / n) for m target and n base pixels."""
+    noise-to-signal ratio t / (1 - t) by alpha. The paper derives alpha = sqrt(m / n) for m target and n base
+    pixels, then picks it by preference (3.0 at 1024^2), so configs state alpha itself."""
     if alpha <= 0:
         raise ValueError(f"shift alpha must be positive, got {alpha}")
     return alpha * t / (1 + (alpha - 1) * t)
-
-
-def resolution_shift(target_pixels: int, base_pixels: int) -> float:
-    """alpha = sqrt(m / n) for target and base pixel (or token) counts."""
-    return math.sqrt(target_pixels / base_pixels)
 
 
 @dataclass(frozen=True)

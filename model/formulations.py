@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from model.flow import TimestepDensity, per_sample, shift_timesteps
+from model.flow import TimestepDensity, per_sample, sample_timesteps, shift_timesteps, velocity_target
 
 Path = Literal["linear", "vp", "ve"]
 Prediction = Literal["velocity", "eps", "v", "edm"]
@@ -52,14 +52,18 @@ class NoiseLevels:
     kind: Literal["density", "cos", "ldm"]
     density: TimestepDensity = field(default_factory=lambda: TimestepDensity("uniform"))
 
-    def sample(self, n: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None, shift: float,
+               device: torch.device | str) -> torch.Tensor:
+        """n noise levels tau, shifted (sigma scaled by `shift`)."""
         if self.kind == "density":
-            return self.density.sample(n, generator, device)
+            return sample_timesteps(self.density, n, generator, shift, device)
         if self.kind == "cos":
             t = torch.rand(n, generator=generator, device=device) * (math.pi / 2)
-            return torch.sin(t) / (torch.sin(t) + torch.cos(t))
-        steps = torch.randint(0, LDM_STEPS, (n,), generator=generator, device=device)
-        return _ldm_tau().to(device)[steps]
+            tau = torch.sin(t) / (torch.sin(t) + torch.cos(t))
+        else:
+            steps = torch.randint(0, LDM_STEPS, (n,), generator=generator, device=device)
+            tau = _ldm_tau().to(device)[steps]
+        return shift_timesteps(tau, shift)
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class Formulation:
     def sample_tau(self, n: int, generator: torch.Generator | None = None, shift: float = 1.0,
                    device: torch.device | str = "cpu") -> torch.Tensor:
         """Training noise levels, shifted (sigma scaled by `shift`) and clamped to the formulation's range."""
-        return self.clamp(shift_timesteps(self.noise.sample(n, generator, device), shift))
+        return self.clamp(self.noise.sample(n, generator, shift, device))
 
     def clamp(self, tau: torch.Tensor) -> torch.Tensor:
         lo, hi = self.tau_range
@@ -117,7 +121,7 @@ class Formulation:
         """The regression target of the network output."""
         a, b = (per_sample(c, x0) for c in self.coefficients(tau))
         if self.prediction == "velocity":
-            return eps - x0
+            return velocity_target(x0, eps)
         if self.prediction == "eps":
             return eps
         if self.prediction == "v":
@@ -141,7 +145,7 @@ class Formulation:
     def velocity(self, out: torch.Tensor, z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """The rectified-flow velocity eps_hat - x0_hat implied by a network output."""
         x0, eps = self.predictions(out, z, tau)
-        return eps - x0
+        return velocity_target(x0, eps)
 
     def state(self, z_rf: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """This formulation's state for a rectified-flow state (1 - tau) x0 + tau eps: z = (a + b) z_rf."""

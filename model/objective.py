@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.flow import interpolate
+from model.flow import interpolate, velocity_target
 from model.formulations import Formulation, get_formulation
 
 # (x, t, context, pooled) -> network output; an MMDiT or anything with its call signature.
@@ -82,5 +82,5 @@ def validation_loss(network: Network, x0: torch.Tensor, context: torch.Tensor, p
         tau = form.clamp(torch.full((batch,), t, device=x0.device))
         z = form.state(interpolate(x0, noise[i], tau), tau)
         out = network(form.network_input(z, tau), tau, context, pooled)
-        losses.append(_mse_per_sample(form.velocity(out, z, tau), noise[i] - x0))
+        losses.append(_mse_per_sample(form.velocity(out, z, tau), velocity_target(x0, noise[i])))
     return torch.stack(losses, dim=1)  # (B, n_timesteps)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import ray
 from transformers import AutoConfig
 
+from conf.checks import validate
 from conf.preprocess import PreprocessConf, StageConf, register
 from model.conditioning import TextConditioningConfig
 from pipelines import schema
@@ -32,7 +33,9 @@ from pipelines.sources import Shard, list_shards
 from pipelines.stages import CaptionStage, TextStage, VAEStage, decode_batch, read_rows
 from pipelines.storage import filesystem, join
 from pipelines.synthetic.tiny_models import build_tiny_models
-from workloads.runtime import cli
+from workloads.runtime import cli, logger
+
+LOG = logger("preprocess")
 
 
 @dataclass
@@ -44,22 +47,6 @@ class Plan:
     repo: str  # diffusers SD3 layout: vae, text_encoder(_2, _3), tokenizer(_2, _3)
     captioner: str
     text: TextConditioningConfig
-
-
-def _check_numbers(cfg: PreprocessConf) -> None:
-    if cfg.models.kind not in ("tiny", "sd3"):
-        raise ValueError(f"models.kind must be tiny or sd3, got {cfg.models.kind!r}")
-    if cfg.resolution < 16 or cfg.resolution % 16:
-        raise ValueError(f"resolution must be a positive multiple of 16, got {cfg.resolution}")
-    for name in ("max_pixels", "min_side", "max_caption_chars", "folder_shard_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_aspect < 1:
-        raise ValueError(f"max_aspect must be >= 1, got {cfg.max_aspect}")
-    for name in ("vae", "caption", "text"):
-        stage: StageConf = getattr(cfg.compute, name)
-        if not 1 <= stage.min_actors <= stage.max_actors or stage.batch_size < 1:
-            raise ValueError(f"compute.{name}: need 1 <= min_actors <= max_actors and batch_size >= 1, got {stage}")
 
 
 def text_dims(repo: str) -> TextConditioningConfig:
@@ -74,7 +61,11 @@ def text_dims(repo: str) -> TextConditioningConfig:
 
 def plan(cfg: PreprocessConf) -> Plan:
     """Validate the config and the input; fails with a clear error before Ray starts."""
-    _check_numbers(cfg)
+    validate(cfg)  # the schema's own checks, again for configs made or changed in code
+    out_fs, out_path = filesystem(cfg.output, cfg.endpoint_url)
+    if out_fs.isfile(out_path):  # else the job's first write fails, well after Ray and the models started
+        raise FileExistsError(f"output={cfg.output!r} is an existing file: give a folder (new, or a previous "
+                              "output to resume)")
     limits = DecodeLimits(parse_buckets(cfg.resolution, cfg.buckets), cfg.max_pixels, cfg.min_side,
                           cfg.max_aspect, cfg.max_caption_chars)
     shards = list_shards(cfg.input, cfg.input_format, cfg.endpoint_url, cfg.folder_shard_size)
@@ -177,8 +168,8 @@ def process(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> dict:
             entry = progress.state[int(row["shard"])]
             first_done = first_done or time.perf_counter() - start
             rows += entry["rows"]
-            print(f"[preprocess] shard {int(row['shard'])} done ({len(progress.completed)}/{len(pending)}): "
-                  f"{entry['written']} written, {entry['rejected']} rejected", flush=True)
+            LOG.info(f"shard {int(row['shard'])} done ({len(progress.completed)}/{len(pending)}): "
+                  f"{entry['written']} written, {entry['rejected']} rejected")
     unfinished = sorted({s.index for s in pending} - set(progress.completed))
     if unfinished:
         raise RuntimeError(f"shards {unfinished} did not complete; run the same command again to finish them")
@@ -193,13 +184,13 @@ def run(cfg: PreprocessConf) -> dict:
     done = completed_shards(cfg.output, cfg.endpoint_url)
     pending = [s for s in p.shards if s.index not in done]
     removed = remove_unfinished(cfg.output, [s.index for s in pending], cfg.endpoint_url)
-    print(f"[preprocess] {len(p.shards)} {p.shards[0].format} shards: {len(done)} done, {len(pending)} to do"
-          + (f" ({removed} leftover files of an interrupted run removed)" if removed else ""), flush=True)
+    LOG.info(f"{len(p.shards)} {p.shards[0].format} shards: {len(done)} done, {len(pending)} to do"
+          + (f" ({removed} leftover files of an interrupted run removed)" if removed else ""))
     last_run = process(cfg, p, pending) if pending else {"shards": 0, "rows": 0, "seconds": 0.0}
     manifest = write_manifest(cfg, p, completed_shards(cfg.output, cfg.endpoint_url), last_run)
     c = manifest["counts"]
-    print(f"[preprocess] {c['read']} rows read = {c['written']} written + {c['rejected']} rejected "
-          f"in {time.perf_counter() - start:.0f} s; manifest {join(cfg.output, schema.MANIFEST)}", flush=True)
+    LOG.info(f"{c['read']} rows read = {c['written']} written + {c['rejected']} rejected "
+          f"in {time.perf_counter() - start:.0f} s; manifest {join(cfg.output, schema.MANIFEST)}")
     return manifest
 
 

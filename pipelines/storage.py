@@ -8,6 +8,7 @@ Nothing is written into files.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -27,6 +28,54 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
         uri = "s3://" + uri.split("://", 1)[1]
     fs, path = url_to_fs(uri, **options)
     return fs, path.rstrip("/") or path
+
+
+@dataclass(frozen=True)
+class Location:
+    """A place in storage, made once and handed on: the URI a user gave, the filesystem it lives on (with the
+    endpoint of an S3-compatible store already applied) and the root path within that filesystem. Picklable, so it
+    crosses the Ray boundary as it is (fsspec filesystems pickle by their options)."""
+
+    uri: str
+    fs: fsspec.AbstractFileSystem
+    root: str
+
+    @classmethod
+    def of(cls, where: Location | str, endpoint_url: str | None = None) -> Location:
+        """A Location for a local path or URI (a Location is returned as it is)."""
+        if isinstance(where, Location):
+            return where
+        fs, root = filesystem(where, endpoint_url)
+        return cls(where.rstrip("/") or where, fs, root)
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.uri)
+
+    def path(self, *parts: str) -> str:
+        """A path within the filesystem under the root."""
+        return join(self.root, *parts) if parts else self.root
+
+    def child(self, *parts: str) -> Location:
+        return Location(join(self.uri, *parts), self.fs, join(self.root, *parts))
+
+    def refreshed(self) -> Location:
+        """The same place with the filesystem's cached listings dropped: for state other processes change
+        (checkpoints, run records), where s3fs would otherwise answer from a stale directory cache."""
+        self.fs.invalidate_cache()
+        return self
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.path(*parts))
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        write_bytes(self.fs, self.path(relative), data)
+
+    def __str__(self) -> str:
+        return self.uri
 
 
 def refreshed(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -18,8 +18,23 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 
 
 def logger(name: str) -> logging.Logger:
-    """The project logger of one job or component (`logger("train")` prints as `[train] ...`)."""
+    """The project logger of one job or component (`logger("train")` prints as `[train] ...` on stdout)."""
+    setup_logging()
     return logging.getLogger(LOGGER_PREFIX + name)
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler that writes to whatever `sys.stdout` is now (Ray's and pytest's captures replace it)."""
+
+    _sd3 = True
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 class _Format(logging.Formatter):
@@ -38,9 +53,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger(LOGGER_PREFIX.rstrip("."))
     if any(getattr(h, "_sd3", False) for h in root.handlers):
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _Stdout()
     handler.setFormatter(_Format())
-    handler._sd3 = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
@@ -145,3 +159,10 @@ def quiet_ray() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray seam: Ray Train 2.60's worker context logs every `ray.train.report` as a raw `TrainingReport(...)` line on
+    # a logger named after its file, outside the `ray` hierarchy.
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)

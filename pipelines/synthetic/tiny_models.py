@@ -36,24 +36,10 @@ from transformers import (
 )
 
 from model.conditioning import TINY_TEXT
-
-# Production checkpoints (downloaded by the user ahead of a real run; never during tests).
-SD3_REPO = "stabilityai/stable-diffusion-3-medium-diffusers"
-SD3_SUBFOLDERS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
-# The paper captioned with CogVLM; the captioner is pluggable and BLIP is the small, widely available default.
-CAPTIONER_ID = "Salesforce/blip-image-captioning-large"
-
-# The SD3 VAE's latent normalisation, copied into the tiny VAE's config so the encoder reads it from there.
-SD3_VAE_SHIFT_FACTOR = 0.0609
-SD3_VAE_SCALING_FACTOR = 1.5305
+from pipelines.models import SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR
 
 MARKER = "COMPLETE.json"
 TOKENS = 77
-
-
-def sd3_model_ids() -> dict[str, str]:
-    """The production model ids: the SD3 diffusers repo (one subfolder per component) and the captioner."""
-    return {"sd3": SD3_REPO, "captioner": CAPTIONER_ID, **{name: f"{SD3_REPO}/{name}" for name in SD3_SUBFOLDERS}}
 
 
 @dataclass(frozen=True)
@@ -122,7 +108,8 @@ def _bert_tokenizer(corpus: list[str]) -> BertTokenizer:
 
 
 def _save_vae(path: Path) -> None:
-    # 4 blocks: 3 downsamplings, 8x like SD3's VAE; SD3's VAE has no quant convs
+    # 4 blocks: 3 downsamplings, 8x like SD3's VAE; SD3's VAE has no quant convs. SD3's latent normalisation is
+    # copied into the config, so the encoder reads it from there as it does from the real VAE.
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

@@ -16,12 +16,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conf.sweep import SweepConf, SweepTrainConf
+from conf.sweep import SweepConf, toy_train
+from model.formulations import PAPER_GLOBAL_RANK
 from workloads.sweep import driver as sweep
 from workloads.train.runlog import EVENTS, read_records
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAIN = {"steps": 12, "batch_size": 8, "warmup_steps": 2, "val_every": 12, "checkpoint_every": 6, "val_samples": 8}
+TRAIN = {"trainer.max_steps": 12, "trainer.batch_size": 8, "optim.warmup_steps": 2, "validation.every": 12,
+         "checkpoint.every": 6, "validation.samples": 8}
 SWEEP = {"depths": [1, 2], "study_depth": 1, "max_concurrent_trials": 1, "eval_samples": 16, "eval_sample_steps": 6,
          "sampling_shifts": [1.0, 3.0], "sampling_steps": [3, 6], "training_shifts": [1.0]}
 
@@ -34,7 +36,11 @@ def cli(data: str, storage: str, study: str) -> list[str]:
 
 
 def conf(data: str, storage: str, study: str, **overrides) -> SweepConf:
-    return SweepConf(study=study, data=data, storage=storage, train=SweepTrainConf(**TRAIN), **{**SWEEP, **overrides})
+    train = toy_train()
+    for key, value in TRAIN.items():
+        section, name = key.split(".")
+        setattr(getattr(train, section), name, value)
+    return SweepConf(study=study, data=data, storage=storage, train=train, **{**SWEEP, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -96,5 +102,12 @@ def test_formulation_study_ranks_next_to_the_paper(depth_sweep, train_dataset, r
                              formulations=["rf/lognorm(0.00,1.00)", "eps/linear"]))
     assert sorted(results["formulation"]) == ["eps/linear", "rf/lognorm(0.00,1.00)"]
     report = (Path(storage) / "formulation-toy" / "report.md").read_text()
-    assert "paper_global_rank" in report and "Spearman correlation" in report
+    ranked = results.sort_values("val_loss")["formulation"].tolist()
+    rows = [line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| ")][2:]
+    assert [row[:2] for row in rows] == [[str(i), f] for i, f in enumerate(ranked, 1)]
+    assert [float(row[3]) for row in rows] == [PAPER_GLOBAL_RANK[f] for f in ranked]
+    paper = sorted(ranked, key=PAPER_GLOBAL_RANK.__getitem__)
+    d2 = sum((i - paper.index(f)) ** 2 for i, f in enumerate(ranked))
+    rho = 1 - 6 * d2 / (len(ranked) * (len(ranked) ** 2 - 1))  # Spearman's formula, no ties
+    assert f"over 2 formulations: {rho:.3f}" in report
     assert json.loads((Path(storage) / "formulation-toy" / "trials").iterdir().__next__().read_text())["val_loss"] > 0

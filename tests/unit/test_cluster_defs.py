@@ -251,8 +251,8 @@ def gpu_demand(module: str, cfg: Any) -> tuple[int, float]:
         t = cfg.trainer
         return (t.num_workers if t.use_gpu else 0), t.cpus_per_worker
     if module == "workloads.sweep":
-        t = cfg.trial
-        return (t.workers * (cfg.max_concurrent_trials or 1) if t.use_gpu else 0), t.cpus_per_worker
+        t = cfg.train.trainer
+        return (t.num_workers * (cfg.max_concurrent_trials or 1) if t.use_gpu else 0), t.cpus_per_worker
     stages = (cfg.compute.caption, cfg.compute.vae, cfg.compute.text)
     return (sum(s.max_actors for s in stages) if cfg.compute.use_gpu else 0), max(s.num_cpus for s in stages)
 

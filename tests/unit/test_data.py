@@ -1,6 +1,8 @@
-"""Training input: the preprocessed dataset's spec, the start-up compatibility check, batch -> model inputs."""
+"""Training input: the preprocessed dataset's spec, the start-up compatibility check, batch -> model inputs,
+and the validation rows held out by id."""
 
 import json
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +13,9 @@ import torch
 from model import FLAVORS, get_flavor
 from model.conditioning import TINY_TEXT, TextEmbeddings, assemble_conditioning
 from pipelines import schema
-from workloads.train.data import check_compatible, check_spec, read_spec, to_model_inputs
+from workloads.train.data import TENSOR_COLUMNS, check_compatible, check_spec, read_spec, to_model_inputs
+from workloads.train.streaming import Split, drop_held_out, held_out, holdout_threshold, split_files, training_rows
+from workloads.train.validation import read_val_set
 
 LATENT_SHAPE = (16, 4, 6)
 
@@ -114,3 +118,101 @@ def test_half_mix_and_dropout_are_per_sample():
     _, context, _ = to_model_inputs(batch, TINY_TEXT, drop_prob=0.463, generator=gen)
     t5_dropped = (context[:, 77:] == 0).flatten(1).all(dim=1).float().mean().item()
     assert 0.38 < t5_dropped < 0.55
+
+
+def test_held_out_rows_are_chosen_by_id_alone():
+    """crc32 of the id in [0, 1) below the threshold: reproducible, independent of order and neighbours."""
+    ids = [f"0000-{i:06d}" for i in range(4000)]
+    held = held_out(ids, 0.1)
+    assert held.tolist() == [zlib.crc32(i.encode()) / 2**32 < 0.1 for i in ids]
+    assert np.array_equal(held_out(ids[::-1], 0.1), held[::-1])
+    assert not held_out(ids, 0.0).any() and np.all(held_out(ids, 0.2)[held])
+    assert held_out([], 0.1).shape == (0,)
+
+
+@pytest.mark.parametrize(("n", "fraction", "min_rows", "expected"), [
+    (4000, 0.1, 1, 400), (16, 0.1, 1, 2), (16, 0.1, 2, 2), (3, 0.1, 1, 1), (5, 0.1, 2, 2), (4, 0.9, 1, 3)])
+def test_the_threshold_holds_out_the_fraction_of_any_dataset_of_a_few_rows(n, fraction, min_rows, expected):
+    ids = [f"img-{i}" for i in range(n)]
+    threshold = holdout_threshold(ids, fraction, min_rows)
+    held = held_out(ids, threshold)
+    assert held.sum() == expected  # round(fraction * n), at least min_rows, at most n - 1
+    assert holdout_threshold(list(reversed(ids)), fraction, min_rows) == threshold  # any file or row order
+    hashes = np.array([zlib.crc32(i.encode()) / 2**32 for i in ids])
+    assert hashes[held].max() < hashes[~held].min()  # the rows with the smallest id hashes
+
+
+def test_a_grown_dataset_keeps_most_of_its_held_out_rows():
+    ids = [f"0000-{i:06d}" for i in range(2000)]
+    before = set(np.array(ids)[held_out(ids, holdout_threshold(ids, 0.1))])
+    grown = ids + [f"0001-{i:06d}" for i in range(200)]
+    after = set(np.array(grown)[held_out(grown, holdout_threshold(grown, 0.1))])
+    assert len(before & after) > 0.9 * len(before)
+
+
+def test_too_few_rows_to_hold_out_name_val_fraction():
+    with pytest.raises(ValueError, match=r"loader.val_fraction=0.1 needs more than 1 rows .* has 1"):
+        holdout_threshold(["only"], 0.1)
+    with pytest.raises(ValueError, match=r"needs more than 2 rows to hold out 2"):
+        holdout_threshold(["a", "b"], 0.1, min_rows=2)
+
+
+def _split_dataset(tmp_path, ids: list[str]):
+    """A one-bucket dataset whose rows have these ids, and its spec."""
+    table = _table(len(ids), np.random.default_rng(1)).set_column(0, schema.ID, pa.array(ids))
+    path = tmp_path / schema.DATA_DIR / "bucket=48x32" / "shard-000000-00000000.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(table, path, row_group_size=7)
+    manifest = {"output": str(tmp_path), "files": [str(path)], "models": {"text": {**TINY_TEXT.__dict__}},
+                "counts": {"read": len(ids), "written": len(ids), "rejected": 0}}
+    (tmp_path / schema.MANIFEST).write_text(json.dumps(manifest))
+    return table, read_spec(str(tmp_path))
+
+
+def test_val_fraction_splits_one_data_file_into_training_and_validation_rows(tmp_path):
+    ids = [f"img-{i}" for i in range(60)]
+    table, spec = _split_dataset(tmp_path, ids)
+    split = split_files(spec, None, 0.25)
+    assert split.val_source == "held-out rows" and split.train == split.val
+    held = held_out(ids, split.holdout)
+    assert held.sum() == 15  # a quarter of the 60 rows
+    assert training_rows(split) == {"bucket=48x32": int((~held).sum())}
+    latents = table.column(schema.LATENT).combine_chunks().to_numpy_ndarray()
+    (group,) = read_val_set(split.val, samples=100, world_size=1, holdout=split.holdout)
+    assert np.array_equal(group.columns[schema.LATENT], latents[held])  # the held-out rows, in file order
+    (two,) = read_val_set(split.val, samples=100, world_size=2, holdout=split.holdout)
+    assert np.array_equal(two.columns[schema.LATENT], latents[held][: held.sum() // 2 * 2])
+    kept = drop_held_out(table, split.holdout)  # what each training read task keeps
+    assert schema.ID not in kept.column_names and set(TENSOR_COLUMNS) <= set(kept.column_names)
+    assert np.array_equal(kept.column(schema.LATENT).combine_chunks().to_numpy_ndarray(), latents[~held])
+
+
+def test_val_data_and_val_fraction_zero_hold_out_nothing(tmp_path):
+    _, spec = _split_dataset(tmp_path / "data", [f"img-{i}" for i in range(10)])
+    _, val_spec = _split_dataset(tmp_path / "val", [f"val-{i}" for i in range(4)])
+    split = split_files(spec, val_spec, 0.1)
+    assert (split.train, split.val, split.val_source, split.holdout) == (
+        spec.files_by_bucket, val_spec.files_by_bucket, "val_data", 0.0)
+    assert training_rows(split) == {"bucket=48x32": 10}
+    assert len(read_val_set(split.val, samples=100, world_size=1)[0]) == 4
+    same = split_files(spec, None, 0.0)
+    assert (same.val, same.val_source, same.holdout) == (spec.files_by_bucket, "training rows", 0.0)
+    with pytest.raises(ValueError, match=r"loader.val_fraction must be in \[0, 1\)"):
+        split_files(spec, None, 1.0)
+
+
+def test_a_hold_out_that_empties_either_side_names_val_fraction(tmp_path):
+    ids = [f"img-{i}" for i in range(5)]
+    _, spec = _split_dataset(tmp_path / "data", ids)
+    everything = Split(spec.files_by_bucket, spec.files_by_bucket, "held-out rows", holdout=1.0)
+    with pytest.raises(ValueError, match=r"loader.val_fraction\) holds out all 5 rows .* no training rows"):
+        training_rows(everything)
+    nothing = Split(spec.files_by_bucket, spec.files_by_bucket, "held-out rows", holdout=1e-12)
+    with pytest.raises(ValueError, match=r"holds out none of the dataset's 5 rows"):
+        training_rows(nothing)
+    one = holdout_threshold(ids, 0.1)
+    with pytest.raises(ValueError, match=r"no validation rows: the rows held out by loader.val_fraction are fewer"):
+        read_val_set(spec.files_by_bucket, samples=8, world_size=2, holdout=one)
+    two = split_files(spec, None, 0.1, min_rows=2)  # what the driver asks for 2 workers
+    (group,) = read_val_set(two.val, samples=8, world_size=2, holdout=two.holdout)
+    assert len(group) == 2

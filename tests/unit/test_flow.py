@@ -11,7 +11,6 @@ from model.flow import (
     MODE_SCALE_MAX,
     TimestepDensity,
     interpolate,
-    resolution_shift,
     sample_timesteps,
     shift_timesteps,
     velocity_target,
@@ -100,12 +99,6 @@ def test_shift_value_and_invalid_alpha():
     assert shift_timesteps(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)
     with pytest.raises(ValueError, match="alpha"):
         shift_timesteps(torch.tensor(0.5), 0.0)
-
-
-def test_resolution_shift_is_sqrt_of_pixel_ratio():
-    assert resolution_shift(1024**2, 256**2) == pytest.approx(4.0)
-    assert resolution_shift(512**2, 256**2) == pytest.approx(2.0)
-    assert resolution_shift(256**2, 256**2) == pytest.approx(1.0)
 
 
 # --- densities: parsing --------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """The MM-DiT: config validation, shapes, gradient flow, determinism, meta construction, parameter counts."""
 
 import copy
+import dataclasses
 import math
+import typing
 
 import pytest
 import torch
 
 import model
+from conf.model import ModelConf
 from model.flops import count_params, paper_train_flops, train_flops
 from model.layers import sincos_pos_embed_2d
 
@@ -142,6 +145,29 @@ def test_paper_width_rule():
         assert (c.hidden_size, c.num_heads, c.head_dim, c.mlp_hidden) == (64 * d, d, 64, 4 * 64 * d)
     assert model.FLAVORS["sd3-medium"].qk_norm == "none"
     assert model.FLAVORS["sd3.5-large"].qk_norm == "rms" and model.FLAVORS["sd3.5-large"].depth == 38
+
+
+def test_at_depth_applies_the_width_rule_and_keeps_the_rest():
+    debug = model.FLAVORS["debug"]
+    deeper = debug.at_depth(5)
+    assert (deeper.depth, deeper.hidden_size, deeper.num_heads, deeper.head_dim) == (5, 64 * 5, 5, 64)
+    assert dataclasses.replace(deeper, depth=2, hidden_size=128, num_heads=2) == debug  # text widths etc. kept
+    assert model.FLAVORS["d15"].at_depth(24) == model.FLAVORS["d24"] == model.MMDiTConfig.from_depth(24)
+    assert model.FLAVORS["sd3.5-large"].at_depth(24).qk_norm == "rms"
+    assert ModelConf.at_depth("debug", 5).build() == deeper  # what the sweep's depth series builds
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match=r"MMDiTConfig\.depth"):
+            debug.at_depth(bad)
+
+
+def test_model_conf_has_an_optional_override_for_every_config_field():
+    """`conf.model.ModelConf` is a flavor name plus one override per MMDiTConfig field; None keeps the flavor's."""
+    names = [f.name for f in dataclasses.fields(ModelConf)]
+    assert sorted(names) == sorted(["flavor", *(f.name for f in dataclasses.fields(model.MMDiTConfig))])
+    hints = typing.get_type_hints(ModelConf)
+    not_optional = [n for n in names if n != "flavor" and type(None) not in typing.get_args(hints[n])]
+    assert not not_optional, f"ModelConf fields must be Optional (None keeps the flavor's value): {not_optional}"
+    assert all(getattr(ModelConf(), n) is None for n in names if n != "flavor")
 
 
 @pytest.mark.parametrize("name", sorted(model.FLAVORS))

@@ -10,7 +10,7 @@ import torch
 from conf.bench import BenchModelConf
 from conf.demo import DemoConf
 from conf.model import ModelConf
-from conf.sweep import SweepTrainConf
+from conf.train import TrainConf, TrainerConf
 from model import FLAVORS
 from workloads.bench import model as bench_model
 from workloads.demo import driver as demo
@@ -54,18 +54,20 @@ def test_bad_cli_overrides_fail_before_work(tmp_path, override, message):
         [sys.executable, "-m", "workloads.demo", override, f"out_dir={tmp_path}/out"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode != 0
-    assert message in proc.stdout + proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("error: ") and message in line
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"train": SweepTrainConf(base_flavor="d99")}, "unknown model flavor 'd99'"), ({"workers": 3}, "divisible"),
-     ({"images": 20}, "shard_size"), ({"main_depth": 4}, "main_depth"),
-     ({"train": SweepTrainConf(steps=0)}, "max_steps")],
+    [(lambda: {"train": TrainConf(model=ModelConf("d99"))}, "unknown model flavor 'd99'"),
+     (lambda: {"train": TrainConf(trainer=TrainerConf(num_workers=3, batch_size=16))}, "divisible"),
+     (lambda: {"images": 0}, "images"), (lambda: {"main_depth": 4}, "main_depth"),
+     (lambda: {"train": TrainConf(trainer=TrainerConf(max_steps=0))}, "max_steps")],
 )
 def test_demo_config_checks(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        demo.check(DemoConf(out_dir=str(tmp_path / "out"), **overrides))
+        demo.check(DemoConf(out_dir=str(tmp_path / "out"), **overrides()))
     assert not (tmp_path / "out").exists()

@@ -16,11 +16,12 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from pipelines.encoders import Captioner, TextEncoders, VAEEncoder
+from pipelines.models import SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR
 from pipelines.synthetic.tiny_models import build_tiny_models
 
 SD3_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (128, 256, 512, 512),
            "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-           "layers_per_block": 2, "shift_factor": 0.0609, "scaling_factor": 1.5305,
+           "layers_per_block": 2, "shift_factor": SD3_VAE_SHIFT_FACTOR, "scaling_factor": SD3_VAE_SCALING_FACTOR,
            "use_quant_conv": False, "use_post_quant_conv": False}
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
           "projection_dim": 768, "max_position_embeddings": 77, "vocab_size": 49408}

@@ -110,6 +110,7 @@ def bench_worker(config: dict) -> dict:
         per_rank = [None] * world
         dist.all_gather_object(per_rank, measured)
         figures[f"zero{stage}_bytes"] = max(per_rank)
+        figures[f"zero{stage}_bytes_per_rank"] = per_rank
         figures[f"zero{stage}_expected"] = expected_state_bytes(params, world, stage, param_bytes)
         del trainer
     return figures  # rank 0's becomes Result.return_value

@@ -16,17 +16,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from conf.checks import validate
 from conf.demo import DemoConf, register
 from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
-from conf.sweep import SweepConf, TrialResources
+from conf.sweep import Study, SweepConf
 from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
 from pipelines.storage import join, require_bucket
 from workloads.demo import report as demo_report
-from workloads.runtime import cli, ensure_ray
+from workloads.runtime import cli, ensure_ray, logger
 from workloads.sweep import driver as sweep_job
 from workloads.sweep import studies
 from workloads.train import driver as train_job
+
+LOG = logger("demo")
 
 STAGES = ("shapes", "preprocess", "train", "sweep", "report")
 
@@ -64,9 +67,8 @@ def preprocess_conf(cfg: DemoConf, at: Layout) -> PreprocessConf:
 
 
 def sweep_conf(cfg: DemoConf, at: Layout) -> SweepConf:
-    return SweepConf(study="depth", preset="toy", data=at.data, endpoint_url=cfg.endpoint_url, storage=at.storage,
-                     name="demo-depth", depths=list(cfg.depths), train=cfg.train, eval_samples=16,
-                     trial=TrialResources(workers=cfg.workers))
+    return SweepConf(study=Study.depth, preset="toy", data=at.data, endpoint_url=cfg.endpoint_url,
+                     storage=at.storage, name="demo-depth", depths=list(cfg.depths), train=cfg.train, eval_samples=16)
 
 
 def main_run_conf(cfg: DemoConf, at: Layout) -> TrainConf:
@@ -78,15 +80,7 @@ def main_run_conf(cfg: DemoConf, at: Layout) -> TrainConf:
 
 def check(cfg: DemoConf) -> None:
     """Everything that can be wrong before any work: numbers, each job's config, a missing bucket."""
-    for name in ("images", "image_size", "resolution", "shard_size", "workers"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.images < 2 * cfg.shard_size:
-        raise ValueError(f"images={cfg.images} makes fewer than 2 data files of shard_size={cfg.shard_size}: "
-                         "validation holds out whole files, so training would have none")
-    if len(set(cfg.depths)) < 2 or cfg.main_depth not in cfg.depths:
-        raise ValueError(f"depths needs at least 2 distinct values (a scaling fit) including main_depth="
-                         f"{cfg.main_depth}, got {list(cfg.depths)}")
+    validate(cfg)
     at = Layout.under(storage_of(cfg))
     from pipelines.make_shapes import check as check_shapes
 
@@ -101,11 +95,11 @@ def check(cfg: DemoConf) -> None:
 def stage(name: str, what: str, timings: dict[str, float]) -> Iterator[None]:
     """Progress lines around one step of the demo; its seconds go to `timings`."""
     index = STAGES.index(name) + 1
-    print(f"\n[demo {index}/{len(STAGES)}] {what}", flush=True)
+    LOG.info(f"{index}/{len(STAGES)} {what}")
     start = time.perf_counter()
     yield
     timings[name] = time.perf_counter() - start
-    print(f"[demo {index}/{len(STAGES)}] {name} done in {timings[name]:.0f} s", flush=True)
+    LOG.info(f"{index}/{len(STAGES)} {name} done in {timings[name]:.0f} s")
 
 
 def run(cfg: DemoConf) -> Path:
@@ -113,7 +107,8 @@ def run(cfg: DemoConf) -> Path:
     start = time.perf_counter()
     at, timings = Layout.under(storage_of(cfg)), {}
     out = Path(cfg.out_dir).resolve()
-    ensure_ray(min_cpus=cfg.workers + 2)  # training workers plus room for Ray Data's readers
+    t = cfg.train.trainer
+    ensure_ray(min_cpus=t.num_workers * t.cpus_per_worker + 2)  # training workers plus room for Ray Data's readers
     from pipelines import make_shapes, preprocess
 
     with stage("shapes", f"generating {cfg.images} shapes images ({cfg.image_size} px) in {at.shapes}", timings):
@@ -122,12 +117,12 @@ def run(cfg: DemoConf) -> Path:
         manifest = preprocess.run(preprocess_conf(cfg, at))
     train = main_run_conf(cfg, at)
     with stage("train", f"training the depth-{cfg.main_depth} ({train.model.flavor} flavor) MM-DiT with Ray Train + "
-                        f"DeepSpeed ZeRO-{train.deepspeed.stage} on {cfg.workers} workers, {cfg.train.steps} steps",
+                        f"DeepSpeed ZeRO-{train.deepspeed.stage} on {t.num_workers} workers, {t.max_steps} steps",
                timings):
         if sweep_job.finished(train) is None:
             train_job.run(train)
         else:
-            print(f"[demo] {join(train.run.storage, train.run.name)} already trained to the end: kept", flush=True)
+            LOG.info(f"{join(train.run.storage, train.run.name)} already trained to the end: kept")
     sweep = sweep_conf(cfg, at)
     with stage("sweep", f"toy depth sweep with Ray Tune: depths {list(cfg.depths)} (depth {cfg.main_depth} is the "
                         "main run, found finished and reused)", timings):
@@ -135,8 +130,8 @@ def run(cfg: DemoConf) -> Path:
     with stage("report", f"writing the report to {out}", timings):
         summary = demo_report.write(out, demo_report.Sources(manifest, train, sweep, results), timings,
                                     time.perf_counter() - start)
-    print("\n" + summary, flush=True)
-    print(f"[demo] finished in {time.perf_counter() - start:.0f} s; report folder: {out}", flush=True)
+    LOG.info("\n" + summary)
+    LOG.info(f"finished in {time.perf_counter() - start:.0f} s; report folder: {out}")
     return out
 
 

@@ -13,9 +13,10 @@ import torch
 from conf.sweep import SweepConf
 from conf.train import TrainConf
 from pipelines import schema
-from pipelines.storage import filesystem, join, refreshed
+from pipelines.storage import Location
 from workloads.plots import plot_loss
 from workloads.sweep import studies
+from workloads.train.driver import plan, run_location
 from workloads.train.runlog import METRICS, SUMMARY, read_records
 from workloads.train.validation import LatentDecoder, write_grid
 
@@ -30,25 +31,23 @@ class Sources:
     results: pd.DataFrame  # the sweep's trial rows
 
     @property
-    def run(self) -> str:
-        return join(self.train.run.storage, self.train.run.name)
+    def run(self) -> Location:
+        return run_location(self.train)
 
 
 def copy_latest_grid(src: Sources, path: Path) -> str:
     """The run's last sample grid (CFG samples of validation captions) to `path`; returns its source."""
-    fs, root = refreshed(src.run, src.train.endpoint_url)
-    grids = sorted(fs.glob(join(root, "samples", "step_*.png")))
+    run = src.run.refreshed()
+    grids = sorted(run.fs.glob(run.path("samples", "step_*.png")))
     if not grids:
-        raise FileNotFoundError(f"the run {src.run} wrote no sample grid")
-    path.write_bytes(fs.cat_file(grids[-1]))
+        raise FileNotFoundError(f"the run {run} wrote no sample grid")
+    path.write_bytes(run.fs.cat_file(grids[-1]))
     return grids[-1].rsplit("/", 1)[-1]
 
 
 def write_reference(src: Sources, path: Path) -> str | None:
     """The held-out latents whose captions prompt the sample grid's rows, through the same decoder, to compare
     the samples with; returns the decoder's note when it fell back to a latent preview."""
-    from workloads.train.driver import plan
-
     p = plan(src.train)
     group = p.val[0]  # the group the run samples its grid from
     rows = min(len(group), src.train.validation.grid_prompts)
@@ -60,16 +59,15 @@ def write_reference(src: Sources, path: Path) -> str | None:
 
 def figures(src: Sources, timings: dict[str, float], seconds: float) -> tuple[dict, list[dict]]:
     """The report's figures, and the run's metric records."""
-    records = read_records(src.run, METRICS, src.train.endpoint_url)
+    records = read_records(src.run, METRICS)
     validations = [r for r in records if "val_loss" in r]
-    fs, root = filesystem(src.run, src.train.endpoint_url)
-    run_summary = json.loads(fs.cat_file(join(root, SUMMARY)))
+    run_summary = json.loads(src.run.read_bytes(SUMMARY))
     counts = src.manifest["counts"]
     return {
         "seconds": seconds, "seconds_by_stage": timings,
         "data": {"read": counts["read"], "written": counts["written"], "rejected": counts["rejected"],
                  "buckets": src.manifest["buckets"], "output": src.manifest["output"]},
-        "train": {"run": src.run, "flavor": src.train.model.flavor, "params": run_summary["params"],
+        "train": {"run": src.run.uri, "flavor": src.train.model.flavor, "params": run_summary["params"],
                   "workers": src.train.trainer.num_workers, "zero_stage": src.train.deepspeed.stage,
                   "steps": run_summary["step"], "batch_size": src.train.trainer.batch_size,
                   "samples_per_s": run_summary["samples_per_s"], "train_loss_first": records[0]["loss"],

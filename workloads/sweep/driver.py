@@ -10,6 +10,7 @@ command again resumes a sweep whose driver died: Tune skips finished trials and 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
@@ -19,14 +20,17 @@ import re
 
 import pandas as pd
 
+from conf.checks import validate
 from conf.model import ModelConf
 from conf.sweep import SweepConf, register
 from conf.train import TrainConf
-from pipelines.storage import filesystem, join, refreshed, write_bytes
-from workloads.runtime import cli, ensure_ray
+from pipelines.storage import Location, join
+from workloads.runtime import cli, ensure_ray, logger
 from workloads.sweep import studies
 from workloads.train import driver as train
 from workloads.train.runlog import SUMMARY
+
+LOG = logger("sweep")
 
 TRIAL_DRIVER_CPUS = 0.25  # the trial's own process mostly waits on its Train workers
 
@@ -36,21 +40,12 @@ def sweep_name(cfg: SweepConf) -> str:
 
 
 def trial_train_conf(cfg: SweepConf, params: dict) -> TrainConf:
-    """The training run of one trial: width 64 * depth and depth heads (the paper's family), shared settings."""
-    t, depth = cfg.train, int(params["depth"])
-    c = TrainConf(data=cfg.data, val_data=cfg.val_data, endpoint_url=cfg.endpoint_url)
-    c.model = ModelConf(flavor=t.base_flavor, depth=depth, hidden_size=64 * depth, num_heads=depth)
-    c.trainer.num_workers, c.trainer.use_gpu = cfg.trial.workers, cfg.trial.use_gpu
-    c.trainer.cpus_per_worker, c.trainer.max_steps, c.trainer.batch_size = cfg.trial.cpus_per_worker, t.steps, \
-        t.batch_size
-    c.deepspeed.stage = t.deepspeed_stage
-    c.optim.lr, c.optim.warmup_steps = t.lr, t.warmup_steps
+    """The training run of one trial: the sweep's `train` section with the trial's axis set (depth with the paper's
+    width rule, training shift, formulation), the sweep's data, and the run named by its key."""
+    c = copy.deepcopy(cfg.train)
+    c.data, c.val_data, c.endpoint_url = cfg.data, cfg.val_data, cfg.endpoint_url
+    c.model = ModelConf.at_depth(cfg.train.model.flavor, int(params["depth"]))
     c.objective.formulation, c.objective.shift = params["formulation"], float(params["train_shift"])
-    c.ema.decay = t.ema_decay
-    v = c.validation
-    v.every, v.samples, v.grid_prompts, v.grid_per_prompt, v.sample_steps = \
-        t.val_every, t.val_samples, t.grid_prompts, t.grid_per_prompt, 20
-    c.checkpoint.every, c.checkpoint.keep = t.checkpoint_every, 2
     c.run.storage = join(cfg.storage, "runs")
     c.run.name = run_key(c)
     return c
@@ -67,12 +62,12 @@ def run_key(c: TrainConf) -> str:
 
 def finished(c: TrainConf) -> dict | None:
     """The run's summary when it already trained to the end and exported, else None."""
-    fs, root = refreshed(join(c.run.storage, c.run.name), c.endpoint_url)
+    run = train.run_location(c).refreshed()
     try:
-        summary = json.loads(fs.cat_file(join(root, SUMMARY)))
+        summary = json.loads(run.read_bytes(SUMMARY))
     except FileNotFoundError:
         return None
-    done = summary.get("step", 0) >= c.trainer.max_steps and fs.exists(join(root, "export", "config.json"))
+    done = summary.get("step", 0) >= c.trainer.max_steps and run.exists("export", "config.json")
     return summary if done else None
 
 
@@ -89,15 +84,15 @@ def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]]) ->
     from workloads.train.streaming import split_files
     from workloads.train.validation import read_val_set
 
-    device = resolve_device("cuda" if cfg.trial.use_gpu else "cpu")
+    device = resolve_device("cuda" if c.trainer.use_gpu else "cpu")
     spec = read_spec(c.data, c.endpoint_url)
     check_spec(spec, c.model.build(), c.endpoint_url)
     val_spec = read_spec(c.val_data, c.endpoint_url) if c.val_data else None
-    groups = read_val_set(split_files(spec, val_spec, c.loader.val_fraction).val, cfg.eval_samples, 1,
-                          c.endpoint_url)
-    fs, root = filesystem(join(c.run.storage, c.run.name, "export"), c.endpoint_url)
+    split = split_files(spec, val_spec, c.loader.val_fraction, c.endpoint_url)
+    groups = read_val_set(split.val, cfg.eval_samples, 1, c.endpoint_url, holdout=split.holdout)
+    export = train.run_location(c).child("export")
     with tempfile.TemporaryDirectory() as tmp:
-        fs.get(root + "/", tmp + "/", recursive=True)
+        export.fs.get(export.root + "/", tmp + "/", recursive=True)
         network = load_diffusers(tmp).to(device).eval()
     metrics = sample_metrics(network, groups[0], spec.text, settings, c.objective.formulation, c.trainer.seed,
                              device)
@@ -132,48 +127,55 @@ def trial(config: dict) -> None:
     settings = studies.eval_settings(cfg, float(params["train_shift"]))
     if settings:
         # outside the trial's placement group (it only holds the trial's own CPU share), like the Train workers
-        task = ray.remote(evaluate).options(num_cpus=cfg.trial.cpus_per_worker, num_gpus=int(cfg.trial.use_gpu),
+        task = ray.remote(evaluate).options(num_cpus=c.trainer.cpus_per_worker, num_gpus=int(c.trainer.use_gpu),
                                             scheduling_strategy="DEFAULT")
         row.update(ray.get(task.remote(cfg, c, settings)))
-    fs, root = filesystem(join(cfg.storage, sweep_name(cfg)), cfg.endpoint_url)
-    write_bytes(fs, join(root, "trials", f"{c.run.name}.json"), json.dumps(row).encode())
+    results_location(cfg).write_bytes(f"trials/{c.run.name}.json", json.dumps(row).encode())
     write_results(cfg)
+    LOG.info(f"trial {c.run.name} done: depth {params['depth']}, validation loss {row['val_loss']:.4f}, "
+             f"{row['params']:,} parameters")
     ray.tune.report(row)
 
 
+def results_location(cfg: SweepConf) -> Location:
+    """`<storage>/<name>/`: the sweep's trial rows, results tables, report and plots."""
+    return Location.of(join(cfg.storage, sweep_name(cfg)), cfg.endpoint_url)
+
+
 def read_rows(cfg: SweepConf) -> pd.DataFrame:
-    fs, root = refreshed(join(cfg.storage, sweep_name(cfg)), cfg.endpoint_url)
-    folder = join(root, "trials")
-    files = sorted(fs.glob(join(folder, "*.json"))) if fs.exists(folder) else []
+    results = results_location(cfg).refreshed()
+    folder = results.path("trials")
+    files = sorted(results.fs.glob(join(folder, "*.json"))) if results.fs.exists(folder) else []
     wanted = {trial_train_conf(cfg, p).run.name for p in studies.trial_params(cfg)}
-    rows = [json.loads(fs.cat_file(f)) for f in files]
+    rows = [json.loads(results.fs.cat_file(f)) for f in files]
     return pd.DataFrame([r for r in rows if r["run"] in wanted])
 
 
 def write_results(cfg: SweepConf) -> pd.DataFrame:
     """results.parquet/.csv, report.md and plots from the trials finished so far."""
     results = read_rows(cfg)
-    fs, root = filesystem(join(cfg.storage, sweep_name(cfg)), cfg.endpoint_url)
+    out = results_location(cfg)
     if results.empty:
         return results
     buffer = io.BytesIO()
     results.to_parquet(buffer, index=False)
-    write_bytes(fs, join(root, "results.parquet"), buffer.getvalue())
-    write_bytes(fs, join(root, "results.csv"), results.to_csv(index=False).encode())
+    out.write_bytes("results.parquet", buffer.getvalue())
+    out.write_bytes("results.csv", results.to_csv(index=False).encode())
     analysis = studies.analyze(cfg, results)
     for name, png in analysis.plots.items():
-        write_bytes(fs, join(root, name), png)
+        out.write_bytes(name, png)
     total = len(studies.trial_params(cfg))
     report = [f"# {cfg.study} study ({cfg.preset} preset)", "",
               f"{len(results)} of {total} trials finished; data `{cfg.data}`; trial runs under "
               f"`{join(cfg.storage, 'runs')}`.", "", analysis.markdown, ""]
     report += [f"![{name}]({name})" for name in analysis.plots]
-    write_bytes(fs, join(root, "report.md"), ("\n".join(report) + "\n").encode())
+    out.write_bytes("report.md", ("\n".join(report) + "\n").encode())
     return results
 
 
 def check(cfg: SweepConf) -> list[TrainConf]:
     """Every trial's training config checked (and the data against the largest model) before Ray starts."""
+    validate(cfg)
     confs = [trial_train_conf(cfg, p) for p in studies.trial_params(cfg)]
     if not confs:
         raise ValueError(f"the {cfg.study} study has no trials: check depths / training_shifts / formulations")
@@ -181,8 +183,6 @@ def check(cfg: SweepConf) -> list[TrainConf]:
         train.check(c)
     largest = max(confs, key=lambda c: c.model.depth)
     train.plan(largest)
-    if cfg.study == "steps" and len(cfg.sampling_steps) < 2:
-        raise ValueError("the steps study needs at least two sampling_steps (the largest is the reference)")
     return confs
 
 
@@ -193,10 +193,11 @@ def concurrency(cfg: SweepConf) -> int:
     if cfg.max_concurrent_trials:
         return cfg.max_concurrent_trials
     resources = ray.cluster_resources()
-    cpus = TRIAL_DRIVER_CPUS + cfg.trial.workers * cfg.trial.cpus_per_worker + 1  # + a reader's CPU
+    t = cfg.train.trainer
+    cpus = TRIAL_DRIVER_CPUS + t.num_workers * t.cpus_per_worker + 1  # + a reader's CPU
     fits = resources.get("CPU", 1) / cpus
-    if cfg.trial.use_gpu:
-        fits = min(fits, resources.get("GPU", 0) / cfg.trial.workers)
+    if t.use_gpu:
+        fits = min(fits, resources.get("GPU", 0) / t.num_workers)
     return max(1, math.floor(fits))
 
 
@@ -204,27 +205,29 @@ def run(cfg: SweepConf) -> pd.DataFrame:
     import ray.tune
 
     check(cfg)
-    ensure_ray(min_cpus=cfg.trial.workers * cfg.trial.cpus_per_worker + 2)
+    ensure_ray(min_cpus=cfg.train.trainer.num_workers * cfg.train.trainer.cpus_per_worker + 2)
     from workloads.train.streaming import ray_storage
 
     pafs, storage = ray_storage(cfg.storage, cfg.endpoint_url)
     trainable = ray.tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPUS})
     experiment = join(storage, sweep_name(cfg))
     if ray.tune.Tuner.can_restore(experiment, storage_filesystem=pafs):
-        print(f"[sweep] resuming {experiment}: finished trials are kept, failed ones retried", flush=True)
+        LOG.info(f"resuming {experiment}: finished trials are kept, failed ones retried")
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_errored=True, storage_filesystem=pafs,
                                        param_space=param_space(cfg))
     else:
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space(cfg),
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency(cfg)),
+            # verbose=0: no status table every few seconds; each trial logs one line when it finishes instead
             run_config=ray.tune.RunConfig(name=sweep_name(cfg), storage_path=storage, storage_filesystem=pafs,
+                                          verbose=0,
                                           failure_config=ray.tune.FailureConfig(max_failures=cfg.max_failures)))
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
     results = write_results(cfg)
-    print(f"[sweep] {len(results)} trials finished, {len(errors)} failed; report "
-          f"{join(cfg.storage, sweep_name(cfg), 'report.md')}", flush=True)
+    LOG.info(f"{len(results)} trials finished, {len(errors)} failed; report "
+          f"{join(cfg.storage, sweep_name(cfg), 'report.md')}")
     if errors:
         raise RuntimeError(f"{len(errors)} trial(s) failed; run the same command again to retry them: {errors[0]}")
     return results

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
-from conf.sweep import STUDIES, SweepConf
+from conf.sweep import Study, SweepConf
 from model.formulations import PAPER_GLOBAL_RANK
 from workloads.plots import plt  # matplotlib with the Agg back end
 from workloads.sweep.scaling import fit_power_law
@@ -18,9 +18,9 @@ from workloads.sweep.scaling import fit_power_law
 
 def trial_params(cfg: SweepConf) -> list[dict]:
     """One dict per trial: the training run's depth, training shift and formulation."""
-    t = cfg.train
-    if cfg.study not in STUDIES:
-        raise ValueError(f"study must be one of {STUDIES}, got {cfg.study!r}")
+    t = cfg.train.objective
+    if cfg.study not in tuple(Study):
+        raise ValueError(f"study must be one of {[s.value for s in Study]}, got {cfg.study!r}")
     if cfg.study in ("depth", "steps"):
         return [{"depth": d, "train_shift": t.shift, "formulation": t.formulation} for d in cfg.depths]
     if cfg.study == "shift":
@@ -71,7 +71,7 @@ def _next_depth(cfg: SweepConf, table: pd.DataFrame) -> tuple[int, int, float]:
 
     last = int(table["depth"].iloc[-1])
     depth = last + int(last - table["depth"].iloc[-2])
-    build = lambda d: ModelConf(cfg.train.base_flavor, depth=d, hidden_size=64 * d, num_heads=d).build()  # noqa: E731
+    build = lambda d: ModelConf.at_depth(cfg.train.model.flavor, d).build()  # noqa: E731
     ratio = train_flops(build(depth), 32, 32) / train_flops(build(last), 32, 32)  # per sample, at 256 px
     return depth, count_params(build(depth)), float(table["train_flops"].iloc[-1]) * ratio
 

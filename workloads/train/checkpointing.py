@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines.storage import filesystem, join, refreshed
+from pipelines.storage import Location, join
+from workloads.runtime import logger
+
+LOG = logger("train")
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
@@ -92,29 +95,28 @@ def is_complete(fs, folder: str) -> bool:
     return all(found.get(name) == size for name, size in sizes.items())
 
 
-def find_latest(run_uri: str, endpoint_url: str | None = None) -> str | None:
-    """The URI (or local path) of the newest complete checkpoint folder in the run folder, or None."""
-    fs, root = refreshed(run_uri, endpoint_url)
-    if not fs.exists(root):
+def find_latest(run: Location | str) -> Location | None:
+    """The newest complete checkpoint folder of the run folder, or None."""
+    run = Location.of(run).refreshed()
+    if not run.exists():
         return None
     steps = []
-    for entry in fs.ls(root, detail=False):
+    for entry in run.fs.ls(run.root, detail=False):
         match = _STEP.search(entry.rstrip("/").rsplit("/", 1)[-1])
         if match:
             steps.append((int(match.group(1)), entry.rstrip("/")))
     for step, folder in sorted(steps, reverse=True):
-        if is_complete(fs, folder):
-            return join(run_uri, dir_name(step))
-        print(f"[train] skipping incomplete checkpoint {folder}", flush=True)
+        if is_complete(run.fs, folder):
+            return run.child(dir_name(step))
+        LOG.info(f"skipping incomplete checkpoint {folder}")
     return None
 
 
-def fetch(checkpoint_uri: str, local: Path, endpoint_url: str | None = None) -> Path:
+def fetch(checkpoint: Location, local: Path) -> Path:
     """A local folder with the checkpoint's files: the folder itself when local, else a download into `local`."""
-    fs, path = filesystem(checkpoint_uri, endpoint_url)
-    if isinstance(fs, LocalFileSystem):
-        return Path(path)
-    fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
+    if isinstance(checkpoint.fs, LocalFileSystem):
+        return Path(checkpoint.root)
+    checkpoint.fs.get(checkpoint.root.rstrip("/") + "/", str(local) + "/", recursive=True)
     return local
 
 
@@ -133,3 +135,27 @@ def full_ema(folder: Path) -> tuple[list[str], list[torch.Tensor]]:
     for i, (numel, shape) in enumerate(zip(first["numel"], first["shapes"], strict=True)):
         tensors.append(torch.cat([r["shadow"][i] for r in ranks])[:numel].view(shape))
     return first["names"], tensors
+
+
+class Checkpointer:
+    """Saves a checkpoint every `checkpoint.every` steps and at the end: every rank writes its part into its own
+    folder and `ray.train.report` merges them into `<run>/checkpoint_step=N/` (a barrier: all ranks call it)."""
+
+    def __init__(self, trainer, every: int, log) -> None:
+        self.trainer, self.every, self.log = trainer, every, log
+
+    def maybe_save(self, state: TrainState, final: bool, metrics: dict) -> bool:
+        if state.step % self.every and not final:
+            return False
+        import tempfile
+
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            self.trainer.save(Path(tmp), state)
+            if self.log is not None:
+                self.log.sync()
+            report = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)}
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=dir_name(state.step))
+        return True

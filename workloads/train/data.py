@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from model import MMDiTConfig
-from model.conditioning import TextConditioningConfig, TextEmbeddings, assemble_conditioning, sample_encoder_keep
+from model.conditioning import (
+    PAPER_DROP_PROB,
+    TextConditioningConfig,
+    TextEmbeddings,
+    assemble_conditioning,
+    sample_encoder_keep,
+)
 from pipelines import schema
 from pipelines.storage import filesystem, join
 
@@ -53,8 +59,10 @@ def read_spec(data: str, endpoint_url: str | None = None) -> DataSpec:
     if not by_bucket:
         raise ValueError(f"{data!r}: the manifest lists no data files ({manifest['counts']})")
     models = manifest["models"]
-    text = {k: v for k, v in models["text"].items() if k != "drop_prob"}
-    return DataSpec(dict(by_bucket), TextConditioningConfig(**text), vae=models.get("sd3_repo"),
+    # Only the widths the config has: manifests written before may hold more (a since-removed `drop_prob`).
+    known = {f.name for f in fields(TextConditioningConfig)}
+    text = TextConditioningConfig(**{k: v for k, v in models["text"].items() if k in known})
+    return DataSpec(dict(by_bucket), text, vae=models.get("sd3_repo"),
                     resolution=manifest.get("resolution"), buckets=tuple(manifest.get("buckets") or ()))
 
 
@@ -99,7 +107,7 @@ def check_spec(spec: DataSpec, model: MMDiTConfig, endpoint_url: str | None = No
 
 
 def to_model_inputs(batch: dict[str, torch.Tensor], text: TextConditioningConfig, synthetic_prob: float = 0.5,
-                    drop_prob: float = 0.463, generator: torch.Generator | None = None,
+                    drop_prob: float = PAPER_DROP_PROB, generator: torch.Generator | None = None,
                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x0 (B, C, h, w), context (B, 154, D_ctx), pooled (B, D_pool)) from a batch of tensor columns.
 

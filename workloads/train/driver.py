@@ -13,25 +13,27 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from conf.checks import validate
 from conf.train import TrainConf, register
 from model import count_params, train_flops
 from model.conditioning import TextConditioningConfig
-from model.formulations import get_formulation
 from model.interop import config_from_diffusers
-from model.sampling import SAMPLERS
-from pipelines.storage import filesystem, join
-from workloads.runtime import cli, ensure_ray
+from pipelines.storage import Location, join
+from workloads.runtime import cli, ensure_ray, logger
 from workloads.train import streaming
 from workloads.train.data import check_spec, latent_shape, read_spec
 from workloads.train.initialize import init_source
+from workloads.train.runlog import SUMMARY
 from workloads.train.validation import ValGroup, read_val_set
+
+LOG = logger("train")
 
 
 @dataclass
 class Plan:
     """What the driver works out once and hands every worker."""
 
-    run_uri: str
+    run: Location  # <run.storage>/<run.name>
     text: TextConditioningConfig
     train_files: dict[str, list[str]]
     batches: dict[str, int]  # per rank and epoch, by bucket
@@ -40,39 +42,19 @@ class Plan:
     vae: str | None
     flops: dict[str, float]  # training FLOPs per sample, by bucket
     params: int
+    holdout: float = 0.0  # `Split.holdout`: the training stream drops the rows held out for validation
 
 
 def check(cfg: TrainConf) -> None:
-    """Config errors that need no data, raised before anything runs."""
+    """Config errors that need no data, raised before anything runs (each section's own checks, run again for
+    configs made in code, and the `init_from` network against `model`)."""
+    validate(cfg)
     config = cfg.model.build()
-    get_formulation(cfg.objective.formulation)
-    t, v = cfg.trainer, cfg.validation
-    for name, value in (("trainer.num_workers", t.num_workers), ("trainer.max_steps", t.max_steps),
-                        ("trainer.batch_size", t.batch_size), ("validation.every", v.every),
-                        ("validation.samples", v.samples), ("validation.batch_size", v.batch_size),
-                        ("validation.sample_steps", v.sample_steps), ("checkpoint.every", cfg.checkpoint.every),
-                        ("checkpoint.keep", cfg.checkpoint.keep), ("metrics.t_bins", cfg.metrics.t_bins),
-                        ("metrics.print_every", cfg.metrics.print_every)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if t.batch_size % t.num_workers:
-        raise ValueError(f"trainer.batch_size={t.batch_size} (global) must be divisible by "
-                         f"trainer.num_workers={t.num_workers}")
-    if cfg.deepspeed.stage not in (0, 1, 2, 3):
-        raise ValueError(f"deepspeed.stage must be 0, 1, 2 or 3, got {cfg.deepspeed.stage}")
-    if cfg.deepspeed.offload and cfg.deepspeed.stage == 0:
-        raise ValueError("deepspeed.offload needs ZeRO stage 1, 2 or 3")
-    if v.sampler not in SAMPLERS:
-        raise ValueError(f"validation.sampler must be one of {SAMPLERS}, got {v.sampler!r}")
-    if not 0.0 <= cfg.objective.synthetic_caption_prob <= 1.0 or not 0.0 <= cfg.objective.text_drop_prob <= 1.0:
-        raise ValueError("objective.synthetic_caption_prob and objective.text_drop_prob must be in [0, 1]")
-    if cfg.stage_needs_init and not cfg.init_from:
-        raise ValueError(f"stage at {cfg.stage_resolution}px continues a previous stage: set init_from=<the previous "
-                         "stage's run folder>")
+    if not cfg.data:
+        raise ValueError("data= is required: a preprocessing output (local folder or s3://)")
     if cfg.init_from:
-        source = init_source(cfg.init_from, cfg.endpoint_url)
-        fs, path = filesystem(source, cfg.endpoint_url)
-        previous = config_from_diffusers(json.loads(fs.cat_file(join(path, "config.json"))))
+        source = init_source(Location.of(cfg.init_from, cfg.endpoint_url))
+        previous = config_from_diffusers(json.loads(source.read_bytes("config.json")))
         if previous != config:
             raise ValueError(f"init_from={cfg.init_from!r} holds a different network ({previous}) than "
                              f"model={cfg.model.flavor} ({config})")
@@ -101,23 +83,29 @@ def plan(cfg: TrainConf) -> Plan:
         check_spec(val_spec, config, cfg.endpoint_url)
         if val_spec.text != spec.text:
             raise ValueError(f"val_data was encoded with {val_spec.text}, data with {spec.text}")
-    split = streaming.split_files(spec, val_spec, cfg.loader.val_fraction)
+    split = streaming.split_files(spec, val_spec, cfg.loader.val_fraction, cfg.endpoint_url,
+                                  min_rows=cfg.trainer.num_workers)
     check_resolution(cfg, list(split.train))
     world, local = cfg.trainer.num_workers, cfg.trainer.batch_size // cfg.trainer.num_workers
-    rows = {b: streaming.row_counts(files, cfg.endpoint_url) for b, files in split.train.items()}
+    rows = streaming.training_rows(split, cfg.endpoint_url)
     batches = streaming.batches_per_epoch(rows, world, local)
     if sum(batches.values()) == 0:
         raise ValueError(f"the training data ({rows}) has no bucket with a full global batch of "
                          f"{cfg.trainer.batch_size}: lower trainer.batch_size or add data")
-    val = read_val_set(split.val, cfg.validation.samples, world, cfg.endpoint_url)
+    val = read_val_set(split.val, cfg.validation.samples, world, cfg.endpoint_url, holdout=split.holdout)
     text_tokens = spec.text.text_tokens
     flops = {b: train_flops(config, *latent_shape(split.train[b][0], cfg.endpoint_url)[1:], text_tokens=text_tokens)
              for b in batches}
-    print(f"[train] {sum(rows.values())} training rows in {len(rows)} bucket(s) {rows}; "
-          f"{sum(batches.values())} steps per epoch; {sum(len(g) for g in val)} validation rows "
-          f"({split.val_source})", flush=True)
-    return Plan(join(cfg.run.storage, cfg.run.name), spec.text, split.train, batches, val, split.val_source,
-                spec.vae, flops, count_params(config))
+    LOG.info(f"{sum(rows.values())} training rows in {len(rows)} bucket(s) {rows}; "
+             f"{sum(batches.values())} steps per epoch; {sum(len(g) for g in val)} validation rows "
+             f"({split.val_source})")
+    return Plan(run_location(cfg), spec.text, split.train, batches, val, split.val_source, spec.vae, flops,
+                count_params(config), split.holdout)
+
+
+def run_location(cfg: TrainConf) -> Location:
+    """`<run.storage>/<run.name>/`: everything the run writes (checkpoints, metrics, samples, export)."""
+    return Location.of(join(cfg.run.storage, cfg.run.name), cfg.endpoint_url)
 
 
 def run_config(cfg: TrainConf, callbacks: list | None = None):
@@ -144,18 +132,37 @@ def run(cfg: TrainConf, callbacks: list | None = None):
     files = {b: f for b, f in p.train_files.items() if p.batches.get(b)}
     data_bytes = streaming.total_bytes(files, cfg.endpoint_url)
     materialize = streaming.should_materialize(cfg.loader.materialize, data_bytes, cfg.loader.materialize_fraction)
-    print(f"[train] training data {data_bytes / 2**20:.1f} MiB: "
-          f"{'read once into the object store' if materialize else 'streamed every epoch'}", flush=True)
+    LOG.info(f"training data {data_bytes / 2**20:.1f} MiB: "
+             f"{'read once into the object store' if materialize else 'streamed every epoch'}")
     trainer = TorchTrainer(
         train_loop, train_loop_config={"cfg": cfg, "plan": p},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
                                                resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
         run_config=run_config(cfg, callbacks),
-        datasets=streaming.bucket_datasets(files, cfg.trainer.seed, cfg.endpoint_url, materialize),
+        datasets=streaming.bucket_datasets(files, cfg.trainer.seed, cfg.endpoint_url, materialize, p.holdout),
         dataset_config=streaming.ordered_ingest())
     result = trainer.fit()
-    print(f"[train] finished: {result.metrics}; run folder {p.run_uri}", flush=True)
+    LOG.info(summary_table(p.run, cfg))
     return result
+
+
+def summary_table(run: Location, cfg: TrainConf) -> str:
+    """The finished run in a few aligned lines: steps, losses, speed, size and where everything is."""
+    try:
+        summary = json.loads(run.refreshed().read_bytes(SUMMARY))
+    except FileNotFoundError:
+        return f"finished; run folder {run}"
+    val = summary.get("val_loss")
+    rows = [("steps", f"{summary['step']} of {cfg.trainer.max_steps} (global batch {cfg.trainer.batch_size}, "
+                      f"{cfg.trainer.num_workers} workers, ZeRO-{cfg.deepspeed.stage})"),
+            ("training loss", f"{summary['loss']:.4f} (last step)"),
+            ("EMA val loss", "-" if val is None else f"{val:.4f} ({summary['val_source']})"),
+            ("samples/s", f"{summary['samples_per_s']:.1f} (median)" if summary.get("samples_per_s") else "-"),
+            ("parameters", f"{summary['params']:,}"),
+            ("skipped steps", str(summary["skipped_steps"])),
+            ("run folder", run.uri)]
+    width = max(len(name) for name, _ in rows)
+    return "finished\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
 register()

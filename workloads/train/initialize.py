@@ -7,30 +7,34 @@ import tempfile
 
 from model import MMDiT
 from model.interop import load_diffusers
-from pipelines.storage import filesystem, is_remote, join
+from pipelines.storage import Location
+from workloads.runtime import logger
+
+LOG = logger("train")
 
 
-def init_source(init_from: str, endpoint_url: str | None = None) -> str:
+def init_source(init_from: Location) -> Location:
     """The diffusers folder behind `init_from`: a run folder's `export/`, or the folder itself."""
-    fs, path = filesystem(init_from, endpoint_url)
-    for candidate in (join(path, "export"), path):
-        if fs.exists(join(candidate, "config.json")):
-            return join(init_from, "export") if candidate != path else init_from
-    raise FileNotFoundError(f"init_from={init_from!r} has neither export/config.json (a finished run) nor "
+    for candidate in (init_from.child("export"), init_from):
+        if candidate.exists("config.json"):
+            return candidate
+    raise FileNotFoundError(f"init_from={init_from.uri!r} has neither export/config.json (a finished run) nor "
                             "config.json (a diffusers SD3Transformer2DModel folder)")
 
 
-def weight_loader(init_from: str, endpoint_url: str | None):
+def weight_loader(init_from: Location | str):
     """A function that copies the previous stage's (EMA) weights into a freshly built network."""
+    init_from = Location.of(init_from)
+
     def load(net: MMDiT) -> None:
-        source = init_source(init_from, endpoint_url)
+        source = init_source(init_from)
         with tempfile.TemporaryDirectory() as tmp:
-            if is_remote(source):
-                fs, path = filesystem(source, endpoint_url)
-                fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
-                source = tmp
-            previous = load_diffusers(source)
+            local = source.root
+            if source.remote:
+                source.fs.get(source.root.rstrip("/") + "/", tmp + "/", recursive=True)
+                local = tmp
+            previous = load_diffusers(local)
         net.load_state_dict(previous.state_dict(), strict=True)
-        print(f"[train] initialised from {source}", flush=True)
+        LOG.info(f"initialised from {source}")
 
     return load

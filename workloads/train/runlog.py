@@ -12,33 +12,31 @@ import math
 import tempfile
 from pathlib import Path
 
-from pipelines.storage import filesystem, is_remote, join, refreshed
+from pipelines.storage import Location, join
 
 METRICS, EVENTS, SUMMARY = "metrics.jsonl", "events.jsonl", "summary.json"
 SYNCED = (METRICS, EVENTS, SUMMARY, "tensorboard", "samples")
 
 
-def read_records(run_uri: str, name: str = METRICS, endpoint_url: str | None = None) -> list[dict]:
+def read_records(run: Location | str, name: str = METRICS) -> list[dict]:
     """The JSON-lines records of `<run>/<name>` (metrics or events); [] before the run wrote any."""
-    fs, root = refreshed(run_uri, endpoint_url)
-    path = join(root, name)
-    if not fs.exists(path):
+    run = Location.of(run).refreshed()
+    if not run.exists(name):
         return []
-    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
+    return [json.loads(line) for line in run.read_bytes(name).decode().splitlines() if line.strip()]
 
 
 class RunLog:
-    def __init__(self, run_uri: str, resume_step: int, tensorboard: bool = True,
-                 endpoint_url: str | None = None) -> None:
-        self.fs, self.root = filesystem(run_uri, endpoint_url)
-        self.remote = is_remote(run_uri)
+    def __init__(self, run: Location, resume_step: int, tensorboard: bool = True) -> None:
+        self.fs, self.root = run.fs, run.root
+        self.remote = run.remote
         self.local = Path(tempfile.mkdtemp(prefix="run-")) if self.remote else Path(self.root)
         self.local.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_records(run_uri, METRICS, endpoint_url) if r["step"] <= resume_step]
+        kept = [r for r in read_records(run, METRICS) if r["step"] <= resume_step]
         (self.local / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.metrics = (self.local / METRICS).open("a")
         if self.remote:
-            events = read_records(run_uri, EVENTS, endpoint_url)
+            events = read_records(run, EVENTS)
             (self.local / EVENTS).write_text("".join(json.dumps(r) + "\n" for r in events))
         self.writer = None
         if tensorboard:

@@ -1,7 +1,8 @@
 """Training input streamed from the preprocessed Parquet through Ray Data, one dataset per resolution bucket.
 
-Driver side: the held-out split, row counts from the Parquet footers and one `read_parquet` per bucket (tensor
-columns only, file order permuted once by the seed). Ray Train splits each bucket over the workers with
+Driver side: the validation split (a separate dataset, or rows held out by a hash of their id), training row
+counts and one `read_parquet` per bucket (tensor columns only, held-out rows filtered out, file order permuted once
+by the seed). Ray Train splits each bucket over the workers with
 `streaming_split(equal=True)`; with `preserve_order` the split is deterministic, so a run and its resumption see
 the same rows.
 
@@ -14,53 +15,106 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipelines import schema
 from pipelines.storage import filesystem, is_remote
 from workloads.train.data import TENSOR_COLUMNS, DataSpec
 
 
 @dataclass(frozen=True)
 class Split:
+    """Where training and validation rows come from. With `holdout` both sides read the same files and each row's
+    id decides its side (`held_out`)."""
+
     train: dict[str, list[str]]  # bucket -> data files
     val: dict[str, list[str]]
-    val_source: str  # "val_data", "held-out files" or "training files"
+    val_source: str  # "val_data", "held-out rows" or "training rows"
+    holdout: float = 0.0  # > 0: rows `held_out` picks validate and are left out of training
 
 
-def split_files(spec: DataSpec, val_spec: DataSpec | None, fraction: float) -> Split:
-    """Held-out files for validation: all of `val_spec`, else a `fraction` of the files chosen by a hash of their
-    names (stable as the dataset grows), else (fraction 0) validation on training files."""
+def id_hashes(ids: Sequence[str]) -> np.ndarray:
+    """(n,) float64 in [0, 1): crc32 of each sample id, the key of the row-level validation split."""
+    return np.fromiter((zlib.crc32(i.encode()) for i in ids), dtype=np.float64, count=len(ids)) / 2.0**32
+
+
+def held_out(ids: Sequence[str], threshold: float) -> np.ndarray:
+    """(n,) bool, the validation rows: those whose id hash is below `threshold` (`Split.holdout`). A row's side
+    depends on its id and the threshold alone: the same in every run, restart and worker count."""
+    return id_hashes(ids) < threshold
+
+
+def holdout_threshold(ids: Sequence[str], fraction: float, min_rows: int = 1) -> float:
+    """The hash threshold that holds out round(fraction * n) of the n rows, at least `min_rows` and at most n - 1:
+    the rows with the smallest id hashes, so even a tiny dataset validates, and added rows move few others."""
+    if len(ids) <= min_rows:
+        raise ValueError(f"loader.val_fraction={fraction} needs more than {min_rows} rows to hold out {min_rows}, "
+                         f"the dataset has {len(ids)}: set val_data= or loader.val_fraction=0 (validate on training "
+                         "rows)")
+    hashes = np.sort(id_hashes(ids))
+    k = min(len(ids) - 1, max(min_rows, round(fraction * len(ids))))
+    return float((hashes[k - 1] + hashes[k]) / 2)
+
+
+def split_files(spec: DataSpec, val_spec: DataSpec | None, fraction: float, endpoint_url: str | None = None,
+                min_rows: int = 1) -> Split:
+    """Validation rows: all of `val_spec`; else a `fraction` of the rows of `spec` (at least `min_rows`, e.g. one
+    per worker) chosen by id hash, which training skips (reads the id column of every file); else (fraction 0) the
+    training rows themselves."""
     if val_spec is not None:
         return Split(spec.files_by_bucket, val_spec.files_by_bucket, "val_data")
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"loader.val_fraction must be in [0, 1), got {fraction}")
     if fraction == 0.0:
-        return Split(spec.files_by_bucket, spec.files_by_bucket, "training files")
-    # keyed by bucket folder and file name, so a copied or moved dataset splits the same way
-    files = sorted((f for fs in spec.files_by_bucket.values() for f in fs),
-                   key=lambda f: zlib.crc32("/".join(f.rsplit("/", 2)[-2:]).encode()))
-    if len(files) < 2:
-        raise ValueError(f"loader.val_fraction={fraction} needs at least 2 data files, the dataset has "
-                         f"{len(files)}: set val_data= or loader.val_fraction=0")
-    held = set(files[: min(len(files) - 1, max(1, round(fraction * len(files))))])
-    train = {b: [f for f in fs if f not in held] for b, fs in spec.files_by_bucket.items()}
-    val = {b: [f for f in fs if f in held] for b, fs in spec.files_by_bucket.items()}
-    return Split({b: f for b, f in train.items() if f}, {b: f for b, f in val.items() if f}, "held-out files")
+        return Split(spec.files_by_bucket, spec.files_by_bucket, "training rows")
+    ids = [i for files in spec.files_by_bucket.values() for f in files for i in read_ids(f, endpoint_url)]
+    return Split(spec.files_by_bucket, spec.files_by_bucket, "held-out rows",
+                 holdout=holdout_threshold(ids, fraction, min_rows))
 
 
-def row_counts(files: list[str], endpoint_url: str | None = None) -> int:
-    total = 0
+def read_ids(file: str, endpoint_url: str | None = None) -> list[str]:
+    fs, path = filesystem(file, endpoint_url)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).read(columns=[schema.ID]).column(schema.ID).to_pylist()
+
+
+def split_row_counts(files: list[str], holdout: float = 0.0, endpoint_url: str | None = None) -> tuple[int, int]:
+    """(rows, held-out rows) of the files: the Parquet footers, and with a `holdout` the id column of each file."""
+    total = held = 0
     for file in files:
         fs, path = filesystem(file, endpoint_url)
         with fs.open(path, "rb") as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
-    return total
+            parquet = pq.ParquetFile(handle)
+            total += parquet.metadata.num_rows
+            if holdout:
+                held += int(held_out(parquet.read(columns=[schema.ID]).column(schema.ID).to_pylist(), holdout).sum())
+    return total, held
+
+
+def row_counts(files: list[str], endpoint_url: str | None = None) -> int:
+    return split_row_counts(files, 0.0, endpoint_url)[0]
+
+
+def training_rows(split: Split, endpoint_url: str | None = None) -> dict[str, int]:
+    """Training rows by bucket, held-out rows excluded; fails when the hold-out leaves either side empty."""
+    counts = {b: split_row_counts(files, split.holdout, endpoint_url) for b, files in split.train.items()}
+    rows = {b: total - held for b, (total, held) in counts.items()}
+    if split.holdout:
+        total, held = sum(t for t, _ in counts.values()), sum(h for _, h in counts.values())
+        if held == 0:
+            raise ValueError(f"the row hold-out (loader.val_fraction) holds out none of the dataset's {total} rows: "
+                             "raise it, set val_data= or set loader.val_fraction=0 (validate on training rows)")
+        if held == total:
+            raise ValueError(f"the row hold-out (loader.val_fraction) holds out all {total} rows of the dataset, "
+                             "leaving no training rows: lower it or set val_data=")
+    return rows
 
 
 def batches_per_epoch(rows: dict[str, int], world_size: int, local_batch: int) -> dict[str, int]:
@@ -113,10 +167,16 @@ def ordered_ingest():
     return ray.train.DataConfig(execution_options=options)
 
 
+def drop_held_out(batch: pa.Table, holdout: float) -> pa.Table:
+    """The batch's training rows (those `held_out` does not pick), without the id column."""
+    keep = ~held_out(batch.column(schema.ID).to_pylist(), holdout)
+    return batch.filter(pa.array(keep)).drop_columns([schema.ID])
+
+
 def bucket_datasets(files: dict[str, list[str]], seed: int, endpoint_url: str | None = None,
-                    materialize: bool = False) -> dict:
-    """One Ray dataset per bucket with the tensor columns only, files in a seeded order; read into the object
-    store once with `materialize`, else streamed every epoch."""
+                    materialize: bool = False, holdout: float = 0.0) -> dict:
+    """One Ray dataset per bucket with the tensor columns only, files in a seeded order, rows `held_out` picks
+    with `holdout` filtered out; read into the object store once with `materialize`, else streamed every epoch."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -128,7 +188,11 @@ def bucket_datasets(files: dict[str, list[str]], seed: int, endpoint_url: str | 
         random.Random(f"{seed}/{bucket}").shuffle(order)
         pafs, _ = arrow_filesystem(order[0], endpoint_url)
         stripped = [arrow_filesystem(p, endpoint_url)[1] for p in order] if pafs is not None else order
-        dataset = ray.data.read_parquet(stripped, filesystem=pafs, columns=list(TENSOR_COLUMNS))
+        columns = [schema.ID, *TENSOR_COLUMNS] if holdout else list(TENSOR_COLUMNS)
+        dataset = ray.data.read_parquet(stripped, filesystem=pafs, columns=columns)
+        if holdout:  # row-wise and order-keeping: fused into the read tasks
+            dataset = dataset.map_batches(drop_held_out, fn_kwargs={"holdout": holdout}, batch_format="pyarrow",
+                                          batch_size=None)
         dataset.context.execution_options.preserve_order = True  # blocks in file order, also when materialised
         datasets[dataset_name(bucket)] = dataset.materialize() if materialize else dataset
     return datasets

@@ -1,4 +1,4 @@
-"""Validation during training: a fixed held-out set (read once by the driver), the fixed-timestep loss of
+"""Validation during training: a fixed validation set (read once by the driver), the fixed-timestep loss of
 `model.objective` split over the ranks, and a PNG grid of CFG samples for fixed validation captions."""
 
 from __future__ import annotations
@@ -13,17 +13,21 @@ import torch
 import torch.distributed as dist
 
 from model.conditioning import TextConditioningConfig
-from model.objective import DEFAULT_VALIDATION_TIMESTEPS, validation_loss
+from model.objective import DEFAULT_VALIDATION_TIMESTEPS, validation_loss, validation_timesteps
 from model.sampling import sample
 from pipelines import schema
 from pipelines.storage import filesystem
 from workloads.plots import latents_to_rgb, sample_grid
+from workloads.runtime import logger
 from workloads.train.data import TENSOR_COLUMNS, to_model_inputs
+from workloads.train.streaming import held_out
+
+LOG = logger("train")
 
 
 @dataclass
 class ValGroup:
-    """Held-out rows of one bucket: tensor columns as numpy arrays, captions, and ids that key the fixed noise."""
+    """Validation rows of one bucket: tensor columns as numpy arrays, captions, and ids that key the fixed noise."""
 
     bucket: str
     columns: dict[str, np.ndarray]
@@ -37,17 +41,21 @@ class ValGroup:
         return {c: torch.from_numpy(np.ascontiguousarray(v[rows])) for c, v in self.columns.items()}
 
 
-def read_val_set(files: dict[str, list[str]], samples: int, world_size: int,
-                 endpoint_url: str | None = None) -> list[ValGroup]:
+def read_val_set(files: dict[str, list[str]], samples: int, world_size: int, endpoint_url: str | None = None,
+                 holdout: float = 0.0) -> list[ValGroup]:
     """Up to `samples` rows shared evenly over the buckets, each bucket's count a multiple of `world_size` (every
-    rank then runs the same number of forward passes, which ZeRO-3 needs)."""
+    rank then runs the same number of forward passes, which ZeRO-3 needs); with a `holdout` (`Split.holdout`), only
+    the rows `held_out` picks. Files in name order, rows in file order: the same set in every run."""
     quota = samples // max(1, len(files))
+    read_columns = [*TENSOR_COLUMNS, schema.CAPTION, *([schema.ID] if holdout else [])]
     groups, next_id = [], 0
     for bucket, paths in sorted(files.items()):
         tables, rows = [], 0
         for path in sorted(paths):
             fs, p = filesystem(path, endpoint_url)
-            table = pq.read_table(pa.BufferReader(fs.cat_file(p)), columns=[*TENSOR_COLUMNS, schema.CAPTION])
+            table = pq.read_table(pa.BufferReader(fs.cat_file(p)), columns=read_columns)
+            if holdout:
+                table = table.filter(pa.array(held_out(table.column(schema.ID).to_pylist(), holdout)))
             tables.append(table)
             rows += table.num_rows
             if rows >= quota:
@@ -61,8 +69,10 @@ def read_val_set(files: dict[str, list[str]], samples: int, world_size: int,
         groups.append(ValGroup(bucket, columns, captions, np.arange(next_id, next_id + n)))
         next_id += n
     if not groups:
-        raise ValueError(f"no validation rows: {sum(len(p) for p in files.values())} validation files give fewer "
-                         f"than {world_size} rows per bucket (validation.samples={samples})")
+        where = ("the rows held out by loader.val_fraction are" if holdout
+                 else f"{sum(len(p) for p in files.values())} validation files give")
+        raise ValueError(f"no validation rows: {where} fewer than {world_size} rows per bucket "
+                         f"(validation.samples={samples}, trainer.num_workers={world_size})")
     return groups
 
 
@@ -118,7 +128,7 @@ class LatentDecoder:
         except Exception as error:  # any loading failure falls back to the preview
             self.note = f"VAE {repo!r} not loadable ({type(error).__name__}: {error})"
         if self.note:
-            print(f"[train] sample grids show latent channels 0-2: {self.note}", flush=True)
+            LOG.info(f"sample grids show latent channels 0-2: {self.note}")
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
@@ -134,3 +144,26 @@ class LatentDecoder:
 def write_grid(decoder: LatentDecoder, latents: torch.Tensor, captions: list[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     sample_grid(decoder(latents), [c[:40] for c in captions], path)
+
+
+class Validator:
+    """EMA validation every `validation.every` steps and at the end: the fixed-timestep loss (overall and per
+    timestep; every rank takes part) and, on rank 0, a sample grid PNG in the run folder."""
+
+    def __init__(self, trainer, groups: list[ValGroup], every: int, vae: str | None, log) -> None:
+        self.trainer, self.groups, self.every, self.vae, self.log = trainer, groups, every, vae, log
+        self.decoder: LatentDecoder | None = None
+
+    def maybe_run(self, step: int, final: bool) -> dict:
+        """The validation fields of this step's record, or {} when validation is not due."""
+        if step % self.every and not final:
+            return {}
+        per_t = self.trainer.validate(self.groups)
+        record = {"val_loss": float(per_t.mean())}
+        timesteps = validation_timesteps(len(per_t)).tolist()
+        record.update({f"val_loss_at_{t:.3f}": float(v) for t, v in zip(timesteps, per_t.tolist(), strict=True)})
+        latents, captions = self.trainer.samples(self.groups[0])
+        if self.log is not None:
+            self.decoder = self.decoder or LatentDecoder(self.vae)
+            write_grid(self.decoder, latents, captions, self.log.path(f"samples/step_{step:08d}.png"))
+        return record

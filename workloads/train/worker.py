@@ -1,11 +1,11 @@
-"""The Ray Train worker of `workloads.train`: resume, the step loop with metrics, validation, checkpoints, export."""
+"""The Ray Train worker of `workloads.train`: resume, the step loop, the export. Metrics and progress lines
+(`progress`), validation (`validation.Validator`) and checkpoints (`checkpointing.Checkpointer`) each keep their own
+cadence, so the loop fits on a screen."""
 
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import deepspeed
@@ -15,31 +15,33 @@ import torch.distributed as dist
 from ray.train.torch import get_device
 
 from conf.train import TrainConf
-from model.objective import validation_timesteps
-from pipelines.storage import filesystem, is_remote, join
+from pipelines.storage import Location
+from workloads.runtime import logger, quiet_ray, setup_logging
 from workloads.train import checkpointing
-from workloads.train.checkpointing import TrainState
+from workloads.train.checkpointing import Checkpointer, TrainState
 from workloads.train.initialize import weight_loader
-from workloads.train.mfu import mfu, peak_tflops
+from workloads.train.mfu import peak_tflops
+from workloads.train.progress import Progress
 from workloads.train.runlog import SUMMARY, RunLog
 from workloads.train.streaming import EpochStream, dataset_name
-from workloads.train.trainer import StepResult, Trainer
-from workloads.train.validation import LatentDecoder, write_grid
+from workloads.train.trainer import Trainer
+from workloads.train.validation import Validator
+
+LOG = logger("train")
 
 
-def resume(trainer: Trainer, run_uri: str, endpoint_url: str | None) -> tuple[TrainState | None, str | None]:
+def resume(trainer: Trainer, run: Location) -> tuple[TrainState | None, str | None]:
     """Load the newest complete checkpoint of the run (rank 0 picks it for everyone): (state, its URI), or
     (None, None) for a new run."""
-    choice = [checkpointing.find_latest(run_uri, endpoint_url) if dist.get_rank() == 0 else None]
+    choice = [checkpointing.find_latest(run) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     if choice[0] is None:
         return None, None
     with tempfile.TemporaryDirectory(prefix="resume-") as tmp:
-        state = trainer.load(checkpointing.fetch(choice[0], Path(tmp), endpoint_url))
+        state = trainer.load(checkpointing.fetch(choice[0], Path(tmp)))
     if dist.get_rank() == 0:
-        print(f"[train] resumed from {choice[0]}: step {state.step}, epoch {state.epoch}, batch {state.offset}",
-              flush=True)
-    return state, choice[0]
+        LOG.info(f"resumed from {choice[0]}: step {state.step}, epoch {state.epoch}, batch {state.offset}")
+    return state, choice[0].uri
 
 
 def track_nonfinite(state: TrainState, skipped: bool, limit: int) -> None:
@@ -52,128 +54,85 @@ def track_nonfinite(state: TrainState, skipped: bool, limit: int) -> None:
                                  "the data, then resume from the last checkpoint")
 
 
-def step_record(state: TrainState, bucket: str, result: StepResult, step_s: float, data_s: float,
-                global_batch: int, flops: float, peak: float | None, world: int) -> dict:
-    samples_per_s = global_batch / step_s
-    record = {"step": state.step, "epoch": state.epoch, "bucket": bucket, "loss": result.loss,
-              "grad_norm": result.grad_norm, "lr": result.lr, "samples_per_s": samples_per_s,
-              "data_wait": data_s / step_s, "step_s": step_s, "skipped": result.skipped,
-              "skipped_total": state.skipped}
-    record.update({f"loss_t{i}": value for i, value in enumerate(result.bins)})
-    if peak is not None:
-        record["mfu"] = mfu(flops, samples_per_s / world, peak)
-    return record
-
-
-def progress_line(record: dict, max_steps: int) -> str:
-    line = (f"[train] step {record['step']}/{max_steps} loss {record['loss']:.4f} "
-            f"{record['samples_per_s']:.1f} samples/s")
-    return line + (f" | EMA validation loss {record['val_loss']:.4f}" if "val_loss" in record else "")
-
-
-def validation_record(trainer: Trainer, plan, log: RunLog | None, decoder: list, step: int) -> dict:
-    """EMA validation loss (overall and per timestep) and, on rank 0, the sample grid PNG."""
-    per_t = trainer.validate(plan.val)
-    record = {"val_loss": float(per_t.mean())}
-    record.update({f"val_loss_at_{t:.3f}": float(v) for t, v in zip(validation_timesteps(len(per_t)).tolist(),
-                                                                      per_t.tolist(), strict=True)})
-    latents, captions = trainer.samples(plan.val[0])
-    if log is not None:
-        if not decoder:
-            decoder.append(LatentDecoder(plan.vae))
-        write_grid(decoder[0], latents, captions, log.path(f"samples/step_{step:08d}.png"))
-    return record
-
-
-def save_checkpoint(trainer: Trainer, state: TrainState, metrics: dict, log: RunLog | None) -> None:
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-        trainer.save(Path(tmp), state)
-        if log is not None:
-            log.sync()
-        report = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)}
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=checkpointing.dir_name(state.step))
-
-
-def export(trainer: Trainer, plan, log: RunLog | None, endpoint_url: str | None) -> None:
+def export(trainer: Trainer, run: Location, log: RunLog | None) -> None:
     """<run>/export/: the EMA weights for diffusers (every rank joins: the ZeRO-3 gather is collective)."""
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         trainer.export(Path(tmp))
         if log is not None:
-            fs, root = filesystem(plan.run_uri, endpoint_url)
-            target = join(root, "export")
-            if fs.exists(target):
-                fs.rm(target, recursive=True)
-            if is_remote(plan.run_uri):
-                fs.put(tmp + "/", target + "/", recursive=True)
+            target = run.path("export")
+            if run.fs.exists(target):
+                run.fs.rm(target, recursive=True)
+            if run.remote:
+                run.fs.put(tmp + "/", target + "/", recursive=True)
             else:
-                fs.copy(tmp + "/", target + "/", recursive=True)
+                run.fs.copy(tmp + "/", target + "/", recursive=True)
     dist.barrier()
 
 
 def worker(cfg: TrainConf, plan) -> None:
+    """One rank: resume, then steps until `trainer.max_steps`, each component keeping its own cadence; at the end
+    the diffusers export and (rank 0) the session's summary."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device() if cfg.trainer.use_gpu else torch.device("cpu")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    load = None
-    if cfg.init_from:
-        load = weight_loader(cfg.init_from, cfg.endpoint_url)
+    load = weight_loader(Location.of(cfg.init_from, cfg.endpoint_url)) if cfg.init_from else None
     trainer = Trainer(cfg, plan.text, device, load)
-    state, source = resume(trainer, plan.run_uri, cfg.endpoint_url)
+    state, source = resume(trainer, plan.run)
     state = state or TrainState(world_size=world, zero_stage=cfg.deepspeed.stage)
-    log = RunLog(plan.run_uri, state.step, cfg.metrics.tensorboard, cfg.endpoint_url) if rank == 0 else None
+    log = RunLog(plan.run, state.step, cfg.metrics.tensorboard) if rank == 0 else None
     if log is not None:
         log.event("resumed" if source else "started", step=state.step, checkpoint=source, workers=world)
-    decoder: list = []
-    batches = {b: n for b, n in plan.batches.items() if n > 0}
-    shards = {b: ray.train.get_dataset_shard(dataset_name(b)) for b in batches}
-    local_batch = cfg.trainer.batch_size // world
-    stream = EpochStream(shards, batches, local_batch, cfg.trainer.seed, rank, cfg.loader.shuffle_buffer,
-                         cfg.loader.prefetch_batches)
+    t = cfg.trainer
     peak = peak_tflops(device, cfg.metrics.peak_tflops)
-    t, last, rates = cfg.trainer, {}, []
+    progress = Progress(cfg.metrics, t.max_steps, t.batch_size, world, log, peak, plan.flops)
+    validator = Validator(trainer, plan.val, cfg.validation.every, plan.vae, log)
+    checkpointer = Checkpointer(trainer, cfg.checkpoint.every, log)
+    stream = epoch_stream(cfg, plan, rank, world)
     while state.step < t.max_steps:
-        tick = time.perf_counter()
-        for index, bucket, batch in stream.epoch(state.epoch, state.offset):
-            data_s = time.perf_counter() - tick
+        for index, bucket, batch in progress.timed(stream.epoch(state.epoch, state.offset)):
             result = trainer.step(batch, state.step + 1)
             state.step, state.offset = state.step + 1, index + 1
             track_nonfinite(state, result.skipped, t.max_nonfinite)
-            record = step_record(state, bucket, result, time.perf_counter() - tick, data_s, t.batch_size,
-                                 plan.flops[bucket], peak, world)
             final = state.step >= t.max_steps
-            if state.step % cfg.validation.every == 0 or final:
-                record.update(validation_record(trainer, plan, log, decoder, state.step))
-            last.update(record)
-            rates.append(record["samples_per_s"])
-            if log is not None:
-                log.log(record)
-                if state.step % cfg.metrics.print_every == 0 or "val_loss" in record:
-                    print(progress_line(record, t.max_steps), flush=True)
-                if is_remote(plan.run_uri) and state.step % cfg.metrics.sync_every == 0:
-                    log.sync()
-            if state.step % cfg.checkpoint.every == 0 or final:
-                save_checkpoint(trainer, state, last, log)
+            record = progress.record(state, bucket, result) | validator.maybe_run(state.step, final)
+            progress.maybe_print(record, final)
+            checkpointer.maybe_save(state, final, progress.last)
             if final:
                 break
-            tick = time.perf_counter()
         else:
             state.epoch, state.offset = state.epoch + 1, 0
+    finish(cfg, trainer, plan, state, progress, log)
+
+
+def epoch_stream(cfg: TrainConf, plan, rank: int, world: int) -> EpochStream:
+    """This rank's bucketed batches from the Ray Train dataset shards of the buckets that have batches."""
+    batches = {b: n for b, n in plan.batches.items() if n > 0}
+    shards = {b: ray.train.get_dataset_shard(dataset_name(b)) for b in batches}
+    return EpochStream(shards, batches, cfg.trainer.batch_size // world, cfg.trainer.seed, rank,
+                       cfg.loader.shuffle_buffer, cfg.loader.prefetch_batches)
+
+
+def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: Progress, log: RunLog | None) -> None:
+    """The diffusers export (every rank joins), then rank 0 writes the summary and closes the run log."""
     if cfg.export:
-        export(trainer, plan, log, cfg.endpoint_url)
-    if log is not None:
-        if last:  # not when a finished run was only started again
-            n = sum(plan.batches.values())
-            summary = {"step": state.step, "params": plan.params, "skipped_steps": state.skipped,
-                       "val_source": plan.val_source, "loss": last["loss"], "val_loss": last.get("val_loss"),
-                       "samples_per_s": statistics.median(rates),  # of this session's steps
-                       "train_flops_per_sample": sum(plan.flops[b] * k for b, k in plan.batches.items()) / n}
-            log.path(SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
-        log.event("finished", step=state.step)
-        log.close()
+        export(trainer, plan.run, log)
+    if log is None:
+        return
+    last = progress.last
+    if last:  # not when a finished run was only started again
+        n = sum(plan.batches.values())
+        summary = {"step": state.step, "params": plan.params, "skipped_steps": state.skipped,
+                   "val_source": plan.val_source, "loss": last["loss"], "val_loss": last.get("val_loss"),
+                   "samples_per_s": progress.median_rate(),  # of this session's steps
+                   "train_flops_per_sample": sum(plan.flops[b] * k for b, k in plan.batches.items()) / n}
+        log.path(SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    log.event("finished", step=state.step)
+    log.close()
 
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker."""
+    """One Ray Train worker (the function `TorchTrainer` runs on every rank)."""
+    setup_logging()
+    quiet_ray()
     worker(config["cfg"], config["plan"])

@@ -1,0 +1,71 @@
+"""Checks shared by the job configs: choice fields as enums (a bad value fails at override time naming the allowed
+ones), range checks that name the field, and `validate` for configs made or changed in code.
+
+Each enum is built from the tuple its component owns (one place per fact); members are strings (or ints), so they
+compare equal to the plain values the components take.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+from model.precision import DTYPES
+from model.sampling import SAMPLERS
+from pipelines.sources import FORMATS
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    return StrEnum(name, [(v, v) for v in values], module=__name__)
+
+
+Dtype = _choices("Dtype", ("auto", *DTYPES))  # auto: the component's default for the device
+Sampler = _choices("Sampler", SAMPLERS)
+InputFormat = _choices("InputFormat", ("auto", *FORMATS))
+ModelsKind = _choices("ModelsKind", ("tiny", "sd3"))
+Device = _choices("Device", ("auto", "cpu", "cuda"))
+
+
+# DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards the optimizer state, 2 also the gradients, 3 also the weights.
+ZeroStage = IntEnum("ZeroStage", [(str(stage), stage) for stage in range(4)], module=__name__)
+
+
+def at_least(owner: object, minimum: float, *names: str) -> None:
+    """Raise ValueError naming `<section>.<field>` when a numeric field is below `minimum`."""
+    section = getattr(owner, "SECTION", type(owner).__name__)
+    for name in names:
+        value = getattr(owner, name)
+        if value < minimum:
+            raise ValueError(f"{section}.{name} must be >= {minimum:g}, got {value}")
+
+
+def in_unit_interval(owner: object, *names: str, open_right: bool = False) -> None:
+    section = getattr(owner, "SECTION", type(owner).__name__)
+    for name in names:
+        value = getattr(owner, name)
+        if not (0.0 <= value < 1.0 if open_right else 0.0 <= value <= 1.0):
+            raise ValueError(f"{section}.{name} must be in [0, 1{')' if open_right else ']'}, got {value}")
+
+
+def validate(config: object) -> None:
+    """Re-run the checks of a config made or changed in code (the sweep's trials, tests): each nested dataclass's
+    `__post_init__`, and each enum field's value against its enum. Configs composed by Hydra are checked already."""
+    import typing
+    from dataclasses import fields, is_dataclass
+    from enum import Enum
+
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        kind = hints.get(f.name)
+        if isinstance(kind, type) and issubclass(kind, Enum) and not isinstance(value, kind):
+            try:
+                setattr(config, f.name, kind(value))
+            except ValueError:
+                section = getattr(config, "SECTION", type(config).__name__)
+                raise ValueError(f"{section}.{f.name} must be one of {[m.value for m in kind]}, "
+                                 f"got {value!r}") from None
+        if is_dataclass(value):
+            validate(value)
+    post_init = getattr(config, "__post_init__", None)
+    if post_init is not None:
+        post_init()

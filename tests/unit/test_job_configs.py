@@ -1,0 +1,104 @@
+"""The jobs' configs: one training schema carried by the sweep and the demo, self-validating sections, and the
+command line's one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conf.demo import DemoConf
+from conf.sweep import SweepConf
+from conf.train import TrainConf
+from workloads import runtime
+from workloads.demo import driver as demo
+from workloads.sweep import driver as sweep
+from workloads.sweep import studies
+from workloads.train import driver as train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def trials(cfg: SweepConf) -> list[TrainConf]:
+    return [sweep.trial_train_conf(cfg, p) for p in studies.trial_params(cfg)]
+
+
+def test_a_field_of_the_sweeps_train_section_reaches_every_trial_and_its_run_key():
+    plain = runtime.compose("sweep", ["data=/data", "depths=[1,2]"])
+    tuned = runtime.compose("sweep", ["data=/data", "depths=[1,2]", "train.optim.weight_decay=0.05",
+                                      "train.loader.shuffle_buffer=7"])
+    for before, after in zip(trials(plain), trials(tuned), strict=True):
+        assert (after.optim.weight_decay, after.loader.shuffle_buffer) == (0.05, 7)
+        assert after.run.name == sweep.run_key(after) != before.run.name  # the key hashes the resolved config
+        # the trial set only its axis: depth with the width rule, data from the sweep, its own run folder
+        assert (after.model.depth, after.model.hidden_size, after.model.num_heads) == (after.model.depth,
+                                                                                   64 * after.model.depth,
+                                                                                   after.model.depth)
+        assert after.data == "/data" and after.run.storage == "sweeps/runs"
+    other_data = dataclasses.replace(plain, data="/other")
+    assert {c.run.name for c in trials(other_data)}.isdisjoint(c.run.name for c in trials(plain))
+
+
+def test_the_run_key_ignores_where_the_run_is_stored_and_only_that():
+    c = trials(runtime.compose("sweep", ["data=/data"]))[0]
+    moved = dataclasses.replace(c, run=dataclasses.replace(c.run, storage="s3://elsewhere", name="x"))
+    assert sweep.run_key(moved) == sweep.run_key(c)
+    assert sweep.run_key(dataclasses.replace(c, export=False)) != sweep.run_key(c)
+
+
+def test_the_demos_main_run_is_its_sweeps_trial_with_the_demos_train_section(tmp_path):
+    cfg = runtime.compose("demo", [f"out_dir={tmp_path}", "train.trainer.max_steps=7", "train.ema.decay=0.5"])
+    layout = demo.Layout.under(demo.storage_of(cfg))
+    main = demo.main_run_conf(cfg, layout)
+    assert (main.trainer.max_steps, main.ema.decay, main.model.depth) == (7, 0.5, cfg.main_depth)
+    assert main.run.name in {c.run.name for c in trials(demo.sweep_conf(cfg, layout))}
+
+
+def test_a_sweep_rejects_data_set_inside_its_train_section():
+    with pytest.raises(ValueError, match="sweep level"):
+        runtime.compose("sweep", ["data=/data", "train.data=/other"])
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("deepspeed.stage=4", "[0, 1, 2, 3]"), ("validation.sampler=ddim", "[euler, heun]"),
+    ("trainer.dtype=int8", "bfloat16"), ("trainer.max_steps=0", "trainer.max_steps"),
+    ("objective.formulation=nope", "nope"), ("ema.decay=1.5", "ema.decay"), ("loader.val_fraction=1", "val_fraction"),
+    ("model=d99", "d99"), ("trainer.batch_size=3", "divisible"),
+])
+def test_a_bad_value_fails_when_the_config_is_composed_naming_it(override, named):
+    with pytest.raises(Exception) as error:
+        runtime.compose("train", ["data=/data", override])
+    assert runtime.is_user_error(error.value)
+    assert named in runtime.one_line(error.value)
+
+
+def test_configs_changed_in_code_are_checked_again():
+    cfg = TrainConf(data="/data")
+    cfg.deepspeed.stage = 5
+    with pytest.raises(ValueError, match=r"deepspeed\.stage must be one of \[0, 1, 2, 3\]"):
+        train.check(cfg)
+    with pytest.raises(ValueError, match="main_depth"):
+        demo.check(DemoConf(main_depth=9))
+
+
+def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_a_user_error_is_one_line_and_exit_status_2_without_a_traceback(tmp_path):
+    done = run_cli("workloads.train", f"data={tmp_path / 'nothing'}", "deepspeed.stage=4")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line
+    assert done.stderr.startswith("error: ") and "[0, 1, 2, 3]" in done.stderr and "Traceback" not in done.stderr
+    missing = run_cli("workloads.train", f"data={tmp_path / 'nothing'}")
+    assert missing.returncode == 2 and "run pipelines.preprocess on it first" in missing.stderr
+    assert "Traceback" not in missing.stderr and "Started a local Ray instance" not in missing.stdout + missing.stderr
+
+
+def test_the_traceback_flag_shows_the_traceback(tmp_path):
+    done = run_cli("workloads.train", f"data={tmp_path / 'nothing'}", "--traceback")
+    assert done.returncode == 1 and "Traceback" in done.stderr and "FileNotFoundError" in done.stderr
