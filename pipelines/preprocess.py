@@ -3,7 +3,7 @@ captions and CLIP-L / CLIP-G / T5 embeddings as Parquet, on Ray Data.
 
 read shards (tasks) -> decode + resize (tasks) -> caption, VAE, text encoders (autoscaling actor pools)
 -> write per shard and bucket (tasks) -> the driver writes a completion marker per finished shard.
-Runs unchanged on a laptop (`ray.init()` local) and on a cluster (`RAY_ADDRESS`).
+Runs unchanged on a laptop (a local Ray) and on a cluster (`RAY_ADDRESS`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -33,7 +34,7 @@ from pipelines.sources import Shard, list_shards
 from pipelines.stages import CaptionStage, TextStage, VAEStage, decode_batch, read_rows
 from pipelines.storage import filesystem, join
 from pipelines.synthetic.tiny_models import build_tiny_models
-from workloads.runtime import cli, logger
+from workloads.runtime import cli, ensure_ray, logger
 
 LOG = logger("preprocess")
 
@@ -158,8 +159,9 @@ def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict], last_
 
 def process(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> dict:
     """Run the pipeline over the pending shards, marking each as it completes; returns this run's timings."""
-    if not ray.is_initialized():
-        ray.init()  # local, or the cluster in RAY_ADDRESS
+    ensure_ray()  # local, or the cluster in RAY_ADDRESS
+    # one progress bar for the whole job in a terminal; in a log file the per-shard lines below say enough
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     start = time.perf_counter()
     progress = Progress(cfg.output, cfg.endpoint_url, {s.index: list(s.paths) for s in pending})
     first_done, rows = None, 0

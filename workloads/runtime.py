@@ -152,11 +152,11 @@ def ensure_ray(min_cpus: float = 0) -> None:
 
 
 def quiet_ray() -> None:
-    """Ray's own chatter reduced to what a user needs: warnings, no per-dataset progress bars."""
+    """Ray's own chatter reduced to what a user needs: warnings and errors (training turns Ray Data's progress bars
+    off itself, preprocessing keeps one in a terminal)."""
     # Ray Train 2.60 sends workers' print() to its logger and, when stdout is wrapped, to stdout as well: every
     # progress line showed twice. Ray Train hands this variable from the driver to its controller and workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Ray seam: Ray Train 2.60's worker context logs every `ray.train.report` as a raw `TrainingReport(...)` line on

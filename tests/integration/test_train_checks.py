@@ -8,12 +8,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conf.train import TrainConf
 from pipelines import schema
-from workloads.train.driver import plan, run
+from workloads.train.driver import plan
 from workloads.train.streaming import held_out
 
 
@@ -43,45 +44,32 @@ def test_cli_stage_needs_the_previous_stage_and_fails_before_ray(train_dataset, 
 
 
 @pytest.fixture(scope="module")
-def one_file_dataset(ray_local, tmp_path_factory) -> str:
-    """The first run a user tries, at small scale: 64 shapes preprocessed at 64 px into a single data file."""
-    from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
-    from pipelines.make_shapes import MakeShapesConf
-    from pipelines.make_shapes import run as make_shapes
-    from pipelines.preprocess import run as preprocess
-
+def one_file_dataset(train_dataset, tmp_path_factory) -> str:
+    """The first dataset a user tries, at small scale: one data file (the session dataset's 48 square rows merged
+    into one file, with its manifest), as `preprocess resolution=64` writes for a few dozen images."""
     root = tmp_path_factory.mktemp("one-file")
-    make_shapes(MakeShapesConf(out=str(root / "shapes"), n=64, size=96))
-    stage = StageConf(batch_size=16, num_cpus=0.5)
-    preprocess(PreprocessConf(
-        input=str(root / "shapes" / "folder"), output=str(root / "data"), resolution=64, folder_shard_size=64,
-        models=ModelsConf(kind="tiny", tiny_dir=str(root / "tiny"), caption_max_new_tokens=8),
-        compute=ComputeConf(decode_num_cpus=0.25, write_batch_size=64, vae=stage, caption=stage, text=stage)))
-    return str(root / "data")
+    manifest = json.loads((Path(train_dataset) / schema.MANIFEST).read_text())
+    square = sorted(f for f in manifest["files"] if schema.bucket_of(f) == "bucket=64x64")
+    target = root / schema.DATA_DIR / "bucket=64x64" / f"{schema.shard_prefix(0)}00000000.parquet"
+    target.parent.mkdir(parents=True)
+    pq.write_table(pa.concat_tables([pq.read_table(f) for f in square]), target)
+    manifest.update(output=str(root), files=[str(target)], buckets=["64x64"])
+    (root / schema.MANIFEST).write_text(json.dumps(manifest))
+    return str(root)
 
 
 def test_default_val_fraction_holds_out_rows_of_a_one_file_dataset(one_file_dataset):
     """`loader.val_fraction=0.1` (the default) holds out the tenth of the rows with the smallest id hashes, even
-    from one file."""
+    from one file, and training skips them (the old file-level split stopped here: "needs at least 2 data
+    files"). `test_train.py`'s runs train end to end with this default."""
     p = plan(TrainConf(data=one_file_dataset))  # 2 workers, global batch 32
     ((bucket, files),) = p.train_files.items()
     assert len(files) == 1
     table = pq.read_table(files[0], columns=[schema.ID, schema.LATENT])
     held = held_out(table.column(schema.ID).to_pylist(), p.holdout)
-    assert p.val_source == "held-out rows" and held.sum() == 6  # round(0.1 * 64) rows
-    assert p.batches == {bucket: (64 - held.sum()) // 2 // 16} == {bucket: 1}
+    assert p.val_source == "held-out rows" and held.sum() == 5  # round(0.1 * 48) rows
+    assert p.batches == {bucket: (48 - 5) // 2 // 16} == {bucket: 1}
     (group,) = p.val
     latents = table.column(schema.LATENT).combine_chunks().to_numpy_ndarray()
-    assert len(group) == held.sum() // 2 * 2 > 0
-    assert np.array_equal(group.columns[schema.LATENT], latents[held][: len(group)])
-
-
-def test_default_config_trains_on_a_one_file_dataset(one_file_dataset, tmp_path):
-    """`python -m workloads.train data=<it> model=debug` with the defaults, cut to 2 steps, trains and validates."""
-    cfg = TrainConf(data=one_file_dataset)
-    cfg.trainer.max_steps = 2
-    cfg.run.storage = str(tmp_path)
-    result = run(cfg)
-    assert result.error is None and result.metrics["step"] == 2
-    summary = json.loads((tmp_path / cfg.run.name / "summary.json").read_text())
-    assert summary["val_source"] == "held-out rows" and np.isfinite(summary["val_loss"])
+    assert len(group) == 4  # the 5 held-out rows, cut to a multiple of the 2 workers
+    assert np.array_equal(group.columns[schema.LATENT], latents[held][:4])

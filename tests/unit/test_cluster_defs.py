@@ -216,10 +216,10 @@ def check_sweep(cfg) -> None:
 
 
 def check_preprocess(cfg) -> None:
-    from pipelines import preprocess
+    from conf.checks import validate
     from pipelines.decode import parse_buckets
 
-    preprocess._check_numbers(cfg)
+    validate(cfg)
     parse_buckets(cfg.resolution, cfg.buckets)
 
 

@@ -178,9 +178,9 @@ def test_val_fraction_splits_one_data_file_into_training_and_validation_rows(tmp
     assert held.sum() == 15  # a quarter of the 60 rows
     assert training_rows(split) == {"bucket=48x32": int((~held).sum())}
     latents = table.column(schema.LATENT).combine_chunks().to_numpy_ndarray()
-    (group,) = read_val_set(split.val, samples=100, world_size=1, holdout=split.holdout)
+    (group,) = read_val_set(split.val_data, split.val, samples=100, world_size=1, holdout=split.holdout)
     assert np.array_equal(group.columns[schema.LATENT], latents[held])  # the held-out rows, in file order
-    (two,) = read_val_set(split.val, samples=100, world_size=2, holdout=split.holdout)
+    (two,) = read_val_set(split.val_data, split.val, samples=100, world_size=2, holdout=split.holdout)
     assert np.array_equal(two.columns[schema.LATENT], latents[held][: held.sum() // 2 * 2])
     kept = drop_held_out(table, split.holdout)  # what each training read task keeps
     assert schema.ID not in kept.column_names and set(TENSOR_COLUMNS) <= set(kept.column_names)
@@ -194,7 +194,7 @@ def test_val_data_and_val_fraction_zero_hold_out_nothing(tmp_path):
     assert (split.train, split.val, split.val_source, split.holdout) == (
         spec.files_by_bucket, val_spec.files_by_bucket, "val_data", 0.0)
     assert training_rows(split) == {"bucket=48x32": 10}
-    assert len(read_val_set(split.val, samples=100, world_size=1)[0]) == 4
+    assert len(read_val_set(split.val_data, split.val, samples=100, world_size=1)[0]) == 4
     same = split_files(spec, None, 0.0)
     assert (same.val, same.val_source, same.holdout) == (spec.files_by_bucket, "training rows", 0.0)
     with pytest.raises(ValueError, match=r"loader.val_fraction must be in \[0, 1\)"):
@@ -204,15 +204,17 @@ def test_val_data_and_val_fraction_zero_hold_out_nothing(tmp_path):
 def test_a_hold_out_that_empties_either_side_names_val_fraction(tmp_path):
     ids = [f"img-{i}" for i in range(5)]
     _, spec = _split_dataset(tmp_path / "data", ids)
-    everything = Split(spec.files_by_bucket, spec.files_by_bucket, "held-out rows", holdout=1.0)
+    everything = Split(spec.location, spec.files_by_bucket, spec.location, spec.files_by_bucket, "held-out rows",
+                       holdout=1.0)
     with pytest.raises(ValueError, match=r"loader.val_fraction\) holds out all 5 rows .* no training rows"):
         training_rows(everything)
-    nothing = Split(spec.files_by_bucket, spec.files_by_bucket, "held-out rows", holdout=1e-12)
+    nothing = Split(spec.location, spec.files_by_bucket, spec.location, spec.files_by_bucket, "held-out rows",
+                    holdout=1e-12)
     with pytest.raises(ValueError, match=r"holds out none of the dataset's 5 rows"):
         training_rows(nothing)
     one = holdout_threshold(ids, 0.1)
     with pytest.raises(ValueError, match=r"no validation rows: the rows held out by loader.val_fraction are fewer"):
-        read_val_set(spec.files_by_bucket, samples=8, world_size=2, holdout=one)
+        read_val_set(spec.location, spec.files_by_bucket, samples=8, world_size=2, holdout=one)
     two = split_files(spec, None, 0.1, min_rows=2)  # what the driver asks for 2 workers
-    (group,) = read_val_set(two.val, samples=8, world_size=2, holdout=two.holdout)
+    (group,) = read_val_set(two.val_data, two.val, samples=8, world_size=2, holdout=two.holdout)
     assert len(group) == 2

@@ -143,20 +143,21 @@ def run(cfg: BenchTrainConf) -> dict:
             data = write_random_dataset(tmp, cfg.rows, (config.in_channels, cfg.latent_size, cfg.latent_size), text)
         spec = read_spec(data)
         check_spec(spec, config)
-        rows = {b: streaming.row_counts(f) for b, f in spec.files_by_bucket.items()}
+        rows = {b: streaming.row_counts(spec.location, f) for b, f in spec.files_by_bucket.items()}
         batches = {b: n for b, n in streaming.batches_per_epoch(rows, cfg.num_workers,
                                                                 cfg.batch_size // cfg.num_workers).items() if n}
         bucket = max(batches, key=batches.get)
         from model import train_flops
 
-        flops = train_flops(config, *latent_shape(spec.files_by_bucket[bucket][0])[1:], spec.text.text_tokens)
+        flops = train_flops(config, *latent_shape(spec.location, spec.files_by_bucket[bucket][0])[1:],
+                            spec.text.text_tokens)
         ensure_ray(min_cpus=cfg.num_workers * cfg.cpus_per_worker + 2)  # + room for Ray Data's readers
         trainer = TorchTrainer(
             bench_worker, train_loop_config={"cfg": cfg, "text": spec.text, "batches": batches, "flops": flops},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                    resources_per_worker={"CPU": cfg.cpus_per_worker}),
             run_config=ray.train.RunConfig(name="bench_train", storage_path=tmp),
-            datasets=streaming.bucket_datasets({b: spec.files_by_bucket[b] for b in batches}, seed=0),
+            datasets=streaming.bucket_datasets(spec.location, {b: spec.files_by_bucket[b] for b in batches}, seed=0),
             dataset_config=streaming.ordered_ingest())
         figures = trainer.fit().return_value
     print(report(cfg, figures, count_params(config)), flush=True)

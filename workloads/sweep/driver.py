@@ -85,11 +85,11 @@ def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]]) ->
     from workloads.train.validation import read_val_set
 
     device = resolve_device("cuda" if c.trainer.use_gpu else "cpu")
-    spec = read_spec(c.data, c.endpoint_url)
-    check_spec(spec, c.model.build(), c.endpoint_url)
-    val_spec = read_spec(c.val_data, c.endpoint_url) if c.val_data else None
-    split = split_files(spec, val_spec, c.loader.val_fraction, c.endpoint_url)
-    groups = read_val_set(split.val, cfg.eval_samples, 1, c.endpoint_url, holdout=split.holdout)
+    spec = read_spec(Location.of(c.data, c.endpoint_url))
+    check_spec(spec, c.model.build())
+    val_spec = read_spec(Location.of(c.val_data, c.endpoint_url)) if c.val_data else None
+    split = split_files(spec, val_spec, c.loader.val_fraction)
+    groups = read_val_set(split.val_data, split.val, cfg.eval_samples, 1, holdout=split.holdout)
     export = train.run_location(c).child("export")
     with tempfile.TemporaryDirectory() as tmp:
         export.fs.get(export.root + "/", tmp + "/", recursive=True)
@@ -208,7 +208,7 @@ def run(cfg: SweepConf) -> pd.DataFrame:
     ensure_ray(min_cpus=cfg.train.trainer.num_workers * cfg.train.trainer.cpus_per_worker + 2)
     from workloads.train.streaming import ray_storage
 
-    pafs, storage = ray_storage(cfg.storage, cfg.endpoint_url)
+    pafs, storage = ray_storage(Location.of(cfg.storage, cfg.endpoint_url))
     trainable = ray.tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPUS})
     experiment = join(storage, sweep_name(cfg))
     if ray.tune.Tuner.can_restore(experiment, storage_filesystem=pafs):

@@ -21,7 +21,7 @@ from model.conditioning import (
     sample_encoder_keep,
 )
 from pipelines import schema
-from pipelines.storage import filesystem, join
+from pipelines.storage import Location, filesystem, join
 
 TENSOR_COLUMNS = (schema.LATENT, *schema.EMBEDDING_COLUMNS)
 
@@ -30,6 +30,7 @@ TENSOR_COLUMNS = (schema.LATENT, *schema.EMBEDDING_COLUMNS)
 class DataSpec:
     """What training needs to know of a preprocessed dataset."""
 
+    location: Location  # the dataset's folder: every data file lives on its filesystem
     files_by_bucket: dict[str, list[str]]  # 'bucket=WxH' -> data files
     text: TextConditioningConfig
     vae: str | None = None  # the VAE's repo (hub id or folder, `vae` subfolder) that encoded the latents
@@ -41,28 +42,27 @@ class DataSpec:
         return sum(len(f) for f in self.files_by_bucket.values())
 
 
-def read_spec(data: str, endpoint_url: str | None = None) -> DataSpec:
+def read_spec(data: Location | str, endpoint_url: str | None = None) -> DataSpec:
     """The manifest's data files by bucket and the encoder widths; fails clearly if there is no finished dataset."""
-    fs, root = filesystem(data, endpoint_url)
-    path = join(root, schema.MANIFEST)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{data!r} has no {schema.MANIFEST}: run pipelines.preprocess on it first")
-    manifest = json.loads(fs.cat_file(path))
+    data = Location.of(data, endpoint_url)
+    if not data.exists(schema.MANIFEST):
+        raise FileNotFoundError(f"{data.uri!r} has no {schema.MANIFEST}: run pipelines.preprocess on it first")
+    manifest = json.loads(data.read_bytes(schema.MANIFEST))
     # Paths are read relative to where the dataset is now, so a copied or moved dataset still reads.
-    _, written_root = filesystem(manifest["output"], endpoint_url)
-    base = data.rstrip("/")
+    _, written_root = filesystem(manifest["output"], endpoint_url)  # the recorded root, normalised as files were
+    base = data.uri
     by_bucket: dict[str, list[str]] = defaultdict(list)
     for file in manifest["files"]:
         if (bucket := schema.bucket_of(file)) is not None:
             relative = file[len(written_root.rstrip("/")) + 1:] if file.startswith(written_root) else file
             by_bucket[bucket].append(join(base, relative))
     if not by_bucket:
-        raise ValueError(f"{data!r}: the manifest lists no data files ({manifest['counts']})")
+        raise ValueError(f"{data.uri!r}: the manifest lists no data files ({manifest['counts']})")
     models = manifest["models"]
     # Only the widths the config has: manifests written before may hold more (a since-removed `drop_prob`).
     known = {f.name for f in fields(TextConditioningConfig)}
     text = TextConditioningConfig(**{k: v for k, v in models["text"].items() if k in known})
-    return DataSpec(dict(by_bucket), text, vae=models.get("sd3_repo"),
+    return DataSpec(data, dict(by_bucket), text, vae=models.get("sd3_repo"),
                     resolution=manifest.get("resolution"), buckets=tuple(manifest.get("buckets") or ()))
 
 
@@ -90,20 +90,21 @@ def check_compatible(file_schema: pa.Schema, model: MMDiTConfig, where: str = "d
                          f"model.pooled_dim is {model.pooled_dim}")
 
 
-def file_schema(file: str, endpoint_url: str | None = None) -> pa.Schema:
-    fs, path = filesystem(file, endpoint_url)
-    return pq.read_schema(pa.BufferReader(fs.cat_file(path)))
+def file_schema(data: Location, file: str) -> pa.Schema:
+    """The Arrow schema of one of `data`'s files (its footer only)."""
+    with data.fs.open(file, "rb") as handle:
+        return pq.read_schema(handle)
 
 
-def latent_shape(file: str, endpoint_url: str | None = None) -> tuple[int, int, int]:
+def latent_shape(data: Location, file: str) -> tuple[int, int, int]:
     """(C, h, w) of the latents in a data file."""
-    return tuple(file_schema(file, endpoint_url).field(schema.LATENT).type.shape)
+    return tuple(file_schema(data, file).field(schema.LATENT).type.shape)
 
 
-def check_spec(spec: DataSpec, model: MMDiTConfig, endpoint_url: str | None = None) -> None:
+def check_spec(spec: DataSpec, model: MMDiTConfig) -> None:
     """Check one file of every bucket against the model (schemas are per bucket)."""
     for bucket, files in spec.files_by_bucket.items():
-        check_compatible(file_schema(files[0], endpoint_url), model, f"{bucket} ({files[0]})")
+        check_compatible(file_schema(spec.location, files[0]), model, f"{bucket} ({files[0]})")
 
 
 def to_model_inputs(batch: dict[str, torch.Tensor], text: TextConditioningConfig, synthetic_prob: float = 0.5,

@@ -35,6 +35,7 @@ class Plan:
 
     run: Location  # <run.storage>/<run.name>
     text: TextConditioningConfig
+    data: Location  # the training dataset, made once from `data=` and `endpoint_url=`
     train_files: dict[str, list[str]]
     batches: dict[str, int]  # per rank and epoch, by bucket
     val: list[ValGroup]
@@ -75,32 +76,31 @@ def plan(cfg: TrainConf) -> Plan:
     """Check config and data against each other and work out the split, epochs and validation rows."""
     check(cfg)
     config = cfg.model.build()
-    spec = read_spec(cfg.data, cfg.endpoint_url)
-    check_spec(spec, config, cfg.endpoint_url)
+    spec = read_spec(Location.of(cfg.data, cfg.endpoint_url))
+    check_spec(spec, config)
     val_spec = None
     if cfg.val_data:
-        val_spec = read_spec(cfg.val_data, cfg.endpoint_url)
-        check_spec(val_spec, config, cfg.endpoint_url)
+        val_spec = read_spec(Location.of(cfg.val_data, cfg.endpoint_url))
+        check_spec(val_spec, config)
         if val_spec.text != spec.text:
             raise ValueError(f"val_data was encoded with {val_spec.text}, data with {spec.text}")
-    split = streaming.split_files(spec, val_spec, cfg.loader.val_fraction, cfg.endpoint_url,
-                                  min_rows=cfg.trainer.num_workers)
+    split = streaming.split_files(spec, val_spec, cfg.loader.val_fraction, min_rows=cfg.trainer.num_workers)
     check_resolution(cfg, list(split.train))
     world, local = cfg.trainer.num_workers, cfg.trainer.batch_size // cfg.trainer.num_workers
-    rows = streaming.training_rows(split, cfg.endpoint_url)
+    rows = streaming.training_rows(split)
     batches = streaming.batches_per_epoch(rows, world, local)
     if sum(batches.values()) == 0:
         raise ValueError(f"the training data ({rows}) has no bucket with a full global batch of "
                          f"{cfg.trainer.batch_size}: lower trainer.batch_size or add data")
-    val = read_val_set(split.val, cfg.validation.samples, world, cfg.endpoint_url, holdout=split.holdout)
+    val = read_val_set(split.val_data, split.val, cfg.validation.samples, world, holdout=split.holdout)
     text_tokens = spec.text.text_tokens
-    flops = {b: train_flops(config, *latent_shape(split.train[b][0], cfg.endpoint_url)[1:], text_tokens=text_tokens)
+    flops = {b: train_flops(config, *latent_shape(spec.location, split.train[b][0])[1:], text_tokens=text_tokens)
              for b in batches}
     LOG.info(f"{sum(rows.values())} training rows in {len(rows)} bucket(s) {rows}; "
              f"{sum(batches.values())} steps per epoch; {sum(len(g) for g in val)} validation rows "
              f"({split.val_source})")
-    return Plan(run_location(cfg), spec.text, split.train, batches, val, split.val_source, spec.vae, flops,
-                count_params(config), split.holdout)
+    return Plan(run_location(cfg), spec.text, spec.location, split.train, batches, val, split.val_source, spec.vae,
+                flops, count_params(config), split.holdout)
 
 
 def run_location(cfg: TrainConf) -> Location:
@@ -111,7 +111,7 @@ def run_location(cfg: TrainConf) -> Location:
 def run_config(cfg: TrainConf, callbacks: list | None = None):
     import ray.train
 
-    pafs, storage = streaming.ray_storage(cfg.run.storage, cfg.endpoint_url)
+    pafs, storage = streaming.ray_storage(Location.of(cfg.run.storage, cfg.endpoint_url))
     return ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage, storage_filesystem=pafs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
@@ -130,7 +130,7 @@ def run(cfg: TrainConf, callbacks: list | None = None):
 
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2)  # + room for Ray Data's readers
     files = {b: f for b, f in p.train_files.items() if p.batches.get(b)}
-    data_bytes = streaming.total_bytes(files, cfg.endpoint_url)
+    data_bytes = streaming.total_bytes(p.data, files)
     materialize = streaming.should_materialize(cfg.loader.materialize, data_bytes, cfg.loader.materialize_fraction)
     LOG.info(f"training data {data_bytes / 2**20:.1f} MiB: "
              f"{'read once into the object store' if materialize else 'streamed every epoch'}")
@@ -139,7 +139,7 @@ def run(cfg: TrainConf, callbacks: list | None = None):
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
                                                resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
         run_config=run_config(cfg, callbacks),
-        datasets=streaming.bucket_datasets(files, cfg.trainer.seed, cfg.endpoint_url, materialize, p.holdout),
+        datasets=streaming.bucket_datasets(p.data, files, cfg.trainer.seed, materialize, p.holdout),
         dataset_config=streaming.ordered_ingest())
     result = trainer.fit()
     LOG.info(summary_table(p.run, cfg))

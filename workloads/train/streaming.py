@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines import schema
-from pipelines.storage import filesystem, is_remote
+from pipelines.storage import Location
 from workloads.train.data import TENSOR_COLUMNS, DataSpec
 
 
@@ -34,7 +34,9 @@ class Split:
     """Where training and validation rows come from. With `holdout` both sides read the same files and each row's
     id decides its side (`held_out`)."""
 
+    data: Location  # where the training files are
     train: dict[str, list[str]]  # bucket -> data files
+    val_data: Location  # where the validation files are (the same with a row hold-out)
     val: dict[str, list[str]]
     val_source: str  # "val_data", "held-out rows" or "training rows"
     holdout: float = 0.0  # > 0: rows `held_out` picks validate and are left out of training
@@ -63,34 +65,31 @@ def holdout_threshold(ids: Sequence[str], fraction: float, min_rows: int = 1) ->
     return float((hashes[k - 1] + hashes[k]) / 2)
 
 
-def split_files(spec: DataSpec, val_spec: DataSpec | None, fraction: float, endpoint_url: str | None = None,
-                min_rows: int = 1) -> Split:
+def split_files(spec: DataSpec, val_spec: DataSpec | None, fraction: float, min_rows: int = 1) -> Split:
     """Validation rows: all of `val_spec`; else a `fraction` of the rows of `spec` (at least `min_rows`, e.g. one
     per worker) chosen by id hash, which training skips (reads the id column of every file); else (fraction 0) the
     training rows themselves."""
+    data, files = spec.location, spec.files_by_bucket
     if val_spec is not None:
-        return Split(spec.files_by_bucket, val_spec.files_by_bucket, "val_data")
+        return Split(data, files, val_spec.location, val_spec.files_by_bucket, "val_data")
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"loader.val_fraction must be in [0, 1), got {fraction}")
     if fraction == 0.0:
-        return Split(spec.files_by_bucket, spec.files_by_bucket, "training rows")
-    ids = [i for files in spec.files_by_bucket.values() for f in files for i in read_ids(f, endpoint_url)]
-    return Split(spec.files_by_bucket, spec.files_by_bucket, "held-out rows",
-                 holdout=holdout_threshold(ids, fraction, min_rows))
+        return Split(data, files, data, files, "training rows")
+    ids = [i for paths in files.values() for f in paths for i in read_ids(data, f)]
+    return Split(data, files, data, files, "held-out rows", holdout=holdout_threshold(ids, fraction, min_rows))
 
 
-def read_ids(file: str, endpoint_url: str | None = None) -> list[str]:
-    fs, path = filesystem(file, endpoint_url)
-    with fs.open(path, "rb") as handle:
+def read_ids(data: Location, file: str) -> list[str]:
+    with data.fs.open(file, "rb") as handle:
         return pq.ParquetFile(handle).read(columns=[schema.ID]).column(schema.ID).to_pylist()
 
 
-def split_row_counts(files: list[str], holdout: float = 0.0, endpoint_url: str | None = None) -> tuple[int, int]:
+def split_row_counts(data: Location, files: list[str], holdout: float = 0.0) -> tuple[int, int]:
     """(rows, held-out rows) of the files: the Parquet footers, and with a `holdout` the id column of each file."""
     total = held = 0
     for file in files:
-        fs, path = filesystem(file, endpoint_url)
-        with fs.open(path, "rb") as handle:
+        with data.fs.open(file, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             total += parquet.metadata.num_rows
             if holdout:
@@ -98,13 +97,13 @@ def split_row_counts(files: list[str], holdout: float = 0.0, endpoint_url: str |
     return total, held
 
 
-def row_counts(files: list[str], endpoint_url: str | None = None) -> int:
-    return split_row_counts(files, 0.0, endpoint_url)[0]
+def row_counts(data: Location, files: list[str]) -> int:
+    return split_row_counts(data, files)[0]
 
 
-def training_rows(split: Split, endpoint_url: str | None = None) -> dict[str, int]:
+def training_rows(split: Split) -> dict[str, int]:
     """Training rows by bucket, held-out rows excluded; fails when the hold-out leaves either side empty."""
-    counts = {b: split_row_counts(files, split.holdout, endpoint_url) for b, files in split.train.items()}
+    counts = {b: split_row_counts(split.data, files, split.holdout) for b, files in split.train.items()}
     rows = {b: total - held for b, (total, held) in counts.items()}
     if split.holdout:
         total, held = sum(t for t, _ in counts.values()), sum(h for _, h in counts.values())
@@ -122,23 +121,27 @@ def batches_per_epoch(rows: dict[str, int], world_size: int, local_batch: int) -
     return {b: (n // world_size) // local_batch for b, n in rows.items()}
 
 
-def arrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pa.fs.FileSystem | None, str]:
-    """(pyarrow filesystem or None for local, path) for Ray's readers and storage, through our fsspec settings."""
-    if not is_remote(uri):
-        return None, uri
+def arrow_filesystem(where: Location) -> pa.fs.FileSystem | None:
+    """The pyarrow filesystem for Ray's readers and storage over our fsspec one (None for local paths)."""
+    if not where.remote:
+        return None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs, path = filesystem(uri, endpoint_url)
-    return PyFileSystem(FSSpecHandler(fs)), path
+    return PyFileSystem(FSSpecHandler(where.fs))
 
 
-def total_bytes(files: dict[str, list[str]], endpoint_url: str | None = None) -> int:
+def fs_path(where: Location, file: str) -> str:
+    """A file's path within `where`'s filesystem (no protocol), as pyarrow and listings name it."""
+    return where.fs._strip_protocol(file) if where.remote else file
+
+
+def total_bytes(data: Location, files: dict[str, list[str]]) -> int:
     """Size of the data files on storage (one listing per bucket folder)."""
     total = 0
     for paths in files.values():
-        fs, folder = filesystem(paths[0].rsplit("/", 1)[0], endpoint_url)
-        sizes = {name: info["size"] for name, info in fs.find(folder, detail=True).items()}
-        total += sum(sizes.get(filesystem(p, endpoint_url)[1], 0) for p in paths)
+        folder = fs_path(data, paths[0].rsplit("/", 1)[0])
+        sizes = {name: info["size"] for name, info in data.fs.find(folder, detail=True).items()}
+        total += sum(sizes.get(fs_path(data, p), 0) for p in paths)
     return total
 
 
@@ -151,11 +154,11 @@ def should_materialize(setting: bool | None, data_bytes: int, fraction: float) -
     return data_bytes < fraction * ray.cluster_resources().get("object_store_memory", 0)
 
 
-def ray_storage(uri: str, endpoint_url: str | None = None) -> tuple[pa.fs.FileSystem | None, str]:
-    """(filesystem, path) for Ray Train/Tune's `storage_filesystem` and `storage_path`: a remote URI through our
-    fsspec settings, a local path made absolute (Ray needs one)."""
-    pafs, path = arrow_filesystem(uri, endpoint_url)
-    return (pafs, path) if pafs is not None else (None, str(Path(path).expanduser().resolve()))
+def ray_storage(where: Location) -> tuple[pa.fs.FileSystem | None, str]:
+    """(filesystem, path) for Ray Train/Tune's `storage_filesystem` and `storage_path`: a remote location through
+    our fsspec filesystem, a local path made absolute (Ray needs one)."""
+    pafs = arrow_filesystem(where)
+    return (pafs, where.root) if pafs is not None else (None, str(Path(where.root).expanduser().resolve()))
 
 
 def ordered_ingest():
@@ -173,8 +176,8 @@ def drop_held_out(batch: pa.Table, holdout: float) -> pa.Table:
     return batch.filter(pa.array(keep)).drop_columns([schema.ID])
 
 
-def bucket_datasets(files: dict[str, list[str]], seed: int, endpoint_url: str | None = None,
-                    materialize: bool = False, holdout: float = 0.0) -> dict:
+def bucket_datasets(data: Location, files: dict[str, list[str]], seed: int, materialize: bool = False,
+                    holdout: float = 0.0) -> dict:
     """One Ray dataset per bucket with the tensor columns only, files in a seeded order, rows `held_out` picks
     with `holdout` filtered out; read into the object store once with `materialize`, else streamed every epoch."""
     import ray.data
@@ -186,10 +189,9 @@ def bucket_datasets(files: dict[str, list[str]], seed: int, endpoint_url: str | 
     for bucket, paths in sorted(files.items()):
         order = sorted(paths)  # names sort the same wherever the dataset lives
         random.Random(f"{seed}/{bucket}").shuffle(order)
-        pafs, _ = arrow_filesystem(order[0], endpoint_url)
-        stripped = [arrow_filesystem(p, endpoint_url)[1] for p in order] if pafs is not None else order
         columns = [schema.ID, *TENSOR_COLUMNS] if holdout else list(TENSOR_COLUMNS)
-        dataset = ray.data.read_parquet(stripped, filesystem=pafs, columns=columns)
+        dataset = ray.data.read_parquet([fs_path(data, p) for p in order], filesystem=arrow_filesystem(data),
+                                        columns=columns)
         if holdout:  # row-wise and order-keeping: fused into the read tasks
             dataset = dataset.map_batches(drop_held_out, fn_kwargs={"holdout": holdout}, batch_format="pyarrow",
                                           batch_size=None)

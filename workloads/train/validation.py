@@ -16,7 +16,7 @@ from model.conditioning import TextConditioningConfig
 from model.objective import DEFAULT_VALIDATION_TIMESTEPS, validation_loss, validation_timesteps
 from model.sampling import sample
 from pipelines import schema
-from pipelines.storage import filesystem
+from pipelines.storage import Location
 from workloads.plots import latents_to_rgb, sample_grid
 from workloads.runtime import logger
 from workloads.train.data import TENSOR_COLUMNS, to_model_inputs
@@ -41,7 +41,7 @@ class ValGroup:
         return {c: torch.from_numpy(np.ascontiguousarray(v[rows])) for c, v in self.columns.items()}
 
 
-def read_val_set(files: dict[str, list[str]], samples: int, world_size: int, endpoint_url: str | None = None,
+def read_val_set(data: Location, files: dict[str, list[str]], samples: int, world_size: int,
                  holdout: float = 0.0) -> list[ValGroup]:
     """Up to `samples` rows shared evenly over the buckets, each bucket's count a multiple of `world_size` (every
     rank then runs the same number of forward passes, which ZeRO-3 needs); with a `holdout` (`Split.holdout`), only
@@ -52,8 +52,7 @@ def read_val_set(files: dict[str, list[str]], samples: int, world_size: int, end
     for bucket, paths in sorted(files.items()):
         tables, rows = [], 0
         for path in sorted(paths):
-            fs, p = filesystem(path, endpoint_url)
-            table = pq.read_table(pa.BufferReader(fs.cat_file(p)), columns=read_columns)
+            table = pq.read_table(pa.BufferReader(data.fs.cat_file(path)), columns=read_columns)
             if holdout:
                 table = table.filter(pa.array(held_out(table.column(schema.ID).to_pylist(), holdout)))
             tables.append(table)
