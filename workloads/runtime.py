@@ -147,6 +147,9 @@ def ensure_ray(min_cpus: float = 0) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
         return
+    # A local cluster's Ray Train controller can poll its few workers often: each `ray.train.report` (a checkpoint)
+    # waits for that poll, 2 s by default, which clusters keep.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(-(-min_cpus // 1))),
              include_dashboard=False, logging_level=logging.WARNING)
 

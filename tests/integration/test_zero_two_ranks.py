@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from support import random_batch
 
 from conf.train import TrainConf
 from model import FLAVORS, MMDiT
 from model.conditioning import TINY_TEXT
-from pipelines import schema
 from workloads.train.distribute import expected_state_bytes, full_from_shards, local_shards, measured_state_bytes
 
 WORLD = 2
@@ -32,13 +32,8 @@ def conf(stage: int) -> TrainConf:
     return cfg
 
 
-def batch(seed: int, n: int = 2) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    shapes = schema.embedding_shapes(TINY_TEXT)
-    out = {schema.LATENT: torch.randn(n, 16, 8, 8, generator=gen).half()}
-    for column in schema.EMBEDDING_COLUMNS:
-        out[column] = torch.randn(n, *shapes[column.split("_", 1)[1]], generator=gen).half()
-    return out
+def batch(seed: int = 0, n: int = 2) -> dict[str, torch.Tensor]:
+    return random_batch(seed, n)
 
 
 def trainer(stage: int):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from support import random_batch
 
 from conf.train import TrainConf
 from model import FLAVORS, MMDiT
@@ -53,12 +54,7 @@ def conf(stage: int = 2, **trainer) -> TrainConf:
 
 
 def batch(seed: int = 0, n: int = 4) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    shapes = schema.embedding_shapes(TINY_TEXT)
-    out = {schema.LATENT: torch.randn(n, 16, 8, 8, generator=gen).half()}
-    for column in schema.EMBEDDING_COLUMNS:
-        out[column] = torch.randn(n, *shapes[column.split("_", 1)[1]], generator=gen).half()
-    return out
+    return random_batch(seed, n)
 
 
 def trainer(cfg: TrainConf, load=None):
