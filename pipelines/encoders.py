@@ -22,10 +22,14 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+from transformers.utils import logging as transformers_logging
 
 from model import precision
 from model.conditioning import TextConditioningConfig
 from model.precision import resolve_device
+
+# Each actor loads its models once; transformers' per-load "Loading weights" bars would only flood the job log.
+transformers_logging.disable_progress_bar()
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

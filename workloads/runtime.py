@@ -151,7 +151,7 @@ def ensure_ray(min_cpus: float = 0) -> None:
     # waits for that poll, 2 s by default, which clusters keep.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(-(-min_cpus // 1))),
-             include_dashboard=False, logging_level=logging.WARNING)
+             logging_level=logging.WARNING)
 
 
 def quiet_ray() -> None:
@@ -160,6 +160,9 @@ def quiet_ray() -> None:
     # Ray Train 2.60 sends workers' print() to its logger and, when stdout is wrapped, to stdout as well: every
     # progress line showed twice. Ray Train hands this variable from the driver to its controller and workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray Data's processes (a training split's coordinator, preprocessing's actors) log each dataset execution at
+    # INFO, once per training epoch; warnings are what a user needs. Read by Ray Data in every process it starts.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Ray seam: Ray Train 2.60's worker context logs every `ray.train.report` as a raw `TrainingReport(...)` line on

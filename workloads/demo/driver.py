@@ -130,7 +130,7 @@ def run(cfg: DemoConf) -> Path:
     with stage("report", f"writing the report to {out}", timings):
         summary = demo_report.write(out, demo_report.Sources(manifest, train, sweep, results), timings,
                                     time.perf_counter() - start)
-    LOG.info("\n" + summary)
+    LOG.info("summary.md:\n" + summary)
     LOG.info(f"finished in {time.perf_counter() - start:.0f} s; report folder: {out}")
     return out
 
