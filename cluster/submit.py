@@ -80,7 +80,7 @@ def check_overrides(job: Job, overrides: Sequence[str]) -> None:
         with initialize(version_base=None):
             cfg = compose(config_name=job.config, overrides=list(overrides))
         OmegaConf.to_object(cfg)  # what the job's main does first: missing mandatory values fail here
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: a schema's own checks
         cause = f" ({e.__cause__})" if e.__cause__ else ""
         raise SubmitError(f"invalid overrides for {job.module}: {e}{cause}\nnothing was submitted "
                           "(--no-validate skips this check)") from None

@@ -102,3 +102,12 @@ def test_a_user_error_is_one_line_and_exit_status_2_without_a_traceback(tmp_path
 def test_the_traceback_flag_shows_the_traceback(tmp_path):
     done = run_cli("workloads.train", f"data={tmp_path / 'nothing'}", "--traceback")
     assert done.returncode == 1 and "Traceback" in done.stderr and "FileNotFoundError" in done.stderr
+
+
+def test_submit_checks_a_schemas_own_rules_before_submitting():
+    from cluster.submit import JOBS, SubmitError, check_overrides
+
+    with pytest.raises(SubmitError, match="divisible by trainer.num_workers"):
+        check_overrides(JOBS["train"], ["data=/data", "trainer.batch_size=3"])
+    with pytest.raises(SubmitError, match="sweep level"):
+        check_overrides(JOBS["sweep"], ["data=/data", "train.data=/other"])
