@@ -107,7 +107,7 @@ def test_the_traceback_flag_shows_the_traceback(tmp_path):
 def test_submit_checks_a_schemas_own_rules_before_submitting():
     from cluster.submit import JOBS, SubmitError, check_overrides
 
-    with pytest.raises(SubmitError, match="divisible by trainer.num_workers"):
+    with pytest.raises(SubmitError, match=r"divisible by trainer\.num_workers"):
         check_overrides(JOBS["train"], ["data=/data", "trainer.batch_size=3"])
     with pytest.raises(SubmitError, match="sweep level"):
         check_overrides(JOBS["sweep"], ["data=/data", "train.data=/other"])
