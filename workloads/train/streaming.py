@@ -82,7 +82,11 @@ def split_files(spec: DataSpec, val_spec: DataSpec | None, fraction: float, min_
 
 def read_ids(data: Location, file: str) -> list[str]:
     with data.fs.open(file, "rb") as handle:
-        return pq.ParquetFile(handle).read(columns=[schema.ID]).column(schema.ID).to_pylist()
+        return _ids(pq.ParquetFile(handle))
+
+
+def _ids(parquet: pq.ParquetFile) -> list[str]:
+    return parquet.read(columns=[schema.ID]).column(schema.ID).to_pylist()
 
 
 def split_row_counts(data: Location, files: list[str], holdout: float = 0.0) -> tuple[int, int]:
@@ -93,7 +97,7 @@ def split_row_counts(data: Location, files: list[str], holdout: float = 0.0) -> 
             parquet = pq.ParquetFile(handle)
             total += parquet.metadata.num_rows
             if holdout:
-                held += int(held_out(parquet.read(columns=[schema.ID]).column(schema.ID).to_pylist(), holdout).sum())
+                held += int(held_out(_ids(parquet), holdout).sum())
     return total, held
 
 
