@@ -20,7 +20,7 @@ from conf.train import TrainConf
 from pipelines.storage import filesystem, join
 from workloads.train import checkpointing
 from workloads.train.driver import plan, run
-from workloads.train.runlog import EVENTS, read_records
+from workloads.train.runlog import EVENTS, METRICS, read_records
 
 STEPS = 12  # 6 or 7 steps per epoch (58 training rows, 6 held out by id): the runs cross an epoch boundary
 
@@ -182,20 +182,25 @@ def test_zero3_on_s3_matches_zero2(zero3_s3_reference, zero2_run):
 
 @pytest.mark.parametrize("stage", [3])  # ZeRO-2 resumption is covered by the killed-worker test
 def test_restarted_job_resumes_and_skips_a_partial_checkpoint(request, stage, tmp_path):
-    """Stop after 6 steps; plant a newer checkpoint missing one rank's files; the same command with more steps
-    resumes from step 6 (not the partial one) and continues the reference trajectory exactly."""
+    """A job stopped after step 8's checkpoint, as a killed job leaves its folder (the reference run's checkpoint 8,
+    its events and all its step records, later ones included), with a newer checkpoint missing one rank's files: the
+    same command resumes from step 8 (not the partial one), drops the records after it and continues the reference
+    trajectory exactly."""
     data, storage, expected = reference(request, stage)
-    run(train_conf(data, storage, "restart", stage=stage, steps=6))
     uri = join(storage, "restart")
     fs, root = filesystem(uri)
-    partial = join(root, checkpointing.dir_name(7))
-    fs.copy(join(root, checkpointing.dir_name(6)) + "/", partial + "/", recursive=True)
+    _, reference_root = filesystem(expected)
+    for name in (METRICS, EVENTS):
+        fs.copy(join(reference_root, name), join(root, name))
+    kept, partial = join(root, checkpointing.dir_name(8)), join(root, checkpointing.dir_name(9))
+    fs.copy(join(reference_root, checkpointing.dir_name(8)) + "/", kept + "/", recursive=True)
+    fs.copy(kept + "/", partial + "/", recursive=True)
     fs.rm(join(partial, checkpointing.complete_name(1)))
-    assert checkpointing.find_latest(uri).uri.endswith(checkpointing.dir_name(6))
+    assert checkpointing.find_latest(uri).uri.endswith(checkpointing.dir_name(8))
     run(train_conf(data, storage, "restart", stage=stage))
     events = read_records(uri, EVENTS)
     assert [e["event"] for e in events] == ["started", "finished", "resumed", "finished"]
-    assert events[2]["checkpoint"].endswith(checkpointing.dir_name(6))
+    assert events[2]["checkpoint"].endswith(checkpointing.dir_name(8)) and events[2]["step"] == 8
     assert losses(uri) == losses(expected)
     local = tmp_path / "copy"
     fs.get(root + "/", str(local) + "/", recursive=True)

@@ -21,7 +21,7 @@ from model.interop import export_diffusers
 from pipelines import schema
 from workloads.train import checkpointing, streaming
 from workloads.train.checkpointing import TrainState
-from workloads.train.distribute import expected_state_bytes
+from workloads.train.distribute import expected_state_bytes, init_distributed
 from workloads.train.driver import check
 from workloads.train.ema import EMA
 from workloads.train.worker import track_nonfinite
@@ -36,7 +36,7 @@ def process_group():
     for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"), ("LOCAL_RANK", "0"),
                         ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         env.setenv(name, value)  # what Ray Train sets in its workers; DeepSpeed reads LOCAL_RANK
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    init_distributed(torch.device("cpu"))  # as the workers do: gloo, and no JIT build of a shared-memory op
     yield
     dist.destroy_process_group()
     env.undo()

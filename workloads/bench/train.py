@@ -58,11 +58,10 @@ def _pull(source: Iterator[dict], kept: list, _index: int) -> dict:
 
 
 def bench_worker(config: dict) -> dict:
-    import deepspeed
     import ray.train
     from ray.train.torch import get_device
 
-    from workloads.train.distribute import expected_state_bytes, measured_state_bytes
+    from workloads.train.distribute import expected_state_bytes, init_distributed, measured_state_bytes
     from workloads.train.mfu import mfu, peak_tflops
     from workloads.train.trainer import Trainer
 
@@ -70,7 +69,7 @@ def bench_worker(config: dict) -> dict:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device() if cfg.use_gpu else torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    init_distributed(device)
     local = cfg.batch_size // world
     shards = {b: ray.train.get_dataset_shard(streaming.dataset_name(b)) for b in config["batches"]}
     stream = streaming.EpochStream(shards, config["batches"], local, seed=0, rank=rank)

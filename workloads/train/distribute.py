@@ -18,6 +18,18 @@ from conf.train import DeepSpeedConf
 from model import MMDiT, MMDiTConfig
 
 
+def init_distributed(device: torch.device) -> None:
+    """DeepSpeed's process group: NCCL on GPUs, gloo on CPUs. On CPU DeepSpeed's backend would first JIT-compile a
+    shared-memory all-reduce (`deepspeed_shm_comm`: about 40 s on 2 cores, again for every new environment) that only
+    its inference kernels call (`inference_all_reduce`); ZeRO's collectives go through torch.distributed. Marking
+    the op incompatible (the probe's cache is meant to be edited) skips the build."""
+    if device.type == "cpu":
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
 def deepspeed_config(ds: DeepSpeedConf, optim: OptimConf, global_batch: int, world_size: int, bf16: bool,
                      on_gpu: bool) -> dict:
     """The DeepSpeed config dict: data parallel over `world_size`, AdamW, clipping, ZeRO stage and offload."""

@@ -8,7 +8,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import deepspeed
 import ray.train
 import torch
 import torch.distributed as dist
@@ -19,6 +18,7 @@ from pipelines.storage import Location
 from workloads.runtime import logger, quiet_ray, setup_logging
 from workloads.train import checkpointing
 from workloads.train.checkpointing import Checkpointer, TrainState
+from workloads.train.distribute import init_distributed
 from workloads.train.initialize import weight_loader
 from workloads.train.mfu import peak_tflops
 from workloads.train.progress import Progress
@@ -75,7 +75,7 @@ def worker(cfg: TrainConf, plan) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device() if cfg.trainer.use_gpu else torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    init_distributed(device)
     load = weight_loader(Location.of(cfg.init_from, cfg.endpoint_url)) if cfg.init_from else None
     trainer = Trainer(cfg, plan.text, device, load)
     state, source = resume(trainer, plan.run)
