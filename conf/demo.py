@@ -41,9 +41,16 @@ class DemoConf:
     main_depth: int = 2
     # Every run's training config (the training job's own schema: `train.trainer.num_workers=1`, `train.optim.lr=...`).
     train: TrainConf = field(default_factory=demo_train)
+    # GenEval on shapes (`workloads.evaluate`) of the main run, beside the ground truth's score and an untrained
+    # network's: GenEval's 553 prompts, `geneval_images_per_prompt` images each (0 skips it), Euler sampling.
+    geneval_images_per_prompt: int = 1
+    geneval_prompts_per_task: int | None = None  # None: GenEval's counts
+    geneval_steps: int = 20
+    geneval_guidance: float = 4.0
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "images", "image_size", "resolution", "shard_size")
+        at_least(self, 1, "images", "image_size", "resolution", "shard_size", "geneval_steps")
+        at_least(self, 0, "geneval_images_per_prompt")
         if len(set(self.depths)) < 2 or self.main_depth not in self.depths:
             raise ValueError(f"depths needs at least 2 distinct values (a scaling fit) including main_depth="
                              f"{self.main_depth}, got {list(self.depths)}")

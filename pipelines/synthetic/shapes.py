@@ -1,9 +1,11 @@
-"""A procedural dataset of coloured geometric shapes with GenEval-style captions and ground-truth boxes.
+"""A procedural dataset of coloured geometric shapes whose captions are GenEval prompts, with ground-truth boxes.
 
-Each image holds one to three flat-coloured shapes on a light pastel background. The caption names what is drawn:
-a single object, a count ("two red circles"), two or three distinct objects, or a spatial relation between two
-objects that is read off the drawn centres, so every caption is true of its image. Sample `i` of a seed depends only
-on `(seed, i)`, so any sample can be regenerated alone and shards can be written in any order.
+Each image holds one to four flat-coloured shapes on a light pastel background. Its caption is a prompt of one of
+GenEval's six tasks (`pipelines.geneval`): a single object, two objects, a count ("a photo of three circles"), a
+colour, a position read off the drawn boxes by GenEval's own rule, or two coloured objects; so every caption is true
+of its image and a folder of samples is a GenEval ground truth. Objects whose colour the caption does not name get a
+random one. Sample `i` of a seed depends only on `(seed, i)`, so any sample can be regenerated alone and shards can
+be written in any order.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipelines import geneval
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 38, 38),
     "orange": (245, 130, 20),
@@ -23,15 +27,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (130, 50, 180),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
-NUMBER_WORDS = {2: "two", 3: "three"}
-KINDS = ("single", "count", "pair", "triple", "position")
-RELATIONS = ("to the left of", "to the right of", "above", "below")
 MIN_SIZE = 32
 
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges, exact colour inside each shape
 _MIN_SIDE, _MAX_SIDE = 0.16, 0.30  # object side as a fraction of the canvas
-_DOMINANCE = 1.25  # a relation's axis must beat the other axis by this factor, so "left of" is not a diagonal
 
 
 @dataclass
@@ -42,29 +41,17 @@ class Sample:
     image: Image.Image
     caption: str
     objects: list[dict]
+    metadata: dict  # the caption's GenEval metadata
 
 
 def sample_key(seed: int, index: int) -> str:
     return f"{seed:04d}-{index:06d}"
 
 
-def noun_phrase(count: int, color: str, shape: str) -> str:
-    """'a red circle', 'an orange star', 'two blue squares'."""
-    if count == 1:
-        article = "an" if color[0] in "aeiou" else "a"
-        return f"{article} {color} {shape}"
-    return f"{NUMBER_WORDS[count]} {color} {PLURALS[shape]}"
-
-
 def relation(subject: dict, reference: dict) -> str | None:
-    """The relation of `subject` to `reference` by their centres (image y grows downwards); None if ambiguous."""
-    dx = subject["center"][0] - reference["center"][0]
-    dy = subject["center"][1] - reference["center"][1]
-    if abs(dx) >= _DOMINANCE * abs(dy) and dx != 0:
-        return "to the left of" if dx < 0 else "to the right of"
-    if abs(dy) >= _DOMINANCE * abs(dx) and dy != 0:
-        return "above" if dy < 0 else "below"
-    return None
+    """The one GenEval relation of `subject` to `reference` by their boxes; None when there is none or two."""
+    found = geneval.relative_position(subject["bbox"], reference["bbox"])
+    return found.pop() if len(found) == 1 else None
 
 
 def _star() -> list[tuple[float, float]]:
@@ -90,20 +77,26 @@ def _polygon(shape: str, box: tuple[float, float, float, float]) -> list[tuple[f
     return [(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in unit]
 
 
-def _specs(kind: str, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """(color, shape) of each object; distinct objects for every kind but `count`."""
-    combos = [(c, s) for c in COLORS for s in SHAPES]
-    if kind == "count":
-        return [combos[rng.integers(len(combos))]] * int(rng.integers(2, 4))
-    n = {"single": 1, "pair": 2, "position": 2, "triple": 3}[kind]
-    return [combos[j] for j in rng.choice(len(combos), size=n, replace=False)]
+def _specs(tag: str, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(color, shape) of each object: two objects of different shapes where the prompt names two, two to four of one
+    shape for counting, colours at random."""
+    colors = list(COLORS)
+
+    def color() -> str:
+        return colors[rng.integers(len(colors))]
+
+    if tag == "counting":
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        return [(color(), shape) for _ in range(int(rng.choice(geneval.COUNTS)))]
+    n = 1 if tag in ("single_object", "colors") else 2
+    return [(color(), SHAPES[j]) for j in rng.choice(len(SHAPES), size=n, replace=False)]
 
 
 def _overlaps(a: list[int], b: list[int], gap: int) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def _layout(specs: list[tuple[str, str]], kind: str, size: int, rng: np.random.Generator) -> list[dict]:
+def _layout(specs: list[tuple[str, str]], tag: str, size: int, rng: np.random.Generator) -> list[dict]:
     """Non-overlapping boxes inside the canvas (and an unambiguous relation for `position`), by rejection."""
     margin, gap = max(1, size // 64), max(2, size // 32)
     scale = 1.0
@@ -122,24 +115,22 @@ def _layout(specs: list[tuple[str, str]], kind: str, size: int, rng: np.random.G
             objects.append({"shape": shape, "color": color, "bbox": bbox,
                             "center": [(bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2]})
         else:
-            if kind != "position" or relation(objects[0], objects[1]) is not None:
+            if tag != "position" or relation(objects[0], objects[1]) is not None:
                 return objects
     raise RuntimeError(f"no layout for {specs} on a {size}px canvas")
 
 
-def _caption(kind: str, objects: list[dict]) -> str:
-    first = objects[0]
-    if kind == "count":
-        return f"a photo of {noun_phrase(len(objects), first['color'], first['shape'])}"
-    phrases = [noun_phrase(1, o["color"], o["shape"]) for o in objects]
-    if kind == "position":
-        return f"a photo of {phrases[0]} {relation(objects[0], objects[1])} {phrases[1]}"
-    if len(phrases) == 1:
-        return f"a photo of {phrases[0]}"
-    return f"a photo of {', '.join(phrases[:-1])} and {phrases[-1]}"
+def _metadata(tag: str, objects: list[dict]) -> dict:
+    shapes = [o["shape"] for o in objects]
+    if tag == "counting":
+        return geneval.metadata(tag, shapes[:1], count=len(objects))
+    if tag == "position":
+        return geneval.metadata(tag, shapes, relation=relation(objects[0], objects[1]))
+    colors = [o["color"] for o in objects] if tag in ("colors", "color_attr") else ()
+    return geneval.metadata(tag, shapes, colors)
 
 
-def _draw(objects: list[dict], background: tuple[int, int, int], size: int) -> Image.Image:
+def draw(objects: list[dict], background: tuple[int, int, int], size: int) -> Image.Image:
     f = _SUPERSAMPLE
     canvas = Image.new("RGB", (size * f, size * f), background)
     draw = ImageDraw.Draw(canvas)
@@ -161,10 +152,11 @@ def make_sample(seed: int, index: int, size: int = 256) -> Sample:
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got seed={seed} index={index}")
     rng = np.random.default_rng([seed, index])
-    kind = KINDS[rng.integers(len(KINDS))]
+    tag = geneval.TAGS[rng.integers(len(geneval.TAGS))]
     background = tuple(int(v) for v in rng.integers(215, 256, size=3))
-    objects = _layout(_specs(kind, rng), kind, size, rng)
-    return Sample(sample_key(seed, index), _draw(objects, background, size), _caption(kind, objects), objects)
+    objects = _layout(_specs(tag, rng), tag, size, rng)
+    meta = _metadata(tag, objects)
+    return Sample(sample_key(seed, index), draw(objects, background, size), meta["prompt"], objects, meta)
 
 
 def generate(n: int, seed: int, size: int = 256) -> Iterator[Sample]:

@@ -2,13 +2,15 @@
 
 Each is an instance of the real class (diffusers' AutoencoderKL, transformers' CLIP / T5 / BLIP) with tiny widths,
 saved with `save_pretrained` in the production repo layout, so `pipelines.encoders` loads it through the same
-`from_pretrained` call as the real weights. Tokenizers are trained here with the `tokenizers` library on a small
-corpus of shape and colour captions, then wrapped in the real tokenizer classes. Widths match
-`model.conditioning.TINY_TEXT`.
+`from_pretrained` call as the real weights. The VAE is the exception to random weights: it is the shapes
+autoencoder trained by the project (`shapes_vae`), so images decoded from latents can be judged. Tokenizers are
+trained here with the `tokenizers` library on a small corpus of shape and colour captions, then wrapped in the real
+tokenizer classes. Widths match `model.conditioning.TINY_TEXT`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import shutil
@@ -16,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 from filelock import FileLock
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
@@ -36,7 +37,7 @@ from transformers import (
 )
 
 from model.conditioning import TINY_TEXT
-from pipelines.models import SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR
+from pipelines.synthetic.shapes_vae import SHIPPED
 
 MARKER = "COMPLETE.json"
 TOKENS = 77
@@ -108,16 +109,12 @@ def _bert_tokenizer(corpus: list[str]) -> BertTokenizer:
 
 
 def _save_vae(path: Path) -> None:
-    # 4 blocks: 3 downsamplings, 8x like SD3's VAE; SD3's VAE has no quant convs. SD3's latent normalisation is
-    # copied into the config, so the encoder reads it from there as it does from the real VAE.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64,
-        shift_factor=SD3_VAE_SHIFT_FACTOR, scaling_factor=SD3_VAE_SCALING_FACTOR,
-        use_quant_conv=False, use_post_quant_conv=False,
-    )
-    vae.save_pretrained(path)
+    """The shapes autoencoder the repository ships (`shapes_vae.SHIPPED`: trained by the project, SD3's interface,
+    its own latent normalisation in its config), copied into the SD3 layout: decoded latents show the shapes."""
+    if not (SHIPPED / "config.json").is_file():
+        raise FileNotFoundError(f"the shipped shapes autoencoder is missing from {SHIPPED}: rebuild it with "
+                                f"`python -m pipelines.synthetic.shapes_vae out={SHIPPED}`")
+    shutil.copytree(SHIPPED, path)
 
 
 def _save_clip(model_path: Path, tokenizer_path: Path, tokenizer: CLIPTokenizer, width: int) -> None:
@@ -157,6 +154,12 @@ def _save_captioner(path: Path, tokenizer: BertTokenizer) -> None:
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
 
 
+def shipped_vae_version() -> str:
+    """A digest of the shipped autoencoder's weights: a cache built with other weights is rebuilt."""
+    weights = sorted(SHIPPED.glob("*.safetensors"))
+    return hashlib.sha256(b"".join(p.read_bytes() for p in weights)).hexdigest()[:16] if weights else "missing"
+
+
 def build_tiny_models(out_dir: str, seed: int = 0) -> TinyModels:
     """Build (or reuse, when a build with this seed completed) the tiny models under `out_dir`.
 
@@ -168,13 +171,14 @@ def build_tiny_models(out_dir: str, seed: int = 0) -> TinyModels:
     tiny = TinyModels(repo=str(root / "sd3"), captioner=str(root / "captioner"))
     marker = root / MARKER
     with FileLock(root / ".build.lock"):
-        if marker.is_file() and json.loads(marker.read_text()).get("seed") == seed:
+        build = {"seed": seed, "vae": shipped_vae_version()}
+        if marker.is_file() and {k: json.loads(marker.read_text()).get(k) for k in build} == build:
             return tiny
         marker.unlink(missing_ok=True)
         for partial in (tiny.repo, tiny.captioner):
             shutil.rmtree(partial, ignore_errors=True)
         _build(Path(tiny.repo), Path(tiny.captioner), seed)
-        marker.write_text(json.dumps({"seed": seed, "repo": tiny.repo, "captioner": tiny.captioner}) + "\n")
+        marker.write_text(json.dumps(build | {"repo": tiny.repo, "captioner": tiny.captioner}) + "\n")
     return tiny
 
 

@@ -206,3 +206,24 @@ def test_restarted_job_resumes_and_skips_a_partial_checkpoint(request, stage, tm
     fs.get(root + "/", str(local) + "/", recursive=True)
     assert_export_is_ema(local)
     shutil.rmtree(local)
+
+
+def test_evaluate_samples_a_prompt_set_with_the_run_and_scores_it(zero2_run, train_dataset, tmp_path):
+    """`workloads.evaluate run=... data=...`: the run's export samples a few GenEval prompts (Ray Data batch
+    inference), written in GenEval's layout, then detected and scored."""
+    from conf.evaluate import EvaluateConf
+    from pipelines import geneval
+    from workloads.evaluate import driver as evaluate
+    from workloads.evaluate.prompts import prompt_set, write_jsonl
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompt_set(0, dict.fromkeys(geneval.TAGS, 1)), str(prompts))
+    summary = evaluate.run(EvaluateConf(run=str(zero2_run[0]), data=train_dataset, out=str(tmp_path / "eval"),
+                                        prompts=str(prompts), images_per_prompt=2, steps=3, batch_size=4))
+    assert summary["images"] == 12 and summary["prompts"] == 6 and set(summary["tasks"]) == set(geneval.TAGS)
+    assert 0.0 <= summary["overall"] <= 1.0
+    assert len(list((tmp_path / "eval" / "images").glob("*/samples/*.png"))) == 12
+    lines = (tmp_path / "eval" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and {"filename", "tag", "prompt", "correct", "reason", "metadata"} <= set(
+        json.loads(lines[0]))
+    assert (tmp_path / "eval" / "grid.png").stat().st_size > 0

@@ -1,9 +1,9 @@
 """`make demo` (`python -m workloads.demo [storage=s3://...]`): the main job, end to end, on the embedded default.
 
 On a local Ray cluster (or the one in RAY_ADDRESS): generate the shapes dataset, preprocess it with Ray Data
-(tiny random VAE and text encoders), train the debug MM-DiT with Ray Train + DeepSpeed, run a toy depth sweep with
-Ray Tune (the main run is its depth-2 trial, reused), and write a report folder: sample grid, loss curve, scaling
-plot and a Markdown summary with the figures.
+(the shapes autoencoder and tiny random text encoders), train the debug MM-DiT with Ray Train + DeepSpeed, run a toy
+depth sweep with Ray Tune (the main run is its depth-2 trial, reused), score the main run with GenEval on shapes,
+and write a report folder: sample grid, loss curve, scaling plot and a Markdown summary with the figures.
 Data, runs and the sweep live under `storage` (local or s3://); the report is always written locally. Running it
 again resumes each job where it stopped, and a finished job is not redone.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from conf.checks import validate
 from conf.demo import DemoConf, register
+from conf.evaluate import EvaluateConf
 from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
 from conf.sweep import Study, SweepConf
 from conf.train import TrainConf
@@ -31,7 +32,7 @@ from workloads.train import driver as train_job
 
 LOG = logger("demo")
 
-STAGES = ("shapes", "preprocess", "train", "sweep", "report")
+STAGES = ("shapes", "preprocess", "train", "sweep", "evaluate", "report")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,37 @@ def main_run_conf(cfg: DemoConf, at: Layout) -> TrainConf:
     sweep = sweep_conf(cfg, at)
     (params,) = [p for p in studies.trial_params(sweep) if p["depth"] == cfg.main_depth]
     return sweep_job.trial_train_conf(sweep, params)
+
+
+def geneval_confs(cfg: DemoConf, at: Layout, main: TrainConf, untrained: str) -> dict[str, EvaluateConf]:
+    """GenEval-shapes of the main run, of the ground truth (the shapes folder itself) and of an untrained network
+    of the same shape (`untrained`: its diffusers export)."""
+    sampled = {"data": at.data, "images_per_prompt": cfg.geneval_images_per_prompt, "steps": cfg.geneval_steps,
+               "prompts_per_task": cfg.geneval_prompts_per_task,
+               "guidance": cfg.geneval_guidance, "resolution": cfg.resolution, "endpoint_url": cfg.endpoint_url}
+    return {
+        "main run": EvaluateConf(run=join(main.run.storage, main.run.name), out=join(at.storage, "geneval", "main"),
+                                 **sampled),
+        "ground truth": EvaluateConf(images=join(at.shapes, "folder"), out=join(at.storage, "geneval", "truth"),
+                                     endpoint_url=cfg.endpoint_url),
+        "untrained": EvaluateConf(run=untrained, out=join(at.storage, "geneval", "untrained"), **sampled),
+    }
+
+
+def evaluate_geneval(cfg: DemoConf, at: Layout, main: TrainConf) -> dict[str, dict]:
+    """The three GenEval-shapes summaries, by label."""
+    import tempfile
+
+    import torch
+
+    from model import MMDiT
+    from model.interop import export_diffusers
+    from workloads.evaluate import driver as evaluate_job
+
+    with tempfile.TemporaryDirectory(prefix="untrained-") as untrained:
+        torch.manual_seed(main.trainer.seed)
+        export_diffusers(MMDiT(main.model.build()), untrained)
+        return {label: evaluate_job.run(conf) for label, conf in geneval_confs(cfg, at, main, untrained).items()}
 
 
 def check(cfg: DemoConf) -> None:
@@ -127,8 +159,13 @@ def run(cfg: DemoConf) -> Path:
     with stage("sweep", f"toy depth sweep with Ray Tune: depths {list(cfg.depths)} (depth {cfg.main_depth} is the "
                         "main run, found finished and reused)", timings):
         results = sweep_job.run(sweep)
+    geneval: dict[str, dict] = {}
+    if cfg.geneval_images_per_prompt:
+        with stage("evaluate", f"GenEval on shapes of the main run ({cfg.geneval_images_per_prompt} image(s) per "
+                               "prompt), the ground truth and an untrained network", timings):
+            geneval = evaluate_geneval(cfg, at, train)
     with stage("report", f"writing the report to {out}", timings):
-        summary = demo_report.write(out, demo_report.Sources(manifest, train, sweep, results), timings,
+        summary = demo_report.write(out, demo_report.Sources(manifest, train, sweep, results, geneval), timings,
                                     time.perf_counter() - start)
     LOG.info("summary.md:\n" + summary)
     LOG.info(f"finished in {time.perf_counter() - start:.0f} s; report folder: {out}")

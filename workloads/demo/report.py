@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +29,7 @@ class Sources:
     train: TrainConf
     sweep: SweepConf
     results: pd.DataFrame  # the sweep's trial rows
+    geneval: dict[str, dict] = field(default_factory=dict)  # GenEval-shapes summaries by label (main run, ...)
 
     @property
     def run(self) -> Location:
@@ -75,6 +76,7 @@ def figures(src: Sources, timings: dict[str, float], seconds: float) -> tuple[di
                   "val_loss": [(r["step"], r["val_loss"]) for r in validations]},
         "sweep": src.results.sort_values("depth")[["depth", "params", "train_flops", "val_loss"]]
         .to_dict(orient="records"),
+        "geneval": src.geneval,
     }, records
 
 
@@ -104,13 +106,29 @@ def markdown(src: Sources, f: dict, sweep_body: str, decoder_note: str | None, g
     if decoder_note:
         lines.append(f"- the grids show latent channels 0-2: {decoder_note}")
     else:
-        lines.append("- the tiny VAE is randomly initialised (no weights can be downloaded here), so decoded images "
-                     "are textures, not shapes: compare samples with the reference, not with the input images")
+        lines.append("- decoded by the shapes autoencoder (trained by the project, shipped with it): a sample can be "
+                     "checked against its caption by eye")
+    lines += geneval_lines(f["geneval"])
     lines += ["", "## Toy depth sweep (Ray Tune)",
               f"Width 64*depth, {t['steps']} steps each; the depth-{src.train.model.depth} trial is the run above (the "
               "same training config, so the sweep found it finished and reused it).", "", sweep_body, "",
               "![scaling](scaling.png)", ""]
     return "\n".join(lines)
+
+
+def geneval_lines(summaries: dict[str, dict]) -> list[str]:
+    """The GenEval-shapes table: overall and per task for each evaluated source."""
+    if not summaries:
+        return []
+    tags = list(next(iter(summaries.values()))["tasks"])
+    lines = ["", "## GenEval on shapes (`python -m workloads.evaluate`)",
+             "GenEval's six tasks and scoring over the shapes' classes and colours, objects found by the shapes "
+             "detector; the ground truth (the dataset's own images) is the detector's ceiling.", "",
+             "| | images | overall | " + " | ".join(tags) + " |", "|---|---|---|" + "---|" * len(tags)]
+    for label, g in summaries.items():
+        cells = " | ".join(f"{g['tasks'].get(t, float('nan')):.3f}" for t in tags)
+        lines.append(f"| {label} | {g['images']} | {g['overall']:.3f} | {cells} |")
+    return lines
 
 
 def write(out: Path, src: Sources, timings: dict[str, float], seconds: float) -> str:

@@ -1,0 +1,56 @@
+"""Hydra schema of `python -m workloads.evaluate`: GenEval-shapes scores of a folder of images, or of a trained
+network's samples of a prompt set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from conf.checks import Sampler, at_least
+
+
+@dataclass
+class EvaluateConf:
+    SECTION = "evaluate"
+    # Score a folder (local or s3://) of images with their prompts beside them: `<key>.png` + `<key>.txt` (a
+    # make_shapes `folder/` output scores its own ground truth), or GenEval's layout `<index>/metadata.jsonl` +
+    # `<index>/samples/*.png`.
+    images: str | None = None
+    # Or sample a prompt set with a trained network first: a run folder (its `export/`, the EMA weights) or a
+    # diffusers SD3 transformer folder.
+    run: str | None = None
+    out: str = MISSING  # the report folder (local or s3://): results.jsonl, summary.json, grid.png (+ images/)
+    # With run=: the SD3-layout folder of the text encoders and VAE the network's data was preprocessed with
+    # (`models.sd3_repo` in the dataset manifest; `data=` reads it from there).
+    models: str | None = None
+    data: str | None = None
+    prompts: str | None = None  # GenEval metadata JSONL; None: the shapes prompt set of `prompt_seed`
+    prompt_seed: int = 0
+    prompts_per_task: int | None = None  # None: GenEval's counts (553 prompts); else this many of each task
+    images_per_prompt: int = 4
+    resolution: int = 64
+    steps: int = 28
+    guidance: float = 4.0
+    shift: float = 1.0
+    sampler: Sampler = Sampler.euler
+    seed: int = 0
+    batch_size: int = 64  # images per Ray Data batch (sampling, scoring)
+    grid_images: int = 48  # images shown in grid.png, each marked correct or not
+    endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.run is None):
+            raise ValueError("evaluate takes one of images=<folder> (score it) or run=<run or export> (sample, "
+                             "then score)")
+        if self.run is not None and self.models is None and self.data is None:
+            raise ValueError("run= needs models=<SD3-layout folder of the text encoders and VAE> or data=<the "
+                             "preprocessed dataset the run trained on>")
+        at_least(self, 1, "batch_size", "images_per_prompt", "steps", "resolution")
+        at_least(self, 0, "grid_images")
+        if self.resolution % 8:
+            raise ValueError(f"evaluate.resolution must be a multiple of 8, got {self.resolution}")
+
+
+ConfigStore.instance().store(name="evaluate", node=EvaluateConf)

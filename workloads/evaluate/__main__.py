@@ -1,0 +1,3 @@
+from workloads.evaluate.driver import main
+
+main()

@@ -1,0 +1,95 @@
+"""Images for a prompt set from a trained MM-DiT: text encoding, sampling and VAE decoding as Ray Data batch inference
+(one actor holding the models, on a GPU where the cluster has one), written in GenEval's layout
+(`<out>/images/<index>/metadata.jsonl`, `<index>/samples/<k>.png`) for the scorer to read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.conditioning import TextEmbeddings, assemble_conditioning
+from model.interop import load_diffusers
+from model.sampling import sample
+from pipelines.storage import Location
+
+
+def noise_seed(seed: int, prompt_index: int, k: int) -> int:
+    """The seed of image `k` of prompt `prompt_index`: the same images for a run whatever the batching."""
+    return (seed * 1_000_003 + prompt_index) * 1_009 + k
+
+
+class Generator:
+    """Holds the network, the text encoders and the VAE; turns rows of (prompt_index, k, prompt) into PNG bytes."""
+
+    def __init__(self, export: str, models: str, resolution: int, steps: int, guidance: float, shift: float,
+                 sampler: str, seed: int, use_gpu: bool, threads: int = 0) -> None:
+        from diffusers import AutoencoderKL
+
+        from pipelines.encoders import TextEncoders
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.network = load_diffusers(export).to(self.device).eval()
+        self.text = TextEncoders(models, device=self.device.type)
+        self.vae = AutoencoderKL.from_pretrained(models, subfolder="vae").to(self.device).eval()
+        self.conditioning, net = self.text.dims, self.network.config
+        got = (self.conditioning.context_dim, self.conditioning.clip_l_dim + self.conditioning.clip_g_dim)
+        if got != (net.context_dim, net.pooled_dim):
+            raise ValueError(f"the text encoders in {models} give context and pooled widths {got}, the network takes "
+                             f"{(net.context_dim, net.pooled_dim)}: pass the models= its data was preprocessed with")
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_side = resolution // factor
+        self.steps, self.guidance, self.shift, self.sampler, self.seed = steps, guidance, shift, sampler, seed
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        prompts = [str(p) for p in batch["prompt"]]
+        emb = {k: torch.from_numpy(v.astype(np.float32)).to(self.device) for k, v in self.text.encode(prompts).items()}
+        context, pooled = assemble_conditioning(TextEmbeddings(**emb), self.conditioning)
+        c = self.network.config.in_channels
+        noise = torch.stack([
+            torch.randn((c, self.latent_side, self.latent_side),
+                        generator=torch.Generator().manual_seed(noise_seed(self.seed, int(i), int(k))))
+            for i, k in zip(batch["prompt_index"], batch["k"], strict=True)]).to(self.device)
+        latents = sample(self.network, noise, context, pooled, steps=self.steps, guidance=self.guidance,
+                         shift=self.shift, method=self.sampler)
+        config = self.vae.config
+        images = self.vae.decode(latents / config.scaling_factor + (config.shift_factor or 0.0)).sample
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        pngs = []
+        for image in pixels:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            pngs.append(buffer.getvalue())
+        return {"prompt_index": batch["prompt_index"], "k": batch["k"], "png": np.array(pngs, dtype=object)}
+
+
+def generate(prompts: list[dict], per_prompt: int, out: Location, batch_size: int, **generator) -> Location:
+    """Sample `per_prompt` images of every prompt and write them in GenEval's layout under `<out>/images`."""
+    import ray
+    import ray.data
+
+    from workloads.runtime import ensure_ray
+
+    ensure_ray()
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    rows = [{"prompt_index": i, "k": k, "prompt": p["prompt"]}
+            for i, p in enumerate(prompts) for k in range(per_prompt)]
+    dataset = ray.data.from_items(rows).map_batches(
+        Generator, fn_constructor_kwargs=generator | {"use_gpu": use_gpu, "threads": 0 if use_gpu else 1},
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else 1, batch_format="numpy")
+    images = out.child("images")
+    for i, meta in enumerate(prompts):
+        images.write_bytes(f"{i:05d}/metadata.jsonl", (json.dumps(meta) + "\n").encode())
+    for row in dataset.iter_rows():
+        images.write_bytes(f"{int(row['prompt_index']):05d}/samples/{int(row['k']):04d}.png", row["png"])
+    return images
