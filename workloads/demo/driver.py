@@ -145,7 +145,8 @@ def run(cfg: DemoConf) -> Path:
 
     with stage("shapes", f"generating {cfg.images} shapes images ({cfg.image_size} px) in {at.shapes}", timings):
         make_shapes.run(shapes_conf(cfg, at))
-    with stage("preprocess", f"preprocessing with Ray Data (tiny VAE and text encoders) into {at.data}", timings):
+    with stage("preprocess", f"preprocessing with Ray Data (the shapes autoencoder, tiny text encoders) into "
+                             f"{at.data}", timings):
         manifest = preprocess.run(preprocess_conf(cfg, at))
     train = main_run_conf(cfg, at)
     with stage("train", f"training the depth-{cfg.main_depth} ({train.model.flavor} flavor) MM-DiT with Ray Train + "
