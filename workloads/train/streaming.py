@@ -211,7 +211,8 @@ def parquet_v1(context) -> Iterator[None]:
     """Ray Data's first Parquet reader for the datasets made inside: it reads the footers once, when the dataset is
     made, where the newer one (`use_datasource_v2`) lists the files again at every execution on a pool of footer
     actors (32 by default), and a training dataset is executed once per epoch and bucket: on 2 cores that was about
-    3 s per epoch and bucket against 0.3 s (FIELD_NOTES). The file list is ours already, so nothing is lost."""
+    3 s per epoch and bucket against 0.3 s, and a 12-step test run 75 s against 40 s (Ray 2.60). The file list is
+    ours already, so nothing is lost."""
     before = context.use_datasource_v2
     context.use_datasource_v2 = False
     try:
