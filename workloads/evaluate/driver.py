@@ -131,14 +131,12 @@ def grid(results: list[dict], images: Location, count: int) -> Image.Image | Non
 
 def write_report(results: list[dict], out: Location, sheet: Image.Image | None) -> dict:
     summary = summarize(results)
-    if not out.remote:
-        out.fs.makedirs(out.root, exist_ok=True)
-    out.fs.pipe_file(out.path("results.jsonl"), "".join(json.dumps(r) + "\n" for r in results).encode())
-    out.fs.pipe_file(out.path("summary.json"), (json.dumps(summary, indent=1) + "\n").encode())
+    out.write_bytes("results.jsonl", "".join(json.dumps(r) + "\n" for r in results).encode())
+    out.write_bytes("summary.json", (json.dumps(summary, indent=1) + "\n").encode())
     if sheet is not None:
         buffer = io.BytesIO()
         sheet.save(buffer, format="PNG")
-        out.fs.pipe_file(out.path("grid.png"), buffer.getvalue())
+        out.write_bytes("grid.png", buffer.getvalue())
     return summary
 
 

@@ -28,22 +28,24 @@ class Generator:
 
     def __init__(self, export: str, models: str, resolution: int, steps: int, guidance: float, shift: float,
                  sampler: str, seed: int, use_gpu: bool, threads: int = 0) -> None:
-        from diffusers import AutoencoderKL
-
         from pipelines.encoders import TextEncoders
+        from workloads.train.validation import LatentDecoder
 
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.network = load_diffusers(export).to(self.device).eval()
         self.text = TextEncoders(models, device=self.device.type)
-        self.vae = AutoencoderKL.from_pretrained(models, subfolder="vae").to(self.device).eval()
+        self.decoder = LatentDecoder(models)  # the training grids' decoding: (z / scale) + shift, then the VAE
+        if self.decoder.vae is None:  # a latent preview is no image to score
+            raise ValueError(f"models={models}: {self.decoder.note}")
+        self.decoder.vae.to(self.device)
         self.conditioning, net = self.text.dims, self.network.config
         got = (self.conditioning.context_dim, self.conditioning.clip_l_dim + self.conditioning.clip_g_dim)
         if got != (net.context_dim, net.pooled_dim):
             raise ValueError(f"the text encoders in {models} give context and pooled widths {got}, the network takes "
                              f"{(net.context_dim, net.pooled_dim)}: pass the models= its data was preprocessed with")
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = 2 ** (len(self.decoder.vae.config.block_out_channels) - 1)
         self.latent_side = resolution // factor
         self.steps, self.guidance, self.shift, self.sampler, self.seed = steps, guidance, shift, sampler, seed
 
@@ -59,9 +61,7 @@ class Generator:
             for i, k in zip(batch["prompt_index"], batch["k"], strict=True)]).to(self.device)
         latents = sample(self.network, noise, context, pooled, steps=self.steps, guidance=self.guidance,
                          shift=self.shift, method=self.sampler)
-        config = self.vae.config
-        images = self.vae.decode(latents / config.scaling_factor + (config.shift_factor or 0.0)).sample
-        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        pixels = (self.decoder(latents) * 255).round().to(torch.uint8).cpu().numpy()  # (B, H, W, 3)
         pngs = []
         for image in pixels:
             buffer = io.BytesIO()
