@@ -12,13 +12,14 @@ from conf.train import CheckpointConf, EMAConf, TrainConf, TrainerConf, Validati
 
 
 def demo_train() -> TrainConf:
-    """Every demo run's training settings: 2 Ray Train workers, 200 steps; the paper's 1e-4 / 1000 warm-up steps
-    are for billion-parameter models."""
+    """Every demo run's training settings: 2 Ray Train workers, 200 steps, GenEval-shapes every 50 (the score
+    against training compute); the paper's 1e-4 / 1000 warm-up steps are for billion-parameter models."""
     return TrainConf(
         trainer=TrainerConf(num_workers=2, max_steps=200, batch_size=16),
         optim=OptimConf(lr=1e-3, warmup_steps=30),
         ema=EMAConf(decay=0.99),
-        validation=ValidationConf(every=100, samples=16, grid_prompts=4, grid_per_prompt=4, sample_steps=20),
+        validation=ValidationConf(every=100, samples=16, grid_prompts=4, grid_per_prompt=4, sample_steps=20,
+                                  guidance=4.0, geneval_every=50, geneval_prompts_per_task=4),
         checkpoint=CheckpointConf(every=100, keep=2))
 
 

@@ -51,7 +51,13 @@ class SweepConf:
     formulations: list[str] = field(default_factory=lambda: [
         "rf/lognorm(0.00,1.00)", "rf/mode(1.29)", "rf/cosmap", "eps/linear", "v/cos", "edm(-1.20,1.20)"])
     eval_samples: int = 64  # validation rows the sample metrics compare against
-    eval_sample_steps: int = 28  # sampling steps of the shift study
+    eval_sample_steps: int = 28  # sampling steps of the shift study (and of the depth and formulation GenEval)
+    # GenEval on shapes of every trial's EMA export (`workloads.evaluate`): `geneval_prompts_per_task` prompts of
+    # each of its six tasks (0: off), beside the latent metric of the shift and steps studies, per depth in the
+    # depth study (against validation loss) and per formulation. Needs the data's text encoders and VAE.
+    geneval_prompts_per_task: int = 4
+    geneval_images_per_prompt: int = 1
+    geneval_guidance: float = 4.0
     # The training schema itself: every trial's run is this config with the trial's axis set (depth and width,
     # training shift or formulation), `data`/`val_data`/`endpoint_url` from above and `run` from the trial's key.
     train: TrainConf = field(default_factory=toy_train)
@@ -59,7 +65,8 @@ class SweepConf:
     max_failures: int = 2  # a failed trial is retried this often (its training resumes from its checkpoints)
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "study_depth", "eval_samples", "eval_sample_steps")
+        at_least(self, 1, "study_depth", "eval_samples", "eval_sample_steps", "geneval_images_per_prompt")
+        at_least(self, 0, "geneval_prompts_per_task")
         if self.study in (Study.depth, Study.steps) and (not self.depths or min(self.depths) < 1):
             raise ValueError(f"sweep.depths must be positive depths, got {list(self.depths)}")
         if self.study == Study.steps and len(self.sampling_steps) < 2:

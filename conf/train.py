@@ -109,9 +109,16 @@ class ValidationConf:
     sampler: Sampler = Sampler.euler
     guidance: float = 5.0
     shift: float | None = None  # sampling shift; None: the training shift
+    # GenEval on shapes (`workloads.evaluate`) of the EMA weights every `geneval_every` steps and at the end, with
+    # the sampling settings above; 0: off. Logs `geneval` and `geneval_<task>` to metrics.jsonl and TensorBoard.
+    geneval_every: int = 0
+    geneval_prompts_per_task: int = 4  # of each of GenEval's six tasks
+    geneval_images_per_prompt: int = 1
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "every", "samples", "batch_size", "grid_prompts", "grid_per_prompt", "sample_steps")
+        at_least(self, 1, "every", "samples", "batch_size", "grid_prompts", "grid_per_prompt", "sample_steps",
+                 "geneval_prompts_per_task", "geneval_images_per_prompt")
+        at_least(self, 0, "geneval_every")
         if self.shift is not None and self.shift <= 0:
             raise ValueError(f"validation.shift must be positive, got {self.shift}")
 

@@ -38,7 +38,7 @@ def small(out_dir: str, storage: str) -> DemoConf:
         train=TrainConf(trainer=TrainerConf(num_workers=2, max_steps=6, batch_size=8),
                         optim=OptimConf(lr=1e-3, warmup_steps=2), ema=EMAConf(decay=0.99),
                         validation=ValidationConf(every=3, samples=8, grid_prompts=2, grid_per_prompt=2,
-                                                  sample_steps=8),
+                                                  sample_steps=8, geneval_every=3, geneval_prompts_per_task=1),
                         checkpoint=CheckpointConf(every=3, keep=2)))
 
 
@@ -56,13 +56,16 @@ def test_demo_runs_every_job_against_object_storage_and_writes_the_report(ray_lo
     assert figures["data"]["output"] == cfg.storage + "/data"  # Ray Data read its input from S3 and wrote there
     assert figures["train"]["steps"] == 6 and figures["train"]["workers"] == 2
     assert [s for s, _ in figures["train"]["val_loss"]] == [3, 6]
+    assert [s for s, _ in figures["train"]["geneval"]] == [3, 6]  # the score against training compute
     assert [row["depth"] for row in figures["sweep"]] == [1, 2]
     assert figures["sweep"][0]["params"] < figures["sweep"][1]["params"]
+    assert all(0 <= row["geneval"] <= 1 for row in figures["sweep"])
     assert set(figures["geneval"]) == {"main run", "ground truth", "untrained"}
     assert figures["geneval"]["ground truth"]["overall"] == 1.0 and figures["geneval"]["main run"]["images"] == 6
     summary = (out / "summary.md").read_text()
     assert "| ground truth | 16 | 1.000 |" in summary
     assert "against C:" in summary and "predicted final validation loss" in summary
+    assert "GenEval-shapes during training" in summary and "validation loss against GenEval-shapes" in summary
     assert f"{figures['train']['samples_per_s']:.1f} samples/s" in summary
     fs, root = filesystem(cfg.storage)
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(root)} == {"shapes", "data", "runs", "demo-depth", "geneval"}

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAIN = {"trainer.max_steps": 12, "trainer.batch_size": 8, "optim.warmup_steps": 2, "validation.every": 12,
          "checkpoint.every": 6, "validation.samples": 8}
 SWEEP = {"depths": [1, 2], "study_depth": 1, "max_concurrent_trials": 1, "eval_samples": 16, "eval_sample_steps": 6,
-         "sampling_shifts": [1.0, 3.0], "sampling_steps": [3, 6], "training_shifts": [1.0]}
+         "sampling_shifts": [1.0, 3.0], "sampling_steps": [3, 6], "training_shifts": [1.0],
+         "geneval_prompts_per_task": 1}
 
 
 def cli(data: str, storage: str, study: str) -> list[str]:
@@ -74,8 +75,10 @@ def test_interrupted_depth_sweep_resumes_without_rerunning_finished_trials(depth
     events = [e["event"] for e in read_records(str(Path(storage) / "runs" / finished_first), EVENTS)]
     assert events == ["started", "finished"]  # trained once: not rerun after the interruption
     assert (results["params"].diff().dropna() > 0).all() and (results["train_flops"] > 0).all()
+    assert results["geneval"].between(0, 1).all() and "geneval_counting" in results  # GenEval-shapes per depth
     report = (Path(storage) / "depth-toy" / "report.md").read_text()
     assert "2 of 2 trials finished" in report and "against C:" in report and "predicted final validation loss" in report
+    assert "validation loss against GenEval-shapes" in report
     assert (Path(storage) / "depth-toy" / "scaling.png").stat().st_size > 0
     assert len(pd.read_parquet(Path(storage) / "depth-toy" / "results.parquet")) == 2
 
@@ -83,13 +86,16 @@ def test_interrupted_depth_sweep_resumes_without_rerunning_finished_trials(depth
 def test_steps_and_shift_studies_sample_the_trained_runs(depth_sweep, train_dataset, ray_local):
     storage, _, _ = depth_sweep
     steps = sweep.run(conf(train_dataset, storage, "steps"))
-    assert {"lfd@steps=3", "lfd@steps=6", "change@steps=3"} <= set(steps.columns)
+    assert {"lfd@steps=3", "lfd@steps=6", "change@steps=3", "geneval@steps=3", "geneval@steps=6"} <= set(
+        steps.columns)
     assert (steps["change@steps=6"] == 0).all() and (steps["change@steps=3"] > 0).all()
     report = (Path(storage) / "steps-toy" / "report.md").read_text()
-    assert "LFD +% at 3" in report
+    assert "LFD +% at 3" in report and "GenEval at 6" in report
     shift = sweep.run(conf(train_dataset, storage, "shift"))
-    assert {"lfd@shift=1", "lfd@shift=3"} <= set(shift.columns)
-    assert "best sampling shift" in (Path(storage) / "shift-toy" / "report.md").read_text()
+    assert {"lfd@shift=1", "lfd@shift=3", "geneval@shift=1", "geneval@shift=3"} <= set(shift.columns)
+    report = (Path(storage) / "shift-toy" / "report.md").read_text()
+    assert "best sampling shift for 'LFD, trained at shift 1'" in report
+    assert "best sampling shift for 'GenEval, trained at shift 1'" in report
     for study in ("steps", "shift"):  # evaluation only: the depth sweep's runs were reused
         for row in pd.read_csv(Path(storage) / f"{study}-toy" / "results.csv").itertuples():
             events = [e["event"] for e in read_records(str(Path(storage) / "runs" / row.run), EVENTS)]
@@ -103,11 +109,13 @@ def test_formulation_study_ranks_next_to_the_paper(depth_sweep, train_dataset, r
     assert sorted(results["formulation"]) == ["eps/linear", "rf/lognorm(0.00,1.00)"]
     report = (Path(storage) / "formulation-toy" / "report.md").read_text()
     ranked = results.sort_values("val_loss")["formulation"].tolist()
-    rows = [line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| ")][2:]
+    header, _, *rows = [line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| ")]
+    assert header == ["rank", "formulation", "val_loss", "geneval", "geneval_rank", "paper_global_rank"]
     assert [row[:2] for row in rows] == [[str(i), f] for i, f in enumerate(ranked, 1)]
-    assert [float(row[3]) for row in rows] == [PAPER_GLOBAL_RANK[f] for f in ranked]
+    assert [float(row[5]) for row in rows] == [PAPER_GLOBAL_RANK[f] for f in ranked]
     paper = sorted(ranked, key=PAPER_GLOBAL_RANK.__getitem__)
     d2 = sum((i - paper.index(f)) ** 2 for i, f in enumerate(ranked))
     rho = 1 - 6 * d2 / (len(ranked) * (len(ranked) ** 2 - 1))  # Spearman's formula, no ties
-    assert f"over 2 formulations: {rho:.3f}" in report
+    assert f"ranked by validation loss: Spearman correlation with the paper's global ranking (Table 1) over 2 " \
+           f"formulations: {rho:.3f}" in report
     assert json.loads((Path(storage) / "formulation-toy" / "trials").iterdir().__next__().read_text())["val_loss"] > 0

@@ -54,10 +54,17 @@ def fast_failure_detection(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 
+def with_geneval(cfg: TrainConf) -> TrainConf:
+    """GenEval-shapes at every validation: one prompt of each task, two images each."""
+    v = cfg.validation
+    v.geneval_every, v.geneval_prompts_per_task, v.geneval_images_per_prompt = v.every, 1, 2
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def zero2_run(train_dataset, tmp_path_factory):
     storage = str(tmp_path_factory.mktemp("runs"))
-    result = run(train_conf(train_dataset, storage, "zero2", stage=2))
+    result = run(with_geneval(train_conf(train_dataset, storage, "zero2", stage=2)))
     return Path(storage) / "zero2", result
 
 
@@ -74,6 +81,9 @@ def test_run_writes_metrics_checkpoints_samples_and_export(zero2_run, train_data
         assert key in first
     assert "mfu" not in first  # no peak on CPU unless configured
     assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    scored = [r for r in records if "geneval" in r]  # validation.geneval_every: the six tasks, each scored
+    assert [r["step"] for r in scored] == [6, 12] and all(0.0 <= r["geneval"] <= 1.0 for r in scored)
+    assert all({f"geneval_{t}" for t in ("single_object", "counting", "color_attr")} <= set(r) for r in scored)
     assert all(np.isfinite(r["val_loss_at_0.500"]) for r in records if "val_loss" in r)
     assert records[0]["lr"] == pytest.approx(5e-4) and records[-1]["lr"] == pytest.approx(1e-3)  # warm-up
     kept = sorted(p.name for p in folder.glob(f"{checkpointing.PREFIX}*"))
@@ -83,6 +93,7 @@ def test_run_writes_metrics_checkpoints_samples_and_export(zero2_run, train_data
     assert list((folder / "tensorboard").iterdir())
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["step"] == STEPS and summary["val_source"] == "held-out rows"
+    assert summary["geneval"] == scored[-1]["geneval"]
     assert [e["event"] for e in read_records(str(folder), EVENTS)] == ["started", "finished"]
 
 
@@ -209,19 +220,25 @@ def test_restarted_job_resumes_and_skips_a_partial_checkpoint(request, stage, tm
 
 
 def test_evaluate_samples_a_prompt_set_with_the_run_and_scores_it(zero2_run, train_dataset, tmp_path):
-    """`workloads.evaluate run=... data=...`: the run's export samples a few GenEval prompts (Ray Data batch
-    inference), written in GenEval's layout, then detected and scored."""
+    """`workloads.evaluate run=... data=...`: the run's export samples the GenEval prompts (Ray Data batch
+    inference), written in GenEval's layout, then detected and scored; with the settings training's
+    `validation.geneval_every` used, it gives the score the run logged at its last step (the same EMA weights,
+    prompts, noise, sampler and decoder)."""
     from conf.evaluate import EvaluateConf
     from pipelines import geneval
     from workloads.evaluate import driver as evaluate
-    from workloads.evaluate.prompts import prompt_set, write_jsonl
 
-    prompts = tmp_path / "prompts.jsonl"
-    write_jsonl(prompt_set(0, dict.fromkeys(geneval.TAGS, 1)), str(prompts))
-    summary = evaluate.run(EvaluateConf(run=str(zero2_run[0]), data=train_dataset, out=str(tmp_path / "eval"),
-                                        prompts=str(prompts), images_per_prompt=2, steps=3, batch_size=4))
+    folder = zero2_run[0]
+    cfg = with_geneval(train_conf(train_dataset, "unused", "unused", stage=2))
+    v = cfg.validation
+    summary = evaluate.run(EvaluateConf(
+        run=str(folder), data=train_dataset, out=str(tmp_path / "eval"), prompts_per_task=1,
+        images_per_prompt=2, steps=v.sample_steps, guidance=v.guidance, shift=cfg.objective.shift,
+        seed=cfg.trainer.seed, batch_size=4))
     assert summary["images"] == 12 and summary["prompts"] == 6 and set(summary["tasks"]) == set(geneval.TAGS)
-    assert 0.0 <= summary["overall"] <= 1.0
+    logged = read_records(str(folder))[-1]
+    assert summary["overall"] == pytest.approx(logged["geneval"])
+    assert summary["tasks"] == pytest.approx({t: logged[f"geneval_{t}"] for t in geneval.TAGS})
     assert len(list((tmp_path / "eval" / "images").glob("*/samples/*.png"))) == 12
     lines = (tmp_path / "eval" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 12 and {"filename", "tag", "prompt", "correct", "reason", "metadata"} <= set(

@@ -55,3 +55,43 @@ def test_no_correlation_with_fewer_than_two_ranked_formulations():
     analysis = formulation_study({"eps/linear": 0.2, "rf/mode(9.99)": 0.1})
     assert "Spearman" not in analysis.markdown
     assert analysis.table["formulation"].tolist() == ["rf/mode(9.99)", "eps/linear"]
+
+
+def test_formulations_are_also_ranked_by_geneval():
+    geneval = {"v/cos": 0.5, "rf/mode(9.99)": 0.2, "edm(-1.20,1.20)": 0.1, "eps/linear": 0.3,
+               "rf/cosmap": 0.4, "rf/lognorm(0.00,1.00)": 0.6}
+    results = pd.DataFrame({"run": [f"trial-{i}" for i in range(6)], "depth": 1, "formulation": list(VAL_LOSS),
+                            "val_loss": list(VAL_LOSS.values()), "geneval": [geneval[f] for f in VAL_LOSS]})
+    analysis = analyze(SweepConf(study="formulation", data="unused"), results)
+    by_name = analysis.table.set_index("formulation")
+    assert by_name.loc["rf/lognorm(0.00,1.00)", "geneval_rank"] == 1 and by_name.loc["edm(-1.20,1.20)",
+                                                                                       "geneval_rank"] == 6
+    # GenEval ranks of the five the paper ranks: lognorm 1, v/cos 2, cosmap 3, eps 4, edm 5; the paper's lognorm 1,
+    # eps 2, cosmap 3, v/cos 4, edm 5: differences 0, 2, 0, -2, 0, rho = 1 - 6 * 8 / (5 * 24) = 0.6
+    assert "ranked by GenEval-shapes: Spearman correlation with the paper's global ranking (Table 1) over 5 " \
+           "formulations: 0.600" in analysis.markdown
+    assert "ranked by validation loss: Spearman correlation" in analysis.markdown
+
+
+def test_depth_study_correlates_validation_loss_with_geneval():
+    results = pd.DataFrame({"run": ["a", "b", "c"], "depth": [1, 2, 3], "params": [1e4, 3e4, 9e4],
+                            "flops_per_sample": [1e6, 3e6, 9e6], "train_flops": [1e9, 3e9, 9e9],
+                            "val_loss": [0.50, 0.40, 0.45], "geneval": [0.1, 0.3, 0.2], "samples_per_s": 10.0})
+    analysis = analyze(SweepConf(study="depth", data="unused", depths=[1, 2, 3]), results)
+    assert "geneval" in analysis.table.columns
+    # losses 0.5, 0.4, 0.45 against scores 0.1, 0.3, 0.2: exactly linear, slope -2, so Pearson and Spearman are -1
+    assert "over 3 depths: Pearson -1.000, Spearman -1.000" in analysis.markdown
+    older = analyze(SweepConf(study="depth", data="unused", depths=[1, 2, 3]), results.drop(columns="geneval"))
+    assert "geneval" not in older.table.columns and "GenEval" not in older.markdown
+
+
+def test_shift_study_reports_geneval_beside_the_latent_metric():
+    results = pd.DataFrame({"run": ["a", "b"], "train_shift": [1.0, 3.0],
+                            "lfd@shift=1": [2.0, 3.0], "lfd@shift=3": [1.0, 4.0],
+                            "geneval@shift=1": [0.2, 0.5], "geneval@shift=3": [0.4, 0.1]})
+    analysis = analyze(SweepConf(study="shift", data="unused"), results)
+    assert list(analysis.table.columns) == ["sampling_shift", "LFD, trained at shift 1", "LFD, trained at shift 3",
+                                            "GenEval, trained at shift 1", "GenEval, trained at shift 3"]
+    assert "best sampling shift for 'GenEval, trained at shift 1': 3" in analysis.markdown
+    assert "best sampling shift for 'GenEval, trained at shift 3': 1" in analysis.markdown
+    assert "best sampling shift for 'LFD, trained at shift 3': 1" in analysis.markdown

@@ -68,8 +68,11 @@ def preprocess_conf(cfg: DemoConf, at: Layout) -> PreprocessConf:
 
 
 def sweep_conf(cfg: DemoConf, at: Layout) -> SweepConf:
+    """The toy depth sweep; each trial's GenEval-shapes samples the prompt set training validates with."""
     return SweepConf(study=Study.depth, preset="toy", data=at.data, endpoint_url=cfg.endpoint_url,
-                     storage=at.storage, name="demo-depth", depths=list(cfg.depths), train=cfg.train, eval_samples=16)
+                     storage=at.storage, name="demo-depth", depths=list(cfg.depths), train=cfg.train, eval_samples=16,
+                     eval_sample_steps=cfg.geneval_steps, geneval_guidance=cfg.geneval_guidance,
+                     geneval_prompts_per_task=cfg.train.validation.geneval_prompts_per_task)
 
 
 def main_run_conf(cfg: DemoConf, at: Layout) -> TrainConf:

@@ -73,9 +73,11 @@ def figures(src: Sources, timings: dict[str, float], seconds: float) -> tuple[di
                   "steps": run_summary["step"], "batch_size": src.train.trainer.batch_size,
                   "samples_per_s": run_summary["samples_per_s"], "train_loss_first": records[0]["loss"],
                   "train_loss_last": records[-1]["loss"],
-                  "val_loss": [(r["step"], r["val_loss"]) for r in validations]},
-        "sweep": src.results.sort_values("depth")[["depth", "params", "train_flops", "val_loss"]]
-        .to_dict(orient="records"),
+                  "val_loss": [(r["step"], r["val_loss"]) for r in validations],
+                  "flops_per_sample": run_summary["train_flops_per_sample"],
+                  "geneval": [(r["step"], r["geneval"]) for r in records if "geneval" in r]},
+        "sweep": src.results.sort_values("depth")[[c for c in ("depth", "params", "train_flops", "val_loss", "geneval")
+                                                   if c in src.results]].to_dict(orient="records"),
         "geneval": src.geneval,
     }, records
 
@@ -103,6 +105,7 @@ def markdown(src: Sources, f: dict, sweep_body: str, decoder_note: str | None, g
         f"- `samples.png`: CFG samples of validation captions ({grid}); `reference.png`: the held-out image of each "
         "row's caption through the same decoder; `loss.png`: the loss curves",
     ]
+    lines += geneval_by_compute(src, t)
     if decoder_note:
         lines.append(f"- the grids show latent channels 0-2: {decoder_note}")
     else:
@@ -114,6 +117,17 @@ def markdown(src: Sources, f: dict, sweep_body: str, decoder_note: str | None, g
               "same training config, so the sweep found it finished and reused it).", "", sweep_body, "",
               "![scaling](scaling.png)", ""]
     return "\n".join(lines)
+
+
+def geneval_by_compute(src: Sources, t: dict) -> list[str]:
+    """The main run's GenEval-shapes as it trained (`validation.geneval_every`): the score against compute."""
+    if not t["geneval"]:
+        return []
+    v = src.train.validation
+    flops = t["flops_per_sample"] * t["batch_size"]
+    return [f"- GenEval-shapes during training ({v.geneval_prompts_per_task} prompts per task, "
+            f"{v.geneval_images_per_prompt} image(s) each, EMA weights): "
+            + ", ".join(f"{g:.3f} at step {s} ({s * flops:.2g} FLOPs)" for s, g in t["geneval"])]
 
 
 def geneval_lines(summaries: dict[str, dict]) -> list[str]:

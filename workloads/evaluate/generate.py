@@ -16,11 +16,7 @@ from model.conditioning import TextEmbeddings, assemble_conditioning
 from model.interop import load_diffusers
 from model.sampling import sample
 from pipelines.storage import Location
-
-
-def noise_seed(seed: int, prompt_index: int, k: int) -> int:
-    """The seed of image `k` of prompt `prompt_index`: the same images for a run whatever the batching."""
-    return (seed * 1_000_003 + prompt_index) * 1_009 + k
+from workloads.evaluate.inline import fixed_noise, to_uint8
 
 
 class Generator:
@@ -55,13 +51,11 @@ class Generator:
         emb = {k: torch.from_numpy(v.astype(np.float32)).to(self.device) for k, v in self.text.encode(prompts).items()}
         context, pooled = assemble_conditioning(TextEmbeddings(**emb), self.conditioning)
         c = self.network.config.in_channels
-        noise = torch.stack([
-            torch.randn((c, self.latent_side, self.latent_side),
-                        generator=torch.Generator().manual_seed(noise_seed(self.seed, int(i), int(k))))
-            for i, k in zip(batch["prompt_index"], batch["k"], strict=True)]).to(self.device)
+        noise = fixed_noise(batch["prompt_index"], batch["k"], (c, self.latent_side, self.latent_side),
+                            self.seed).to(self.device)
         latents = sample(self.network, noise, context, pooled, steps=self.steps, guidance=self.guidance,
                          shift=self.shift, method=self.sampler)
-        pixels = (self.decoder(latents) * 255).round().to(torch.uint8).cpu().numpy()  # (B, H, W, 3)
+        pixels = to_uint8(self.decoder(latents))  # (B, H, W, 3)
         pngs = []
         for image in pixels:
             buffer = io.BytesIO()

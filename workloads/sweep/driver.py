@@ -1,7 +1,8 @@
 """`python -m workloads.sweep study=depth|shift|formulation|steps preset=toy|paper data=<preprocessed>`.
 
 Ray Tune runs one trial per configuration; each trial is a full `workloads.train` run (Ray Train + DeepSpeed, its
-own fault tolerance) followed, for the shift and steps studies, by sampling metrics from its EMA export. Trial runs
+own fault tolerance) followed by sampling metrics of its EMA export: GenEval on shapes in every study, the latent
+metric in the shift and steps studies. Trial runs
 live in `<storage>/runs/<key>`, keyed by their training config, so studies share them: `study=steps` after
 `study=depth` only samples. Results go to `<storage>/<name>/`: `trials/*.json` (one per finished trial),
 `results.parquet`, `results.csv`, `report.md` and PNG plots, rewritten whenever a trial finishes. Running the same
@@ -24,6 +25,7 @@ from conf.checks import validate
 from conf.model import ModelConf
 from conf.sweep import SweepConf, register
 from conf.train import TrainConf
+from pipelines import schema
 from pipelines.storage import Location, join
 from workloads.runtime import cli, ensure_ray, logger
 from workloads.sweep import studies
@@ -71,8 +73,10 @@ def finished(c: TrainConf) -> dict | None:
     return summary if done else None
 
 
-def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]]) -> dict:
-    """Sampling metrics of a finished run's EMA export (in a Ray task with a GPU when trials use GPUs)."""
+def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]],
+             geneval_at: list[tuple[int, float]]) -> dict:
+    """Sampling metrics of a finished run's EMA export (in a Ray task with a GPU when trials use GPUs): the latent
+    metric at `settings` and GenEval-shapes at `geneval_at`, as the trial row's columns."""
     import tempfile
 
     import torch
@@ -94,14 +98,44 @@ def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]]) ->
     with tempfile.TemporaryDirectory() as tmp:
         export.fs.get(export.root + "/", tmp + "/", recursive=True)
         network = load_diffusers(tmp).to(device).eval()
-    metrics = sample_metrics(network, groups[0], spec.text, settings, c.objective.formulation, c.trainer.seed,
-                             device)
     out = {}
+    metrics = sample_metrics(network, groups[0], spec.text, settings, c.objective.formulation, c.trainer.seed,
+                             device) if settings else {}
     for (steps, shift), values in metrics.items():
-        key = f"shift={shift:g}" if cfg.study == "shift" else f"steps={steps}"
-        out[f"lfd@{key}"], out[f"change@{key}"] = values["lfd"], values["change"]
+        out[studies.metric_column(cfg, "lfd", steps, shift)] = values["lfd"]
+        out[studies.metric_column(cfg, "change", steps, shift)] = values["change"]
+    if geneval_at:
+        out |= geneval_columns(cfg, c, network, spec, tuple(groups[0].columns[schema.LATENT].shape[1:]), geneval_at,
+                               device)
     del network
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return out
+
+
+def geneval_columns(cfg: SweepConf, c: TrainConf, network, spec, latent_shape: tuple[int, ...],
+                    settings: list[tuple[int, float]], device) -> dict:
+    """GenEval-shapes overall at each sampling setting (and per task in the one-setting studies)."""
+    from workloads.evaluate.inline import Sampling, encode_prompt_set, geneval_summary, sample_prompt_set, to_uint8
+    from workloads.train.validation import LatentDecoder
+
+    if not spec.vae:
+        raise ValueError(f"geneval_prompts_per_task: data={c.data} names no text encoders and VAE (models.sd3_repo "
+                         "in its manifest); set geneval_prompts_per_task=0")
+    prompts = encode_prompt_set(spec.vae, cfg.geneval_prompts_per_task, cfg.geneval_images_per_prompt,
+                                device=device.type)
+    decoder = LatentDecoder(spec.vae)
+    if decoder.vae is None:  # a latent preview is no image to score
+        raise ValueError(f"geneval_prompts_per_task: {decoder.note}; set geneval_prompts_per_task=0")
+    decoder.vae.to(device)
+    out = {}
+    for steps, shift in settings:
+        how = Sampling(steps, cfg.geneval_guidance, shift, "euler", c.objective.formulation, c.trainer.seed)
+        latents = sample_prompt_set(network, prompts, spec.text, latent_shape, how, device)
+        summary = geneval_summary(to_uint8(decoder(latents.to(device))), prompts)
+        column = studies.metric_column(cfg, "geneval", steps, shift)
+        out[column] = summary["overall"]
+        if len(settings) == 1:
+            out |= {f"{column}_{t}": v for t, v in summary["tasks"].items()}
     return out
 
 
@@ -125,11 +159,12 @@ def trial(config: dict) -> None:
            "train_flops": summary["train_flops_per_sample"] * c.trainer.max_steps * c.trainer.batch_size,
            "val_loss": summary["val_loss"], "samples_per_s": summary["samples_per_s"]}
     settings = studies.eval_settings(cfg, float(params["train_shift"]))
-    if settings:
+    geneval_at = studies.geneval_settings(cfg, float(params["train_shift"]))
+    if settings or geneval_at:
         # outside the trial's placement group (it only holds the trial's own CPU share), like the Train workers
         task = ray.remote(evaluate).options(num_cpus=c.trainer.cpus_per_worker, num_gpus=int(c.trainer.use_gpu),
                                             scheduling_strategy="DEFAULT")
-        row.update(ray.get(task.remote(cfg, c, settings)))
+        row.update(ray.get(task.remote(cfg, c, settings, geneval_at)))
     results_location(cfg).write_bytes(f"trials/{c.run.name}.json", json.dumps(row).encode())
     write_results(cfg)
     LOG.info(f"trial {c.run.name} done: depth {params['depth']}, validation loss {row['val_loss']:.4f}, "

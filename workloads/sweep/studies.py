@@ -37,6 +37,24 @@ def eval_settings(cfg: SweepConf, train_shift: float) -> list[tuple[int, float]]
     return []
 
 
+def geneval_settings(cfg: SweepConf, train_shift: float) -> list[tuple[int, float]]:
+    """The (steps, shift) pairs each trial's GenEval-shapes samples: the latent metric's in the shift and steps
+    studies, one (`eval_sample_steps`, the training shift) in the depth and formulation studies; none when off."""
+    if not cfg.geneval_prompts_per_task:
+        return []
+    return eval_settings(cfg, train_shift) or [(cfg.eval_sample_steps, train_shift)]
+
+
+def metric_column(cfg: SweepConf, metric: str, steps: int, shift: float) -> str:
+    """A trial row's column of one metric at one sampling setting: `lfd@shift=3`, `geneval@steps=10`, or just
+    `geneval` in the studies that sample one setting."""
+    if cfg.study == "shift":
+        return f"{metric}@shift={shift:g}"
+    if cfg.study == "steps":
+        return f"{metric}@steps={steps}"
+    return metric
+
+
 @dataclass
 class Analysis:
     table: pd.DataFrame  # the study's main table
@@ -76,13 +94,28 @@ def _next_depth(cfg: SweepConf, table: pd.DataFrame) -> tuple[int, int, float]:
     return depth, count_params(build(depth)), float(table["train_flops"].iloc[-1]) * ratio
 
 
+def has_geneval(results: pd.DataFrame, column: str = "geneval") -> bool:
+    """Whether the trials carry GenEval-shapes (older sweeps, or geneval_prompts_per_task=0, do not)."""
+    return column in results and bool(results[column].notna().any())
+
+
+def correlation(x: pd.Series, y: pd.Series) -> tuple[float, float]:
+    """(Pearson, Spearman) correlation of two columns."""
+    x, y = x.to_numpy(dtype=float), y.to_numpy(dtype=float)
+    pearson = float(np.corrcoef(x, y)[0, 1])
+    spearman = float(np.corrcoef(pd.Series(x).rank(), pd.Series(y).rank())[0, 1])
+    return pearson, spearman
+
+
 def _depth(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
-    table = results.sort_values("depth")[["depth", "params", "flops_per_sample", "train_flops", "val_loss",
-                                          "samples_per_s"]].reset_index(drop=True)
+    geneval = has_geneval(results)
+    columns = ["depth", "params", "flops_per_sample", "train_flops", "val_loss", *(["geneval"] if geneval else []),
+               "samples_per_s"]
+    table = results.sort_values("depth")[columns].reset_index(drop=True)
     lines = [markdown_table(table), ""]
     plots = {}
     if len(table) >= 2:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plt.subplots(1, 3 if geneval else 2, figsize=(15 if geneval else 10, 4))
         for ax, column, variable, label in ((axes[0], "train_flops", "C", "C (training FLOPs)"),
                                             (axes[1], "params", "N", "N (parameters)")):
             fit = fit_power_law(table[column], table["val_loss"])
@@ -105,44 +138,78 @@ def _depth(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
         by_n = fit_power_law(table["params"], table["val_loss"]).predict(params)
         lines.append(f"- predicted final validation loss at depth {depth} ({params:,} parameters, {flops:.3g} "
                      f"training FLOPs): {by_c:.4f} from the compute fit, {by_n:.4f} from the parameter fit")
+        if geneval:
+            lines.append(_loss_against_geneval(axes[2], table))
         plots["scaling.png"] = _png(fig)
     return Analysis(table, "\n".join(lines), plots)
 
 
+def _loss_against_geneval(ax, table: pd.DataFrame) -> str:
+    """The paper's claim that validation loss predicts GenEval (Fig. 8): the scatter, and the report line."""
+    scored = table.dropna(subset=["geneval"])
+    ax.plot(scored["val_loss"], scored["geneval"], "o")
+    for _, row in scored.iterrows():
+        ax.annotate(f"d{int(row['depth'])}", (row["val_loss"], row["geneval"]), fontsize=7)
+    ax.set_xlabel("final EMA validation loss")
+    ax.set_ylabel("GenEval-shapes overall")
+    if len(scored) < 2 or scored["geneval"].nunique() < 2:
+        return f"- validation loss against GenEval-shapes: {len(scored)} scored trial(s), too few to correlate"
+    pearson, spearman = correlation(scored["val_loss"], scored["geneval"])
+    return (f"- validation loss against GenEval-shapes over {len(scored)} depths: Pearson {pearson:.3f}, Spearman "
+            f"{spearman:.3f} (the paper: lower loss, higher score, i.e. negative)")
+
+
+def _pivot(results: pd.DataFrame, metric: str, label: str) -> pd.DataFrame:
+    """The shift study's `metric` as sampling shift x training shift."""
+    rows = [{"train_shift": r["train_shift"], "sampling_shift": s, "value": r[f"{metric}@shift={s:g}"]}
+            for _, r in results.iterrows() for s in sorted(_keys(r, f"{metric}@shift="))]
+    table = pd.DataFrame(rows).pivot(index="sampling_shift", columns="train_shift", values="value")
+    table.columns = [f"{label}, trained at shift {c:g}" for c in table.columns]
+    return table
+
+
 def _shift(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
-    rows = [{"train_shift": r["train_shift"], "sampling_shift": s, "lfd": r[f"lfd@shift={s:g}"]}
-            for _, r in results.iterrows() for s in sorted(_keys(r, "lfd@shift="))]
-    table = pd.DataFrame(rows).pivot(index="sampling_shift", columns="train_shift", values="lfd")
-    table.columns = [f"LFD, trained at shift {c:g}" for c in table.columns]
-    table = table.reset_index()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for column in table.columns[1:]:
-        ax.plot(table["sampling_shift"], table[column], "o-", label=column)
-    ax.set_xscale("log")
-    ax.set_xlabel("sampling shift alpha")
-    ax.set_ylabel("latent Fréchet distance (lower is better)")
-    ax.legend(fontsize=7)
-    best = {c: float(table.loc[table[c].idxmin(), "sampling_shift"]) for c in table.columns[1:]}
-    lines = [markdown_table(table), ""]
-    lines += [f"- best sampling shift for '{c}': {b:g}" for c, b in best.items()]
-    return Analysis(table, "\n".join(lines), {"shift.png": _png(fig)})
+    lfd = _pivot(results, "lfd", "LFD")
+    geneval = _pivot(results, "geneval", "GenEval") if any(_keys(r, "geneval@shift=") for _, r in
+                                                           results.iterrows()) else None
+    table = (lfd if geneval is None else lfd.join(geneval)).reset_index()
+    fig, axes = plt.subplots(1, 1 if geneval is None else 2, figsize=(6 if geneval is None else 12, 4), squeeze=False)
+    lines = []
+    for ax, part, ylabel, pick in ((axes[0][0], lfd, "latent Fréchet distance (lower is better)", "idxmin"),
+                                   *(((axes[0][1], geneval, "GenEval-shapes (higher is better)", "idxmax"),)
+                                     if geneval is not None else ())):
+        for column in part.columns:
+            ax.plot(part.index, part[column], "o-", label=column)
+            lines.append(f"- best sampling shift for '{column}': {getattr(part[column], pick)():g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling shift alpha")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    return Analysis(table, "\n".join([markdown_table(table), "", *lines]), {"shift.png": _png(fig)})
 
 
 def _formulation(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
-    table = results.sort_values("val_loss")[["formulation", "val_loss"]].reset_index(drop=True)
+    geneval = has_geneval(results)
+    table = results.sort_values("val_loss")[["formulation", "val_loss", *(["geneval"] if geneval else [])]]
+    table = table.reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
+    if geneval:
+        table["geneval_rank"] = table["geneval"].rank(ascending=False, method="min").astype(int)
     table["paper_global_rank"] = [PAPER_GLOBAL_RANK.get(f) for f in table["formulation"]]
     known = table.dropna(subset=["paper_global_rank"])
     lines = [markdown_table(table), ""]
     if len(known) >= 2:
-        ours = known["rank"].rank().to_numpy()
-        paper = known["paper_global_rank"].rank().to_numpy()
-        rho = float(np.corrcoef(ours, paper)[0, 1])
-        lines.append(f"- Spearman correlation with the paper's global ranking (Table 1) over {len(known)} "
-                     f"formulations: {rho:.3f}")
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(table) + 1.5))
-    ax.barh(table["formulation"][::-1], table["val_loss"][::-1])
-    ax.set_xlabel("final EMA validation loss (equal compute)")
+        for column, by in (("rank", "validation loss"), *((("geneval_rank", "GenEval-shapes"),) if geneval else ())):
+            rho = correlation(known[column], known["paper_global_rank"])[1]
+            lines.append(f"- ranked by {by}: Spearman correlation with the paper's global ranking (Table 1) over "
+                         f"{len(known)} formulations: {rho:.3f}")
+    fig, axes = plt.subplots(1, 2 if geneval else 1, figsize=(14 if geneval else 7, 0.4 * len(table) + 1.5),
+                             squeeze=False)
+    axes[0][0].barh(table["formulation"][::-1], table["val_loss"][::-1])
+    axes[0][0].set_xlabel("final EMA validation loss (equal compute)")
+    if geneval:
+        axes[0][1].barh(table["formulation"][::-1], table["geneval"][::-1], color="tab:green")
+        axes[0][1].set_xlabel("GenEval-shapes overall (equal compute)")
     return Analysis(table, "\n".join(lines), {"formulations.png": _png(fig)})
 
 
@@ -155,14 +222,22 @@ def _steps(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
         for n in steps[:-1]:
             row[f"LFD +% at {n}"] = 100 * (r[f"lfd@steps={n}"] - reference) / reference
             row[f"change at {n}"] = r[f"change@steps={n}"]
+        row |= {f"GenEval at {int(n)}": r[f"geneval@steps={int(n)}"] for n in sorted(_keys(r, "geneval@steps="))}
         rows.append(row)
     table = pd.DataFrame(rows)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    geneval = [c for c in table.columns if c.startswith("GenEval at")]
+    fig, axes = plt.subplots(1, 2 if geneval else 1, figsize=(12 if geneval else 6, 4), squeeze=False)
     for column in [c for c in table.columns if c.startswith("LFD +%")]:
-        ax.plot(table["depth"], table[column], "o-", label=column)
-    ax.set_xlabel("depth")
-    ax.set_ylabel("LFD increase vs the most steps (%)")
-    ax.legend(fontsize=7)
+        axes[0][0].plot(table["depth"], table[column], "o-", label=column)
+    axes[0][0].set_xlabel("depth")
+    axes[0][0].set_ylabel("LFD increase vs the most steps (%)")
+    axes[0][0].legend(fontsize=7)
+    if geneval:
+        for column in geneval:
+            axes[0][1].plot(table["depth"], table[column], "o-", label=column)
+        axes[0][1].set_xlabel("depth")
+        axes[0][1].set_ylabel("GenEval-shapes overall")
+        axes[0][1].legend(fontsize=7)
     return Analysis(table, markdown_table(table), {"steps.png": _png(fig)})
 
 

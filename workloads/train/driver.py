@@ -19,6 +19,7 @@ from model import count_params, train_flops
 from model.conditioning import TextConditioningConfig
 from model.interop import config_from_diffusers
 from pipelines.storage import Location, join
+from workloads.evaluate.inline import PromptSet, encode_prompt_set
 from workloads.runtime import cli, ensure_ray, logger
 from workloads.train import streaming
 from workloads.train.data import check_spec, latent_shape, read_spec
@@ -44,6 +45,7 @@ class Plan:
     flops: dict[str, float]  # training FLOPs per sample, by bucket
     params: int
     holdout: float = 0.0  # `Split.holdout`: the training stream drops the rows held out for validation
+    geneval: PromptSet | None = None  # with validation.geneval_every: the prompt set, encoded (`geneval_prompts`)
 
 
 def check(cfg: TrainConf) -> None:
@@ -78,6 +80,9 @@ def plan(cfg: TrainConf) -> Plan:
     config = cfg.model.build()
     spec = read_spec(Location.of(cfg.data, cfg.endpoint_url))
     check_spec(spec, config)
+    if cfg.validation.geneval_every and not spec.vae:
+        raise ValueError(f"validation.geneval_every needs the text encoders and VAE data={cfg.data} was preprocessed "
+                         "with, and its manifest names no models.sd3_repo")
     val_spec = None
     if cfg.val_data:
         val_spec = read_spec(Location.of(cfg.val_data, cfg.endpoint_url))
@@ -101,6 +106,20 @@ def plan(cfg: TrainConf) -> Plan:
              f"({split.val_source})")
     return Plan(run_location(cfg), spec.text, spec.location, split.train, batches, val, split.val_source, spec.vae,
                 flops, count_params(config), split.holdout)
+
+
+def geneval_prompts(cfg: TrainConf, models: str) -> PromptSet:
+    """validation.geneval_every's prompt set, encoded once on a Ray task (on a GPU when training has them), so
+    the text encoders (T5-XXL in production) stay out of the driver and the training workers."""
+    import ray
+
+    v = cfg.validation
+    task = ray.remote(encode_prompt_set).options(num_cpus=cfg.trainer.cpus_per_worker,
+                                                 num_gpus=int(cfg.trainer.use_gpu))
+    prompts = ray.get(task.remote(models, v.geneval_prompts_per_task, v.geneval_images_per_prompt))
+    LOG.info(f"GenEval-shapes every {v.geneval_every} steps: {len(prompts.metadata)} prompts x "
+             f"{v.geneval_images_per_prompt} image(s), {v.sample_steps} {v.sampler} steps, guidance {v.guidance}")
+    return prompts
 
 
 def run_location(cfg: TrainConf) -> Location:
@@ -129,6 +148,8 @@ def run(cfg: TrainConf, callbacks: list | None = None):
     from workloads.train.worker import train_loop
 
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2)  # + room for Ray Data's readers
+    if cfg.validation.geneval_every:
+        p.geneval = geneval_prompts(cfg, p.vae)
     files = {b: f for b, f in p.train_files.items() if p.batches.get(b)}
     data_bytes = streaming.total_bytes(p.data, files)
     materialize = streaming.should_materialize(cfg.loader.materialize, data_bytes, cfg.loader.materialize_fraction)
@@ -157,6 +178,8 @@ def summary_table(run: Location, cfg: TrainConf) -> str:
                       f"{cfg.trainer.num_workers} workers, ZeRO-{cfg.deepspeed.stage})"),
             ("training loss", f"{summary['loss']:.4f} (last step)"),
             ("EMA val loss", "-" if val is None else f"{val:.4f} ({summary['val_source']})"),
+            *([("GenEval-shapes", f"{summary['geneval']:.3f} (EMA, last)")] if summary.get("geneval") is not None
+              else []),
             ("samples/s", f"{summary['samples_per_s']:.1f} (median)" if summary.get("samples_per_s") else "-"),
             ("parameters", f"{summary['params']:,}"),
             ("skipped steps", str(summary["skipped_steps"])),

@@ -83,7 +83,7 @@ class Progress:
         step = record["step"]
         if self.log is not None:
             self.log.log(record)
-            if step % self.metrics.print_every == 0 or "val_loss" in record or final:
+            if step % self.metrics.print_every == 0 or "val_loss" in record or "geneval" in record or final:
                 LOG.info(self.line(record))
             if step % self.metrics.sync_every == 0:
                 self.log.sync()
@@ -93,6 +93,8 @@ class Progress:
         parts = [f"step {step}/{self.max_steps}", f"loss {record['loss']:.4f}"]
         if "val_loss" in record:
             parts.append(f"EMA val loss {record['val_loss']:.4f}")
+        if "geneval" in record:
+            parts.append(f"GenEval {record['geneval']:.3f}")
         parts.append(f"{record['samples_per_s']:.1f} samples/s")
         if "mfu" in record:
             parts.append(f"MFU {record['mfu']:.0%}")

@@ -23,6 +23,7 @@ from model.formulations import get_formulation
 from model.interop import export_diffusers
 from model.objective import training_loss
 from model.precision import resolve_dtype
+from workloads.evaluate.inline import PromptSet, Sampling, sample_prompt_set
 from workloads.train.checkpointing import DS_TAG, TrainState, ema_name, read_state, set_rng_state, write_rank_files
 from workloads.train.data import to_model_inputs
 from workloads.train.distribute import (
@@ -146,6 +147,16 @@ class Trainer:
             return sample_latents(self.engine, group, self.text, v.grid_prompts, v.grid_per_prompt, v.sample_steps,
                                   v.guidance, o.shift if v.shift is None else v.shift, v.sampler, o.formulation,
                                   self.cfg.trainer.seed, self.device, self.dtype)
+
+    def geneval_latents(self, prompts: PromptSet, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """Latents of the GenEval prompt set with the EMA weights, each rank sampling its share (all on every
+        rank): (n, C, h, w)."""
+        v, o = self.cfg.validation, self.cfg.objective
+        how = Sampling(v.sample_steps, v.guidance, o.shift if v.shift is None else v.shift, str(v.sampler),
+                       o.formulation, self.cfg.trainer.seed)
+        with self.ema_weights():
+            return sample_prompt_set(self.engine, prompts, self.text, latent_shape, how, self.device, self.dtype,
+                                     v.batch_size)
 
     def ema_state(self) -> dict:
         params = list(self.module.named_parameters())

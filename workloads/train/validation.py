@@ -12,11 +12,13 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from conf.train import ValidationConf
 from model.conditioning import TextConditioningConfig
 from model.objective import DEFAULT_VALIDATION_TIMESTEPS, validation_loss, validation_timesteps
 from model.sampling import sample
 from pipelines import schema
 from pipelines.storage import Location
+from workloads.evaluate.inline import PromptSet, geneval_summary, metric_fields, to_uint8
 from workloads.plots import latents_to_rgb, sample_grid
 from workloads.runtime import logger
 from workloads.train.data import TENSOR_COLUMNS, to_model_inputs
@@ -147,22 +149,42 @@ def write_grid(decoder: LatentDecoder, latents: torch.Tensor, captions: list[str
 
 class Validator:
     """EMA validation every `validation.every` steps and at the end: the fixed-timestep loss (overall and per
-    timestep; every rank takes part) and, on rank 0, a sample grid PNG in the run folder."""
+    timestep; every rank takes part) and, on rank 0, a sample grid PNG in the run folder. With a GenEval prompt
+    set, every `validation.geneval_every` steps and at the end also GenEval on shapes: every rank samples its share,
+    rank 0 decodes, scores and records `geneval` and `geneval_<task>`."""
 
-    def __init__(self, trainer, groups: list[ValGroup], every: int, vae: str | None, log) -> None:
-        self.trainer, self.groups, self.every, self.vae, self.log = trainer, groups, every, vae, log
+    def __init__(self, trainer, groups: list[ValGroup], cfg: ValidationConf, vae: str | None, log,
+                 geneval: PromptSet | None = None) -> None:
+        self.trainer, self.groups, self.cfg, self.vae, self.log = trainer, groups, cfg, vae, log
+        self.geneval = geneval if cfg.geneval_every else None
         self.decoder: LatentDecoder | None = None
 
     def maybe_run(self, step: int, final: bool) -> dict:
-        """The validation fields of this step's record, or {} when validation is not due."""
-        if step % self.every and not final:
-            return {}
+        """The validation fields of this step's record, or {} when nothing is due."""
+        record = {}
+        if step % self.cfg.every == 0 or final:
+            record |= self.loss_and_grid(step)
+        if self.geneval is not None and (step % self.cfg.geneval_every == 0 or final):
+            record |= self.geneval_fields()
+        return record
+
+    def loss_and_grid(self, step: int) -> dict:
         per_t = self.trainer.validate(self.groups)
         record = {"val_loss": float(per_t.mean())}
         timesteps = validation_timesteps(len(per_t)).tolist()
         record.update({f"val_loss_at_{t:.3f}": float(v) for t, v in zip(timesteps, per_t.tolist(), strict=True)})
         latents, captions = self.trainer.samples(self.groups[0])
         if self.log is not None:
-            self.decoder = self.decoder or LatentDecoder(self.vae)
-            write_grid(self.decoder, latents, captions, self.log.path(f"samples/step_{step:08d}.png"))
+            write_grid(self.decoded(), latents, captions, self.log.path(f"samples/step_{step:08d}.png"))
         return record
+
+    def geneval_fields(self) -> dict:
+        latent_shape = tuple(self.groups[0].columns[schema.LATENT].shape[1:])  # the training resolution
+        latents = self.trainer.geneval_latents(self.geneval, latent_shape)
+        if self.log is None:  # only rank 0 records
+            return {}
+        return metric_fields(geneval_summary(to_uint8(self.decoded()(latents)), self.geneval))
+
+    def decoded(self) -> LatentDecoder:
+        self.decoder = self.decoder or LatentDecoder(self.vae)
+        return self.decoder

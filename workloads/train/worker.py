@@ -86,7 +86,7 @@ def worker(cfg: TrainConf, plan) -> None:
     t = cfg.trainer
     peak = peak_tflops(device, cfg.metrics.peak_tflops)
     progress = Progress(cfg.metrics, t.max_steps, t.batch_size, world, log, peak, plan.flops)
-    validator = Validator(trainer, plan.val, cfg.validation.every, plan.vae, log)
+    validator = Validator(trainer, plan.val, cfg.validation, plan.vae, log, plan.geneval)
     checkpointer = Checkpointer(trainer, cfg.checkpoint.every, log)
     stream = epoch_stream(cfg, plan, rank, world)
     while state.step < t.max_steps:
@@ -124,6 +124,7 @@ def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: 
         n = sum(plan.batches.values())
         summary = {"step": state.step, "params": plan.params, "skipped_steps": state.skipped,
                    "val_source": plan.val_source, "loss": last["loss"], "val_loss": last.get("val_loss"),
+                   "geneval": last.get("geneval"),
                    "samples_per_s": progress.median_rate(),  # of this session's steps
                    "train_flops_per_sample": sum(plan.flops[b] * k for b, k in plan.batches.items()) / n}
         log.path(SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")

@@ -1,0 +1,127 @@
+"""GenEval-shapes inside another job, with a network already in hand: training's `validation.geneval_every` and the
+studies' trial evaluation. The prompt set is encoded once (`encode_prompt_set`), sampled with the same per-image
+noise as the evaluation job (`fixed_noise`), decoded by the training grids' decoder and scored in process, so a
+score logged during training and the evaluation job's score of the same weights and settings agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.conditioning import TextConditioningConfig, TextEmbeddings, assemble_conditioning
+from model.sampling import sample
+from pipelines import geneval
+from workloads.evaluate.detect import ShapesDetector
+from workloads.evaluate.scoring import score_image, summarize
+
+
+def noise_seed(seed: int, prompt_index: int, k: int) -> int:
+    """The seed of image `k` of prompt `prompt_index`: the same images for a run whatever the batching."""
+    return (seed * 1_000_003 + prompt_index) * 1_009 + k
+
+
+def fixed_noise(prompt_index: np.ndarray, k: np.ndarray, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """(B, *shape) standard normal noise, each image's own from `noise_seed`."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, int(i), int(j))))
+                        for i, j in zip(prompt_index, k, strict=True)])
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, H, W, 3) in [0, 1] -> uint8 numpy, as written to PNG."""
+    return (images * 255).round().to(torch.uint8).cpu().numpy()
+
+
+@dataclass
+class PromptSet:
+    """A GenEval prompt set with its text embeddings (float16 arrays keyed as `TextEmbeddings`, one row a prompt)
+    and the images to sample of each prompt."""
+
+    metadata: list[dict]
+    embeddings: dict[str, np.ndarray]
+    per_prompt: int
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt index, k) of every image, prompt by prompt."""
+        index = np.repeat(np.arange(len(self.metadata)), self.per_prompt)
+        return index, np.tile(np.arange(self.per_prompt), len(self.metadata))
+
+
+def encode_prompt_set(models: str, prompts_per_task: int, per_prompt: int, seed: int = 0,
+                      device: str = "auto") -> PromptSet:
+    """The shapes prompt set (`prompts_per_task` of each of GenEval's six tasks) encoded by the text encoders in
+    `models` (an SD3-layout folder)."""
+    from pipelines.encoders import TextEncoders
+    from workloads.evaluate.prompts import prompt_set
+
+    metadata = prompt_set(seed, dict.fromkeys(geneval.TAGS, prompts_per_task))
+    encoders = TextEncoders(models, device=device)
+    return PromptSet(metadata, encoders.encode([m["prompt"] for m in metadata]), per_prompt)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the prompt set is sampled."""
+
+    steps: int
+    guidance: float
+    shift: float
+    method: str = "euler"
+    formulation: str = "rf"
+    seed: int = 0
+
+
+@torch.no_grad()
+def sample_prompt_set(network, prompts: PromptSet, text: TextConditioningConfig, latent_shape: tuple[int, ...],
+                      how: Sampling, device: torch.device, dtype: torch.dtype = torch.float32,
+                      batch_size: int = 32) -> torch.Tensor:
+    """Latents of every image of the set, (n, C, h, w) float32 on the CPU, on every rank. Under torch.distributed
+    each rank samples an equal share (the last one padded; ZeRO-3 needs every rank in every forward) and the
+    shares are all-gathered."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    index, k = prompts.rows()
+    n = len(index)
+    share = -(-n // world)
+    mine = np.minimum(np.arange(rank * share, (rank + 1) * share), n - 1)  # padded with the last image
+    chunks = []
+    for start in range(0, share, batch_size):
+        rows = mine[start:start + batch_size]
+        emb = {name: torch.from_numpy(v[index[rows]].astype(np.float32)).to(device)
+               for name, v in prompts.embeddings.items()}
+        context, pooled = assemble_conditioning(TextEmbeddings(**emb), text)
+        noise = fixed_noise(index[rows], k[rows], latent_shape, how.seed).to(device)
+        chunks.append(sample(network, noise.to(dtype), context.to(dtype), pooled.to(dtype), steps=how.steps,
+                             guidance=how.guidance, shift=how.shift, method=how.method,
+                             formulation=how.formulation).float())
+    latents = torch.cat(chunks)  # (share, C, h, w)
+    if world > 1:
+        gathered = torch.empty((world * share, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
+        dist.all_gather_into_tensor(gathered, latents.contiguous())
+        latents = gathered
+    return latents[:n].cpu()
+
+
+def score_images(images: np.ndarray, prompts: PromptSet, detector: ShapesDetector | None = None) -> list[dict]:
+    """GenEval's per-image results ({"tag", "prompt_index", "correct", "reason"}) of uint8 (n, H, W, 3) images
+    sampled from the set in `PromptSet.rows` order."""
+    detector = detector or ShapesDetector()
+    index, _ = prompts.rows()
+    results = []
+    for pixels, i in zip(images, index, strict=True):
+        meta = prompts.metadata[int(i)]
+        correct, reasons = score_image(meta, detector(pixels))
+        results.append({"tag": meta["tag"], "prompt_index": int(i), "correct": correct, "reason": "\n".join(reasons)})
+    return results
+
+
+def metric_fields(summary: dict, prefix: str = "geneval") -> dict[str, float]:
+    """A summary as flat metric fields: `<prefix>` overall and `<prefix>_<tag>` per task."""
+    return {prefix: float(summary["overall"]), **{f"{prefix}_{t}": float(v) for t, v in summary["tasks"].items()}}
+
+
+def geneval_summary(images: np.ndarray, prompts: PromptSet) -> dict:
+    """The GenEval summary (`scoring.summarize`) of images sampled from the set."""
+    return summarize(score_images(images, prompts))
