@@ -18,6 +18,7 @@ from conf.train import TrainConf, register
 from model import count_params, train_flops
 from model.conditioning import TextConditioningConfig
 from model.interop import config_from_diffusers
+from pipelines.geneval import TAGS
 from pipelines.storage import Location, join
 from workloads.evaluate.inline import PromptSet, encode_prompt_set
 from workloads.runtime import cli, ensure_ray, logger
@@ -45,7 +46,8 @@ class Plan:
     flops: dict[str, float]  # training FLOPs per sample, by bucket
     params: int
     holdout: float = 0.0  # `Split.holdout`: the training stream drops the rows held out for validation
-    geneval: PromptSet | None = None  # with validation.geneval_every: the prompt set, encoded (`geneval_prompts`)
+    # with validation.geneval_every: the prompt set encoded, or the ObjectRef of its encoding task (`geneval_prompts`)
+    geneval: PromptSet | object | None = None
 
 
 def check(cfg: TrainConf) -> None:
@@ -108,18 +110,19 @@ def plan(cfg: TrainConf) -> Plan:
                 flops, count_params(config), split.holdout)
 
 
-def geneval_prompts(cfg: TrainConf, models: str) -> PromptSet:
+def geneval_prompts(cfg: TrainConf, models: str):
     """validation.geneval_every's prompt set, encoded once on a Ray task (on a GPU when training has them), so
-    the text encoders (T5-XXL in production) stay out of the driver and the training workers."""
+    the text encoders (T5-XXL in production) stay out of the driver and the training workers. Returns the task's
+    ObjectRef at once: the encoding overlaps the worker group's start-up, and the workers fetch it when first due."""
     import ray
 
     v = cfg.validation
+    # outside a Tune trial's placement group (it holds only the trial driver's CPU share), like the Train workers
     task = ray.remote(encode_prompt_set).options(num_cpus=cfg.trainer.cpus_per_worker,
-                                                 num_gpus=int(cfg.trainer.use_gpu))
-    prompts = ray.get(task.remote(models, v.geneval_prompts_per_task, v.geneval_images_per_prompt))
-    LOG.info(f"GenEval-shapes every {v.geneval_every} steps: {len(prompts.metadata)} prompts x "
+                                                 num_gpus=int(cfg.trainer.use_gpu), scheduling_strategy="DEFAULT")
+    LOG.info(f"GenEval-shapes every {v.geneval_every} steps: {len(TAGS) * v.geneval_prompts_per_task} prompts x "
              f"{v.geneval_images_per_prompt} image(s), {v.sample_steps} {v.sampler} steps, guidance {v.guidance}")
-    return prompts
+    return task.remote(models, v.geneval_prompts_per_task, v.geneval_images_per_prompt)
 
 
 def run_location(cfg: TrainConf) -> Location:

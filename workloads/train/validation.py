@@ -154,9 +154,9 @@ class Validator:
     rank 0 decodes, scores and records `geneval` and `geneval_<task>`."""
 
     def __init__(self, trainer, groups: list[ValGroup], cfg: ValidationConf, vae: str | None, log,
-                 geneval: PromptSet | None = None) -> None:
+                 geneval: PromptSet | object | None = None) -> None:
         self.trainer, self.groups, self.cfg, self.vae, self.log = trainer, groups, cfg, vae, log
-        self.geneval = geneval if cfg.geneval_every else None
+        self.geneval = geneval if cfg.geneval_every else None  # a PromptSet, or the ObjectRef of its encoding
         self.decoder: LatentDecoder | None = None
 
     def maybe_run(self, step: int, final: bool) -> dict:
@@ -179,6 +179,10 @@ class Validator:
         return record
 
     def geneval_fields(self) -> dict:
+        if not isinstance(self.geneval, PromptSet):  # Ray seam: the driver's encoding task, fetched when first due
+            import ray
+
+            self.geneval = ray.get(self.geneval)
         latent_shape = tuple(self.groups[0].columns[schema.LATENT].shape[1:])  # the training resolution
         latents = self.trainer.geneval_latents(self.geneval, latent_shape)
         if self.log is None:  # only rank 0 records
