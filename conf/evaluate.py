@@ -1,14 +1,50 @@
 """Hydra schema of `python -m workloads.evaluate`: GenEval-shapes scores of a folder of images, or of a trained
-network's samples of a prompt set."""
+network's samples of a prompt set, and optionally their CLIP score and FID (`image_metrics`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from conf.checks import Sampler, at_least
+from conf.checks import Device, Sampler, at_least
+
+INCEPTION = "inception-2015-12-05.pt"  # the FID network's file: TensorFlow's FID Inception, as TorchScript
+
+
+@dataclass
+class ImageMetricsConf:
+    """CLIP score and FID of the evaluated images (torchmetrics), for networks trained on real data. Their models come
+    from local files (or s3:// for FID): nothing is downloaded during a run."""
+
+    SECTION = "image_metrics"
+    # CLIP score with this CLIP: a folder saved with `save_pretrained` (CLIPModel + CLIPProcessor) or a hub id already
+    # in the local Hugging Face cache (production: openai/clip-vit-large-patch14). None: no CLIP score.
+    clip_model: str | None = None
+    # FID against this folder (local or s3://) of reference images (.png, .jpg, .jpeg, .webp, any size). None: no FID.
+    fid_reference: str | None = None
+    # The FID network, needed with fid_reference: a TorchScript Inception file (local or s3://), NVIDIA's
+    # inception-2015-12-05.pt (StyleGAN2-ADA's and clean-fid's), pool features (2048) of images resized inside to 299.
+    fid_weights: str | None = None
+    batch_size: int = 32  # images per forward pass
+    device: Device = Device.auto  # auto: the driver's GPU if it has one
+
+    def __post_init__(self) -> None:
+        for name in ("clip_model", "fid_reference", "fid_weights"):
+            if getattr(self, name) == "":
+                raise ValueError(f"image_metrics.{name} must be a path or null, got an empty string")
+        if self.fid_reference is not None and self.fid_weights is None:
+            raise ValueError(f"image_metrics.fid_reference needs image_metrics.fid_weights=<the TorchScript Inception "
+                             f"file, {INCEPTION}>: nothing is downloaded during a run")
+        if self.fid_weights is not None and self.fid_reference is None:
+            raise ValueError("image_metrics.fid_weights is set without image_metrics.fid_reference (the folder of "
+                             "reference images FID compares with)")
+        at_least(self, 1, "batch_size")
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_model is not None or self.fid_reference is not None
 
 
 @dataclass
@@ -39,6 +75,8 @@ class EvaluateConf:
     batch_size: int = 64  # images per Ray Data batch (sampling, scoring)
     grid_images: int = 48  # images shown in grid.png, each marked correct or not
     endpoint_url: str | None = None
+    # CLIP score and FID of the same images, written into summary.json as clip_score and fid; off by default
+    image_metrics: ImageMetricsConf = field(default_factory=ImageMetricsConf)
 
     def __post_init__(self) -> None:
         if (self.images is None) == (self.run is None):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
 import torch
 
 from model.conditioning import TINY_TEXT
@@ -16,3 +21,23 @@ def random_batch(seed: int = 0, n: int = 4, latent_size: int = 8) -> dict[str, t
     for column in schema.EMBEDDING_COLUMNS:
         out[column] = torch.randn(n, *shapes[column.split("_", 1)[1]], generator=gen).half()
     return out
+
+
+@contextmanager
+def offline(who: str) -> Iterator[None]:
+    """No hub access and no connection off the machine inside: `who` names the test in the error.
+
+    Loopback stays open for session-wide servers (the S3 test server, a local Ray cluster).
+    """
+    real_connect = socket.socket.connect
+
+    def refuse(sock: socket.socket, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise RuntimeError(f"{who} must not touch the network (connect to {address})")
+        return real_connect(sock, address)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        mp.setattr(socket.socket, "connect", refuse)
+        yield

@@ -1,11 +1,14 @@
-"""Tiny random-initialised stand-ins for the frozen preprocessing models, built locally and offline.
+"""Tiny random-initialised stand-ins for the frozen preprocessing models and the evaluation's metric networks, built
+locally and offline.
 
 Each is an instance of the real class (diffusers' AutoencoderKL, transformers' CLIP / T5 / BLIP) with tiny widths,
-saved with `save_pretrained` in the production repo layout, so `pipelines.encoders` loads it through the same
-`from_pretrained` call as the real weights. The VAE is the exception to random weights: it is the shapes
-autoencoder trained by the project (`shapes_vae`), so images decoded from latents can be judged. Tokenizers are
-trained here with the `tokenizers` library on a small corpus of shape and colour captions, then wrapped in the real
-tokenizer classes. Widths match `model.conditioning.TINY_TEXT`.
+saved with `save_pretrained` in the production repo layout, so `pipelines.encoders` and
+`workloads.evaluate.image_metrics` load it through the same `from_pretrained` call as the real weights; the FID
+network is a TorchScript file with the published Inception's call signature, loaded by the same `torch.jit.load`.
+The VAE is the exception to random weights: it is the shapes autoencoder trained by the project (`shapes_vae`), so
+images decoded from latents can be judged. Tokenizers are trained here with the `tokenizers` library on a small
+corpus of shape and colour captions, then wrapped in the real tokenizer classes. Widths match
+`model.conditioning.TINY_TEXT`.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import hashlib
 import itertools
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from torch import nn
+from torch.nn import functional as F
 from transformers import (
     BertTokenizer,
     BlipConfig,
@@ -28,9 +34,14 @@ from transformers import (
     BlipProcessor,
     BlipTextConfig,
     BlipVisionConfig,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -74,10 +85,12 @@ def _clip_tokenizer(corpus: list[str]) -> CLIPTokenizer:
                                   initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False)
     bpe.train_from_iterator(corpus, trainer)
     trained = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = trained["vocab"]
-    for token in (t for ch in alphabet for t in (ch, ch + "</w>")):  # like CLIP's: every byte, mid- or end-of-word
-        vocab.setdefault(token, len(vocab))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    # ids in a fixed order, as the trainer numbers end-of-word tokens in hash order (another in every process): the
+    # special tokens, like CLIP's every byte mid- and end-of-word, then each merge's token in merge order
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(ch + "</w>" for ch in alphabet), *map("".join, merges)]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    assert vocab.keys() >= trained["vocab"].keys(), "tiny CLIP tokenizer: a trained token outside the fixed order"
     return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
@@ -195,3 +208,50 @@ def _build(repo: Path, captioner: Path, seed: int) -> None:
         _save_t5(repo / "text_encoder_3", repo / "tokenizer_3", _t5_tokenizer(corpus))
         torch.manual_seed(seed + 4)
         _save_captioner(captioner, _bert_tokenizer(corpus))
+
+
+def build_tiny_clip(path: str, seed: int = 0) -> str:
+    """A tiny random `CLIPModel` and its `CLIPProcessor` (32 px images, the shapes tokenizer) saved under `path`, the
+    layout of openai/clip-vit-large-patch14, for the CLIP score."""
+    tokenizer = _clip_tokenizer(caption_corpus())
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=TOKENS, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(path)
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+class TinyInception(nn.Module):
+    """Two random convolutions in the published FID Inception's interface (NVIDIA's TorchScript
+    `inception-2015-12-05.pt`): uint8 (B, 3, H, W) images of any size, resized inside, to (B, 16) pool features."""
+
+    def __init__(self, side: int = 32, features: int = 16) -> None:
+        super().__init__()
+        self.side = side
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2)
+        self.conv2 = nn.Conv2d(8, features, 3, stride=2)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        # no classifier: the features whatever return_features says (FID asks for them)
+        x = F.interpolate(img.to(torch.float32), size=(self.side, self.side), mode="bilinear", align_corners=False)
+        x = (x - 128) / 128  # (B, 3, S, S), the Inception's input scaling
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))  # (B, F, S / 4 - 1, S / 4 - 1)
+        return x.mean(dim=(2, 3))  # (B, F)
+
+
+def build_tiny_inception(path: str, seed: int = 0) -> str:
+    """A `TinyInception` saved as a TorchScript file at `path`, as the real FID network is published."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = TinyInception().eval()
+    with warnings.catch_warnings():  # deprecated in torch 2.13, yet the format the published Inception comes in
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+        torch.jit.script(network).save(path)
+    return path

@@ -3,11 +3,11 @@
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+import support
 import torch
 
 from model.conditioning import TINY_TEXT
@@ -19,21 +19,8 @@ from pipelines.synthetic import tiny_models
 
 @pytest.fixture(scope="module")
 def offline():
-    """No hub access and no connection off the machine while the module's models are built and loaded.
-
-    Loopback stays open for session-wide servers (the S3 test server, a local Ray cluster).
-    """
-    real_connect = socket.socket.connect
-
-    def refuse(sock: socket.socket, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
-            raise RuntimeError(f"test_encoders must not touch the network (connect to {address})")
-        return real_connect(sock, address)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        mp.setattr(socket.socket, "connect", refuse)
+    """No hub access and no connection off the machine while the module's models are built and loaded."""
+    with support.offline("test_encoders"):
         yield
 
 

@@ -6,7 +6,9 @@ set by default) as Ray Data batch inference (`generate`), written under `<out>/i
 images and their prompts are listed on the driver; detection and scoring run as Ray Data batches on CPU tasks.
 Writes to `out`: `results.jsonl` (one line per image in GenEval's result layout: filename, tag, prompt, correct,
 reason, metadata, and the detections), `summary.json` ({"overall", "tasks", "images", "prompts", ...}) and
-`grid.png` (the first images, each with a green or red mark).
+`grid.png` (the first images, each with a green or red mark). With `image_metrics.clip_model` and/or
+`image_metrics.fid_reference` set, the summary also has the same images' `clip_score` and `fid` (computed in the
+driver process, on its GPU if it has one).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from pipelines import geneval
 from pipelines.storage import Location
 from pipelines.synthetic.shapes import COLORS, SHAPES
 from workloads.evaluate.detect import ShapesDetector
+from workloads.evaluate.image_metrics import IMAGE_SUFFIXES, StoredImages, image_metrics, read_image
 from workloads.evaluate.scoring import score_image, summarize
 from workloads.runtime import cli, ensure_ray, logger
 
 LOG = logger("evaluate")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,7 @@ def score_items(items: list[Item], images: Location) -> list[dict]:
     detector = ShapesDetector()
     out = []
     for item in items:
-        with images.fs.open(item.path, "rb") as f:
-            pixels = np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))
-        detections = detector(pixels)
+        detections = detector(read_image(images, item.path))
         correct, reasons = score_image(item.metadata, detections)
         out.append({"filename": item.path, "tag": item.metadata["tag"], "prompt": item.metadata["prompt"],
                     "prompt_index": item.prompt_index, "correct": correct, "reason": "\n".join(reasons),
@@ -129,8 +129,10 @@ def grid(results: list[dict], images: Location, count: int) -> Image.Image | Non
     return sheet
 
 
-def write_report(results: list[dict], out: Location, sheet: Image.Image | None) -> dict:
-    summary = summarize(results)
+def write_report(results: list[dict], out: Location, sheet: Image.Image | None,
+                 metrics: dict[str, float] | None = None) -> dict:
+    """Write results.jsonl, summary.json (GenEval's summary and the image `metrics`) and grid.png."""
+    summary = summarize(results) | (metrics or {})
     out.write_bytes("results.jsonl", "".join(json.dumps(r) + "\n" for r in results).encode())
     out.write_bytes("summary.json", (json.dumps(summary, indent=1) + "\n").encode())
     if sheet is not None:
@@ -181,6 +183,16 @@ def sample_prompts(cfg: EvaluateConf, out: Location) -> Location:
                         sampler=str(cfg.sampler), seed=cfg.seed)
 
 
+def real_image_metrics(cfg: EvaluateConf, items: list[Item], images: Location) -> dict[str, float]:
+    """The CLIP score and FID of the items' images that `cfg.image_metrics` turns on ({} when it turns on none)."""
+    if not cfg.image_metrics.enabled:
+        return {}
+    pixels = StoredImages(images, [i.path for i in items])
+    metrics = image_metrics(cfg.image_metrics, pixels, [i.metadata["prompt"] for i in items], cfg.endpoint_url)
+    LOG.info(", ".join(f"{name} {value:.3f}" for name, value in metrics.items()))
+    return metrics
+
+
 def run(cfg: EvaluateConf) -> dict:
     """Score the folder (sampled first with run=); returns the summary."""
     out = Location.of(cfg.out, cfg.endpoint_url)
@@ -188,7 +200,8 @@ def run(cfg: EvaluateConf) -> dict:
     items = list_items(images)
     LOG.info(f"{len(items)} images of {len({i.prompt_index for i in items})} prompts in {images.uri}")
     results = score_on_ray(items, images, cfg.batch_size)
-    summary = write_report(results, out, grid(results, images, cfg.grid_images))
+    metrics = real_image_metrics(cfg, items, images)
+    summary = write_report(results, out, grid(results, images, cfg.grid_images), metrics)
     tasks = ", ".join(f"{t} {v:.3f}" for t, v in summary["tasks"].items())
     LOG.info(f"GenEval-shapes overall {summary['overall']:.3f} ({tasks}); report in {cfg.out}")
     return summary
