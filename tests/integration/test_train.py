@@ -3,6 +3,7 @@ outputs, a killed worker, a restarted job, partial checkpoints, local and s3:// 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -131,8 +132,14 @@ def test_export_loads_in_diffusers_with_the_ema_weights(zero2_run):
 
 
 def train_worker_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    """The Ray Train workers of this session's cluster, oldest first: descendants of this process (its raylet
+    started them), so another cluster on the machine (a parallel test worker, a user's job) is never touched."""
+    workers = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("RayTrainWorker" in part for part in p.cmdline()):
+                workers.append((p.create_time(), p.pid))
+    return [pid for _, pid in sorted(workers)]
 
 
 @pytest.fixture(scope="module")
