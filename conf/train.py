@@ -8,6 +8,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from conf.checks import Dtype, Sampler, ZeroStage, at_least, in_unit_interval
+from conf.evaluate import ImageMetricsConf
 from conf.model import ModelConf
 from conf.optim import OptimConf
 from model import FLAVORS
@@ -114,6 +115,9 @@ class ValidationConf:
     geneval_every: int = 0
     geneval_prompts_per_task: int = 4  # of each of GenEval's six tasks
     geneval_images_per_prompt: int = 1
+    # CLIP score of the grid's samples against their captions and FID against a reference folder (torchmetrics), for
+    # real data: the evaluation job's `image_metrics` settings, logged as `clip_score` and `fid` at each validation.
+    image_metrics: ImageMetricsConf = field(default_factory=ImageMetricsConf)
 
     def __post_init__(self) -> None:
         at_least(self, 1, "every", "samples", "batch_size", "grid_prompts", "grid_per_prompt", "sample_steps",

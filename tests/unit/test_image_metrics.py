@@ -186,3 +186,49 @@ def test_the_evaluation_report_gains_clip_score_and_fid_beside_geneval(clip, inc
     plain = EvaluateConf(images=folder.uri, out=out.uri)
     assert driver.real_image_metrics(plain, items, folder) == {}
     assert driver.write_report(results, out, None).keys() == summary.keys() - {"clip_score", "fid"}
+
+
+class GridTrainer:
+    """What `Validator` asks of the trainer, with fixed answers: a loss per timestep and a grid's latents."""
+
+    def __init__(self, latents: torch.Tensor, captions: list[str]) -> None:
+        self.latents, self.captions = latents, captions
+
+    def validate(self, groups) -> torch.Tensor:
+        return torch.full((8,), 0.5)
+
+    def samples(self, group):
+        return self.latents, self.captions
+
+
+class Log:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+
+def test_validation_logs_the_grids_clip_score_and_fid(clip, inception, tmp_path):
+    """`validation.image_metrics`: rank 0's record gains the CLIP score of the grid's samples against their
+    captions (each caption once per sample) and their FID against the reference folder."""
+    from conf.train import ValidationConf
+    from workloads.evaluate.inline import to_uint8
+    from workloads.train.validation import Validator
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for i, image in enumerate(shapes(6, seed=2)[0]):
+        Image.fromarray(image).save(reference / f"{i}.png")
+    cfg = ValidationConf(every=5, grid_per_prompt=2, image_metrics=ImageMetricsConf(
+        clip_model=clip, fid_reference=str(reference), fid_weights=inception))
+    latents = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # no VAE: the latent preview
+    captions = ["a red circle", "two blue squares"]
+    validator = Validator(GridTrainer(latents, captions), [None], cfg, None, Log(tmp_path / "run"))
+    assert validator.maybe_run(3, final=False) == {}
+    record = validator.maybe_run(5, final=False)
+    assert record["val_loss"] == 0.5 and (tmp_path / "run" / "samples" / "step_00000005.png").exists()
+    images = list(to_uint8(validator.decoded()(latents)))
+    prompts = ["a red circle", "a red circle", "two blue squares", "two blue squares"]
+    assert record["clip_score"] == pytest.approx(clip_score(images, prompts, clip))
+    assert record["fid"] == pytest.approx(fid(images, shapes(6, seed=2)[0], inception), rel=1e-4)

@@ -95,6 +95,8 @@ class Progress:
             parts.append(f"EMA val loss {record['val_loss']:.4f}")
         if "geneval" in record:
             parts.append(f"GenEval {record['geneval']:.3f}")
+        parts += [f"{label} {record[key]:.2f}" for key, label in (("clip_score", "CLIP score"), ("fid", "FID"))
+                  if key in record]
         parts.append(f"{record['samples_per_s']:.1f} samples/s")
         if "mfu" in record:
             parts.append(f"MFU {record['mfu']:.0%}")

@@ -18,6 +18,7 @@ from model.objective import DEFAULT_VALIDATION_TIMESTEPS, validation_loss, valid
 from model.sampling import sample
 from pipelines import schema
 from pipelines.storage import Location
+from workloads.evaluate.image_metrics import image_metrics
 from workloads.evaluate.inline import PromptSet, geneval_summary, metric_fields, to_uint8
 from workloads.plots import latents_to_rgb, sample_grid
 from workloads.runtime import logger
@@ -143,8 +144,13 @@ class LatentDecoder:
 
 
 def write_grid(decoder: LatentDecoder, latents: torch.Tensor, captions: list[str], path: Path) -> None:
+    write_images(decoder(latents), captions, path)
+
+
+def write_images(images: torch.Tensor, captions: list[str], path: Path) -> None:
+    """Decoded (B, H, W, 3) images in [0, 1] as a grid PNG, a row per caption."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    sample_grid(decoder(latents), [c[:40] for c in captions], path)
+    sample_grid(images, [c[:40] for c in captions], path)
 
 
 class Validator:
@@ -175,7 +181,12 @@ class Validator:
         record.update({f"val_loss_at_{t:.3f}": float(v) for t, v in zip(timesteps, per_t.tolist(), strict=True)})
         latents, captions = self.trainer.samples(self.groups[0])
         if self.log is not None:
-            write_grid(self.decoded(), latents, captions, self.log.path(f"samples/step_{step:08d}.png"))
+            images = self.decoded()(latents)  # (P * n, H, W, 3)
+            write_images(images, captions, self.log.path(f"samples/step_{step:08d}.png"))
+            if self.cfg.image_metrics.enabled:
+                per_prompt = len(images) // len(captions)
+                record |= image_metrics(self.cfg.image_metrics, list(to_uint8(images)),
+                                        [c for c in captions for _ in range(per_prompt)])
         return record
 
     def geneval_fields(self) -> dict:
