@@ -12,7 +12,7 @@ from conf.train import CheckpointConf, EMAConf, ObjectiveConf, TrainConf, Traine
 
 
 def demo_train() -> TrainConf:
-    """Every demo run's training settings: 2 Ray Train workers, 200 steps, GenEval-shapes every 50 (the score
+    """Every demo run's training settings: 2 Ray Train workers, 200 steps, GenEval-shapes every 100 (the score
     against training compute); the paper's 1e-4 / 1000 warm-up steps are for billion-parameter models. Only the
     original captions: the tiny captioner is random, so its captions say nothing of the image (the paper's 50% mix
     assumes a real captioner)."""
@@ -22,7 +22,7 @@ def demo_train() -> TrainConf:
         optim=OptimConf(lr=1e-3, warmup_steps=30),
         ema=EMAConf(decay=0.99),
         validation=ValidationConf(every=100, samples=16, grid_prompts=4, grid_per_prompt=4, sample_steps=20,
-                                  guidance=4.0, geneval_every=50, geneval_prompts_per_task=4),
+                                  guidance=4.0, geneval_every=100, geneval_prompts_per_task=4),
         checkpoint=CheckpointConf(every=100, keep=2))
 
 

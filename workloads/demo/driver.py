@@ -68,11 +68,13 @@ def preprocess_conf(cfg: DemoConf, at: Layout) -> PreprocessConf:
 
 
 def sweep_conf(cfg: DemoConf, at: Layout) -> SweepConf:
-    """The toy depth sweep; each trial's GenEval-shapes samples the prompt set training validates with."""
+    """The toy depth sweep. Each trial's GenEval-shapes is the one its run logged at its last step
+    (`validation.geneval_every`) when training scores itself, else the sweep samples the same prompt set after."""
+    v = cfg.train.validation
     return SweepConf(study=Study.depth, preset="toy", data=at.data, endpoint_url=cfg.endpoint_url,
                      storage=at.storage, name="demo-depth", depths=list(cfg.depths), train=cfg.train, eval_samples=16,
                      eval_sample_steps=cfg.geneval_steps, geneval_guidance=cfg.geneval_guidance,
-                     geneval_prompts_per_task=cfg.train.validation.geneval_prompts_per_task)
+                     geneval_prompts_per_task=0 if v.geneval_every else v.geneval_prompts_per_task)
 
 
 def main_run_conf(cfg: DemoConf, at: Layout) -> TrainConf:

@@ -158,6 +158,8 @@ def trial(config: dict) -> None:
            "flops_per_sample": summary["train_flops_per_sample"],
            "train_flops": summary["train_flops_per_sample"] * c.trainer.max_steps * c.trainer.batch_size,
            "val_loss": summary["val_loss"], "samples_per_s": summary["samples_per_s"]}
+    if summary.get("geneval") is not None:  # the run's own last score (validation.geneval_every); a sweep's wins
+        row["geneval"] = summary["geneval"]
     settings = studies.eval_settings(cfg, float(params["train_shift"]))
     geneval_at = studies.geneval_settings(cfg, float(params["train_shift"]))
     if settings or geneval_at:
