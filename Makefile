@@ -9,11 +9,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 install: $(STAMP)
 
-# --no-compile: Python compiles what is imported on first use; pip compiling every file of torch, Ray and the rest one
-# at a time took a minute of the install (181 s -> 117 s on 2 cores, no download cache).
+# pip compiles every file's bytecode here: keep it. These machines set PYTHONDONTWRITEBYTECODE=1, so with
+# `--no-compile` every process compiled torch, Ray and the rest from source on each import (the suite took 37 min).
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --no-compile -c requirements/constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 lint: $(STAMP)
