@@ -85,6 +85,7 @@ def test_run_writes_metrics_checkpoints_samples_and_export(zero2_run, train_data
     scored = [r for r in records if "geneval" in r]  # validation.geneval_every: the six tasks, each scored
     assert [r["step"] for r in scored] == [6, 12] and all(0.0 <= r["geneval"] <= 1.0 for r in scored)
     assert all({f"geneval_{t}" for t in ("single_object", "counting", "color_attr")} <= set(r) for r in scored)
+    assert sorted(p.name for p in (folder / "geneval").iterdir()) == ["step_00000006.jsonl", "step_00000012.jsonl"]
     assert all(np.isfinite(r["val_loss_at_0.500"]) for r in records if "val_loss" in r)
     assert records[0]["lr"] == pytest.approx(5e-4) and records[-1]["lr"] == pytest.approx(1e-3)  # warm-up
     kept = sorted(p.name for p in folder.glob(f"{checkpointing.PREFIX}*"))
@@ -246,6 +247,16 @@ def test_evaluate_samples_a_prompt_set_with_the_run_and_scores_it(zero2_run, tra
     logged = read_records(str(folder))[-1]
     assert summary["overall"] == pytest.approx(logged["geneval"])
     assert summary["tasks"] == pytest.approx({t: logged[f"geneval_{t}"] for t in geneval.TAGS})
+    # image by image: the same objects found (class, colour, box) and the same verdict
+    lines = (tmp_path / "eval" / "results.jsonl").read_text().splitlines()
+    job = {(r["prompt_index"], int(Path(r["filename"]).stem)): r for r in map(json.loads, lines)}
+    lines = (folder / "geneval" / f"step_{STEPS:08d}.jsonl").read_text().splitlines()
+    hook = {(r["prompt_index"], r["k"]): r for r in map(json.loads, lines)}
+    assert job.keys() == hook.keys() and len(job) == 12
+    for k, r in hook.items():
+        found = [(d["cls"], d["color"], d["box"]) for d in r["details"]]
+        assert found == [(d["cls"], d["color"], d["box"]) for d in job[k]["details"]], k
+        assert r["correct"] == job[k]["correct"], k
     assert len(list((tmp_path / "eval" / "images").glob("*/samples/*.png"))) == 12
     lines = (tmp_path / "eval" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 12 and {"filename", "tag", "prompt", "correct", "reason", "metadata"} <= set(

@@ -6,7 +6,7 @@ score logged during training and the evaluation job's score of the same weights 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -105,15 +105,17 @@ def sample_prompt_set(network, prompts: PromptSet, text: TextConditioningConfig,
 
 
 def score_images(images: np.ndarray, prompts: PromptSet, detector: ShapesDetector | None = None) -> list[dict]:
-    """GenEval's per-image results ({"tag", "prompt_index", "correct", "reason"}) of uint8 (n, H, W, 3) images
-    sampled from the set in `PromptSet.rows` order."""
+    """GenEval's per-image results ({"tag", "prompt", "prompt_index", "k", "correct", "reason", "details"}) of uint8
+    (n, H, W, 3) images sampled from the set in `PromptSet.rows` order."""
     detector = detector or ShapesDetector()
-    index, _ = prompts.rows()
+    index, k = prompts.rows()
     results = []
-    for pixels, i in zip(images, index, strict=True):
+    for pixels, i, j in zip(images, index, k, strict=True):
         meta = prompts.metadata[int(i)]
-        correct, reasons = score_image(meta, detector(pixels))
-        results.append({"tag": meta["tag"], "prompt_index": int(i), "correct": correct, "reason": "\n".join(reasons)})
+        detections = detector(pixels)
+        correct, reasons = score_image(meta, detections)
+        results.append({"tag": meta["tag"], "prompt": meta["prompt"], "prompt_index": int(i), "k": int(j),
+                        "correct": correct, "reason": "\n".join(reasons), "details": [asdict(d) for d in detections]})
     return results
 
 

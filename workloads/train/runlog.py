@@ -15,7 +15,7 @@ from pathlib import Path
 from pipelines.storage import Location, join
 
 METRICS, EVENTS, SUMMARY = "metrics.jsonl", "events.jsonl", "summary.json"
-SYNCED = (METRICS, EVENTS, SUMMARY, "tensorboard", "samples")
+SYNCED = (METRICS, EVENTS, SUMMARY, "tensorboard", "samples", "geneval")
 
 
 def read_records(run: Location | str, name: str = METRICS) -> list[dict]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from model.sampling import sample
 from pipelines import schema
 from pipelines.storage import Location
 from workloads.evaluate.image_metrics import image_metrics
-from workloads.evaluate.inline import PromptSet, geneval_summary, metric_fields, to_uint8
+from workloads.evaluate.inline import PromptSet, metric_fields, score_images, to_uint8
+from workloads.evaluate.scoring import summarize
 from workloads.plots import latents_to_rgb, sample_grid
 from workloads.runtime import logger
 from workloads.train.data import TENSOR_COLUMNS, to_model_inputs
@@ -171,7 +173,7 @@ class Validator:
         if step % self.cfg.every == 0 or final:
             record |= self.loss_and_grid(step)
         if self.geneval is not None and (step % self.cfg.geneval_every == 0 or final):
-            record |= self.geneval_fields()
+            record |= self.geneval_fields(step)
         return record
 
     def loss_and_grid(self, step: int) -> dict:
@@ -189,7 +191,7 @@ class Validator:
                                         [c for c in captions for _ in range(per_prompt)])
         return record
 
-    def geneval_fields(self) -> dict:
+    def geneval_fields(self, step: int) -> dict:
         if not isinstance(self.geneval, PromptSet):  # Ray seam: the driver's encoding task, fetched when first due
             import ray
 
@@ -198,7 +200,10 @@ class Validator:
         latents = self.trainer.geneval_latents(self.geneval, latent_shape)
         if self.log is None:  # only rank 0 records
             return {}
-        return metric_fields(geneval_summary(to_uint8(self.decoded()(latents)), self.geneval))
+        results = score_images(to_uint8(self.decoded()(latents)), self.geneval)
+        lines = "".join(json.dumps(r) + "\n" for r in results)  # per image, as the evaluation job's results.jsonl
+        self.log.path(f"geneval/step_{step:08d}.jsonl").write_text(lines)
+        return metric_fields(summarize(results))
 
     def decoded(self) -> LatentDecoder:
         self.decoder = self.decoder or LatentDecoder(self.vae)
