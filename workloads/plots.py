@@ -1,14 +1,21 @@
-"""Figures for run reports: loss curves and sample grids (matplotlib, no display needed)."""
+"""Figures for run reports: loss curves and sample grids (matplotlib, no display needed). Matplotlib is imported
+when a figure is drawn: every training worker imports this module, and only rank 0 draws (0.7 s per process)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # after choosing the back end
 import torch
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg back end (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after choosing the back end
+
+    return plt
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
@@ -17,6 +24,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
     losses = torch.tensor([r["loss"] for r in history])
     window = max(1, len(losses) // 30)
     smooth = torch.nn.functional.avg_pool1d(losses[None, None], window, stride=1).flatten()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, alpha=0.3, label="train loss")
     ax.plot(steps[window - 1:], smooth, label=f"train loss ({window}-step mean)")
@@ -42,6 +50,7 @@ def sample_grid(images: torch.Tensor, row_labels: list[str], path: Path) -> None
     rows = len(row_labels)
     cols = images.shape[0] // rows
     label_in, width = 2.6, 1.3 * cols + 2.8  # inches: room for the captions on the left, then the images
+    plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(width, 1.3 * rows), squeeze=False)
     for r in range(rows):
         for c in range(cols):

@@ -47,9 +47,12 @@ def conf(data: str, storage: str, study: str, **overrides) -> SweepConf:
 @pytest.fixture(scope="module")
 def depth_sweep(train_dataset, ray_local, tmp_path_factory):
     """The depth sweep from the command line, stopped (SIGTERM) after its first trial, then run again (in this
-    process, on the session's Ray: the same `run` the command calls, without a second cluster start-up)."""
+    process: the same `run` the command calls). Both join the session's Ray, as a job submitted to a cluster does
+    (RAY_ADDRESS), so the test starts no second cluster."""
+    import ray
+
     storage = str(tmp_path_factory.mktemp("sweeps"))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     trials = Path(storage) / "depth-toy" / "trials"
     first = subprocess.Popen(cli(train_dataset, storage, "depth"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)

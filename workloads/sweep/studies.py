@@ -12,7 +12,7 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from conf.sweep import Study, SweepConf
 from model.formulations import PAPER_GLOBAL_RANK
-from workloads.plots import plt  # matplotlib with the Agg back end
+from workloads.plots import pyplot  # matplotlib on the Agg back end, imported when a figure is drawn
 from workloads.sweep.scaling import fit_power_law
 
 
@@ -78,7 +78,7 @@ def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
     return buffer.getvalue()
 
 
@@ -115,7 +115,7 @@ def _depth(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
     lines = [markdown_table(table), ""]
     plots = {}
     if len(table) >= 2:
-        fig, axes = plt.subplots(1, 3 if geneval else 2, figsize=(15 if geneval else 10, 4))
+        fig, axes = pyplot().subplots(1, 3 if geneval else 2, figsize=(15 if geneval else 10, 4))
         for ax, column, variable, label in ((axes[0], "train_flops", "C", "C (training FLOPs)"),
                                             (axes[1], "params", "N", "N (parameters)")):
             fit = fit_power_law(table[column], table["val_loss"])
@@ -173,7 +173,8 @@ def _shift(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
     geneval = _pivot(results, "geneval", "GenEval") if any(_keys(r, "geneval@shift=") for _, r in
                                                            results.iterrows()) else None
     table = (lfd if geneval is None else lfd.join(geneval)).reset_index()
-    fig, axes = plt.subplots(1, 1 if geneval is None else 2, figsize=(6 if geneval is None else 12, 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, 1 if geneval is None else 2, figsize=(6 if geneval is None else 12, 4),
+                                  squeeze=False)
     lines = []
     for ax, part, ylabel, pick in ((axes[0][0], lfd, "latent Fréchet distance (lower is better)", "idxmin"),
                                    *(((axes[0][1], geneval, "GenEval-shapes (higher is better)", "idxmax"),)
@@ -203,8 +204,8 @@ def _formulation(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
             rho = correlation(known[column], known["paper_global_rank"])[1]
             lines.append(f"- ranked by {by}: Spearman correlation with the paper's global ranking (Table 1) over "
                          f"{len(known)} formulations: {rho:.3f}")
-    fig, axes = plt.subplots(1, 2 if geneval else 1, figsize=(14 if geneval else 7, 0.4 * len(table) + 1.5),
-                             squeeze=False)
+    fig, axes = pyplot().subplots(1, 2 if geneval else 1, figsize=(14 if geneval else 7, 0.4 * len(table) + 1.5),
+                                  squeeze=False)
     axes[0][0].barh(table["formulation"][::-1], table["val_loss"][::-1])
     axes[0][0].set_xlabel("final EMA validation loss (equal compute)")
     if geneval:
@@ -226,7 +227,7 @@ def _steps(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
         rows.append(row)
     table = pd.DataFrame(rows)
     geneval = [c for c in table.columns if c.startswith("GenEval at")]
-    fig, axes = plt.subplots(1, 2 if geneval else 1, figsize=(12 if geneval else 6, 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, 2 if geneval else 1, figsize=(12 if geneval else 6, 4), squeeze=False)
     for column in [c for c in table.columns if c.startswith("LFD +%")]:
         axes[0][0].plot(table["depth"], table[column], "o-", label=column)
     axes[0][0].set_xlabel("depth")
