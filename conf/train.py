@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,44 @@ class LoaderConf:
     def __post_init__(self) -> None:
         in_unit_interval(self, "val_fraction", open_right=True)
         at_least(self, 0, "shuffle_buffer", "prefetch_batches", "materialize_fraction")
+
+
+# Every linear layer of both streams' blocks, as the paper's DPO adapters: adaLN modulation, QKV, output, MLP.
+LORA_BLOCK_LINEARS = r"blocks\.\d+\.(img|txt)\.(mod\.lin|qkv|proj|mlp\.fc1|mlp\.fc2)"
+
+
+@dataclass
+class LoraConf:
+    """LoRA adapters (peft) on a frozen base: only they are trained, optimised, averaged and checkpointed."""
+
+    SECTION = "lora"
+    rank: int = 0  # 0: off, every weight trains; > 0 needs init_from= (the base the adapters adapt)
+    alpha: float | None = None  # the adapters' scale is alpha / rank; None: alpha = rank (scale 1)
+    targets: str = LORA_BLOCK_LINEARS  # a regex that must match a linear layer's whole module name
+    dropout: float = 0.0  # on the adapters' input
+
+    def __post_init__(self) -> None:
+        at_least(self, 0, "rank")
+        in_unit_interval(self, "dropout", open_right=True)
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be positive (or null: alpha = rank), got {self.alpha}")
+        try:
+            re.compile(self.targets)
+        except re.error as error:
+            raise ValueError(f"lora.targets is not a regular expression ({error}): {self.targets!r}") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank: the factor on B @ A."""
+        return self.scale_alpha / self.rank
 
 
 @dataclass
@@ -174,6 +213,7 @@ class TrainConf:
     objective: ObjectiveConf = field(default_factory=ObjectiveConf)
     loader: LoaderConf = field(default_factory=LoaderConf)
     ema: EMAConf = field(default_factory=EMAConf)
+    lora: LoraConf = field(default_factory=LoraConf)
     validation: ValidationConf = field(default_factory=ValidationConf)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     metrics: MetricsConf = field(default_factory=MetricsConf)
@@ -184,6 +224,9 @@ class TrainConf:
         if self.stage_needs_init and not self.init_from:
             raise ValueError(f"the stage at {self.stage_resolution}px continues a previous stage: set "
                              "init_from=<the previous stage's run folder>")
+        if self.lora.enabled and not self.init_from:
+            raise ValueError(f"lora.rank={self.lora.rank} trains adapters on frozen base weights: set "
+                             "init_from=<a run folder or a diffusers SD3Transformer2DModel folder>")
 
 
 @dataclass

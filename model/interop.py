@@ -130,6 +130,27 @@ def from_diffusers(state_dict: StateDict, config: MMDiTConfig) -> StateDict:
     return {r.ours: r.to_ours([state_dict[t] for t in r.theirs])[0] for r in rules}
 
 
+LORA_PREFIX = "transformer"  # the pipeline component diffusers' SD3 LoRA loaders route these keys to
+
+
+def lora_to_diffusers(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: MMDiTConfig) -> StateDict:
+    """LoRA factors of our linear layers (layer -> (A, B), the scale folded into B) -> the state dict diffusers'
+    `SD3Transformer2DModel.load_lora_adapter` and `StableDiffusion3Pipeline.load_lora_weights` read
+    (`transformer.<their layer>.lora_A.weight`, no alphas: scale 1). A fused QKV's adapter becomes one per
+    projection with the same A and B's rows split; the layouts that reorder output rows reorder B's."""
+    rules = {r.ours: r for r in _rules(config)}
+    out: StateDict = {}
+    for layer, (a, b) in factors.items():
+        rule = rules.get(f"{layer}.weight")
+        if rule is None or rule.ours in ("img_in.weight",):
+            raise ValueError(f"no diffusers linear layer corresponds to {layer!r}: its adapter cannot be exported")
+        for theirs, rows in zip(rule.theirs, rule.to_theirs([b]), strict=True):
+            name = theirs.removesuffix(".weight")
+            out[f"{LORA_PREFIX}.{name}.lora_A.weight"] = a.clone()  # one copy each: a file holds no aliases
+            out[f"{LORA_PREFIX}.{name}.lora_B.weight"] = rows.contiguous()
+    return out
+
+
 def diffusers_config(config: MMDiTConfig) -> dict:
     """Constructor arguments of the equivalent `SD3Transformer2DModel`."""
     return {

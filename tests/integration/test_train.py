@@ -262,3 +262,45 @@ def test_evaluate_samples_a_prompt_set_with_the_run_and_scores_it(zero2_run, tra
     assert len(lines) == 12 and {"filename", "tag", "prompt", "correct", "reason", "metadata"} <= set(
         json.loads(lines[0]))
     assert (tmp_path / "eval" / "grid.png").stat().st_size > 0
+
+
+def test_lora_on_zero3_trains_only_adapters_from_a_run_and_exports_both_forms(zero2_run, train_dataset, tmp_path):
+    """`init_from=<run> lora.rank=4` under ZeRO-3: the run trains, checkpoints and exports adapters only; its merged
+    export equals the base with the exported adapters loaded by diffusers itself (`load_lora_adapter`)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from conf.train import LoraConf
+    from model import FLAVORS
+    from workloads.train.lora import LORA_DIR, LORA_WEIGHTS, lora_numel
+
+    base, _ = zero2_run
+    cfg = train_conf(train_dataset, str(tmp_path), "lora", stage=3, steps=6)
+    cfg.init_from, cfg.lora = str(base), LoraConf(rank=4, alpha=8.0)
+    cfg.validation.every, cfg.checkpoint.every = 3, 3
+    result = run(cfg)
+    assert result.error is None and result.metrics["step"] == 6
+    folder = tmp_path / "lora"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["lora_rank"] == 4 and summary["trained_params"] == lora_numel(FLAVORS["debug"], cfg.lora)
+    assert summary["trained_params"] < summary["params"] / 5
+    full = sum(p.stat().st_size for p in (base / checkpointing.dir_name(STEPS)).rglob("*") if p.is_file())
+    assert summary["checkpoint_bytes"] < full / 3  # adapters and their optimizer state only, no frozen base
+    assert [r["step"] for r in read_records(str(folder)) if "val_loss" in r] == [3, 6]
+    gen = torch.Generator().manual_seed(0)
+    c = FLAVORS["debug"]
+    x, t = torch.randn(2, c.in_channels, 8, 10, generator=gen), torch.rand(2, generator=gen)
+    context, pooled = torch.randn(2, 154, c.context_dim, generator=gen), torch.randn(2, c.pooled_dim, generator=gen)
+
+    def output(net):
+        with torch.no_grad():
+            return net(hidden_states=x, timestep=t * 1000, encoder_hidden_states=context, pooled_projections=pooled,
+                       return_dict=False)[0]
+
+    merged = SD3Transformer2DModel.from_pretrained(str(folder / "export")).eval()
+    adapted = SD3Transformer2DModel.from_pretrained(str(base / "export")).eval()
+    before = output(adapted)
+    assert (folder / "export" / LORA_DIR / LORA_WEIGHTS).is_file()
+    adapted.load_lora_adapter(StableDiffusion3Pipeline.lora_state_dict(str(folder / "export" / LORA_DIR)),
+                              prefix="transformer")
+    torch.testing.assert_close(output(adapted), output(merged), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(output(merged), before, atol=1e-6)  # the adapters learned something

@@ -67,12 +67,18 @@ def test_a_sweep_rejects_data_set_inside_its_train_section():
     ("trainer.dtype=int8", "bfloat16"), ("trainer.max_steps=0", "trainer.max_steps"),
     ("objective.formulation=nope", "nope"), ("ema.decay=1.5", "ema.decay"), ("loader.val_fraction=1", "val_fraction"),
     ("model=d99", "d99"), ("trainer.batch_size=3", "divisible"),
+    ("lora.rank=8", "set init_from="), ("lora.dropout=1", "lora.dropout"), ("lora.targets=blocks.(", "lora.targets"),
 ])
 def test_a_bad_value_fails_when_the_config_is_composed_naming_it(override, named):
     with pytest.raises(Exception) as error:
         runtime.compose("train", ["data=/data", override])
     assert runtime.is_user_error(error.value)
     assert named in runtime.one_line(error.value)
+
+
+def test_lora_fine_tuning_composes_from_the_command_line():
+    cfg = runtime.compose("train", ["data=/data", "init_from=runs/base", "lora.rank=16", "lora.alpha=32"])
+    assert (cfg.lora.rank, cfg.lora.scaling, cfg.lora.enabled) == (16, 2.0, True)
 
 
 def test_configs_changed_in_code_are_checked_again():

@@ -143,6 +143,7 @@ class Checkpointer:
 
     def __init__(self, trainer, every: int, log) -> None:
         self.trainer, self.every, self.log = trainer, every, log
+        self.last_bytes: int | None = None  # the last checkpoint's size over all ranks
 
     def maybe_save(self, state: TrainState, final: bool, metrics: dict) -> bool:
         if state.step % self.every and not final:
@@ -150,11 +151,18 @@ class Checkpointer:
         import tempfile
 
         import ray.train
+        import torch.distributed as dist
 
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             self.trainer.save(Path(tmp), state)
+            size = torch.tensor([sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())],
+                                dtype=torch.float64)
+            dist.all_reduce(size)
+            self.last_bytes = int(size.item())
             if self.log is not None:
                 self.log.sync()
+            if self.log is not None:
+                LOG.info(f"checkpoint {state.step}: {self.last_bytes / 2**20:.1f} MiB over all ranks")
             report = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)}
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=dir_name(state.step))

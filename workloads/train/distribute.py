@@ -85,20 +85,32 @@ def build_model(config: MMDiTConfig, stage: int, ds_config: dict,
     return net
 
 
-def local_shards(net: torch.nn.Module, stage: int) -> list[torch.Tensor]:
+Named = list[tuple[str, torch.nn.Parameter]]
+
+
+def trained(net: torch.nn.Module) -> Named:
+    """The parameters training updates, by name: all of them, or under LoRA the adapters only."""
+    return [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+
+
+def frozen(net: torch.nn.Module) -> Named:
+    return [(name, p) for name, p in net.named_parameters() if not p.requires_grad]
+
+
+def local_shards(params: Named, stage: int) -> list[torch.Tensor]:
     """Each parameter's part held by this rank: the ZeRO-3 partition (flat), else the whole (replicated) tensor."""
-    return [p.ds_tensor if stage == 3 else p for p in net.parameters()]
+    return [p.ds_tensor if stage == 3 else p for _, p in params]
 
 
-def full_from_shards(net: torch.nn.Module, shards: list[torch.Tensor], stage: int,
+def full_from_shards(params: Named, shards: list[torch.Tensor], stage: int,
                      device: torch.device) -> dict[str, torch.Tensor]:
-    """Full tensors named as in `net`'s state dict, from every rank's shards (a collective under ZeRO-3);
-    returned on the CPU in the shards' precision."""
+    """Full tensors of `params` by name, from every rank's shards (a collective under ZeRO-3); returned on the CPU
+    in the shards' precision."""
     if stage != 3:
-        return {name: s.detach().cpu() for (name, _), s in zip(net.named_parameters(), shards, strict=True)}
+        return {name: s.detach().cpu() for (name, _), s in zip(params, shards, strict=True)}
     world = dist.get_world_size()
     out = {}
-    for (name, p), shard in zip(net.named_parameters(), shards, strict=True):
+    for (name, p), shard in zip(params, shards, strict=True):
         local = shard.detach().to(device)
         parts = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(parts, local)
@@ -118,7 +130,7 @@ def expected_state_bytes(params: int, world: int, stage: int, param_bytes: int) 
 
 def measured_state_bytes(net: torch.nn.Module, optimizer, stage: int) -> int:
     """Bytes of distinct storage this rank holds for the weights and the optimizer (moments, fp32 masters)."""
-    tensors = list(local_shards(net, stage))
+    tensors = local_shards(list(net.named_parameters()), stage)
     inner = getattr(optimizer, "optimizer", optimizer)
     for state in inner.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]

@@ -185,6 +185,10 @@ def summary_table(run: Location, cfg: TrainConf) -> str:
               else []),
             ("samples/s", f"{summary['samples_per_s']:.1f} (median)" if summary.get("samples_per_s") else "-"),
             ("parameters", f"{summary['params']:,}"),
+            *([("LoRA adapters", f"rank {summary['lora_rank']}: {summary['trained_params']:,} trained parameters")]
+              if summary.get("lora_rank") else []),
+            *([("checkpoint", f"{summary['checkpoint_bytes'] / 2**20:.1f} MiB (last, all ranks)")]
+              if summary.get("checkpoint_bytes") else []),
             ("skipped steps", str(summary["skipped_steps"])),
             ("run folder", run.uri)]
     width = max(len(name) for name, _ in rows)

@@ -30,10 +30,13 @@ from workloads.train.distribute import (
     apply_activation_checkpointing,
     build_model,
     deepspeed_config,
+    frozen,
     full_from_shards,
     local_shards,
+    trained,
 )
 from workloads.train.ema import EMA
+from workloads.train.lora import LORA_DIR, apply_lora, export_lora, merged_state
 from workloads.train.validation import ValGroup, distributed_val_loss, sample_latents
 
 
@@ -73,18 +76,26 @@ class Trainer:
             ds_config["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0)
         torch.manual_seed(cfg.trainer.seed)  # the initial weights depend on the seed only
         net = build_model(self.config, self.stage, ds_config, load)
+        self.lora = cfg.lora.enabled
+        if self.lora:  # adapters on the loaded base, which is frozen from here on
+            apply_lora(net, cfg.lora, seed=cfg.trainer.seed)
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(net)
         warmup = warmup_lambda(cfg.optim.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds_config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, warmup))
-        self.ema = EMA(local_shards(self.engine.module, self.stage), cfg.ema.decay, cfg.ema.warmup)
+        self.ema = EMA(local_shards(trained(self.engine.module), self.stage), cfg.ema.decay, cfg.ema.warmup)
         self.formulation = get_formulation(cfg.objective.formulation)
 
     @property
     def module(self) -> MMDiT:
         return self.engine.module
+
+    @property
+    def trained_numel(self) -> int:
+        """Parameters this run trains (all of them, or the adapters), at their full (unpartitioned) size."""
+        return sum(int(getattr(p, "ds_numel", p.numel())) for _, p in trained(self.module))
 
     def step(self, batch: dict[str, torch.Tensor], step: int) -> StepResult:
         """One optimizer step on this rank's part of the global batch; every rank skips it together if any rank's
@@ -159,7 +170,7 @@ class Trainer:
                                      v.batch_size)
 
     def ema_state(self) -> dict:
-        params = list(self.module.named_parameters())
+        params = trained(self.module)
         state = self.ema.state_dict()
         state["names"] = [n for n, _ in params]
         state["numel"] = [int(p.ds_numel) if self.stage == 3 else p.numel() for _, p in params]
@@ -168,7 +179,8 @@ class Trainer:
 
     def save(self, folder: Path, state: TrainState) -> None:
         """This rank's part of a checkpoint into `folder` (its own local directory)."""
-        self.engine.save_checkpoint(str(folder), tag=DS_TAG)
+        # under LoRA the frozen base is left out: a resumed run loads it from init_from again
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG, exclude_frozen_parameters=self.lora)
         holds_ema = self.stage == 3 or self.rank == 0
         write_rank_files(folder, self.rank, state, self.ema_state() if holds_ema else None)
 
@@ -178,7 +190,7 @@ class Trainer:
             raise ValueError(f"checkpoint {folder.name} was written by {state.world_size} workers with ZeRO stage "
                              f"{state.zero_stage}; this run has {self.world} workers and stage {self.stage}. Resume "
                              "with the same trainer.num_workers and deepspeed.stage, or start a new run.name")
-        path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=True)
+        path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=not self.lora)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
         ema = torch.load(folder / ema_name(self.rank if self.stage == 3 else 0), weights_only=False)
@@ -186,19 +198,37 @@ class Trainer:
         set_rng_state(torch.load(folder / f"rng_rank{self.rank}.pt", weights_only=False))
         return state
 
-    def ema_model(self) -> MMDiT | None:
-        """The full EMA network on rank 0 (None elsewhere); a collective under ZeRO-3."""
-        full = full_from_shards(self.module, self.ema.shadow, self.stage, self.device)
+    def ema_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full EMA network's state on rank 0 (None elsewhere; a collective under ZeRO-3): the averaged trained
+        parameters and, under LoRA, the frozen base as trained with (peft's names), in fp32."""
+        full = full_from_shards(trained(self.module), self.ema.shadow, self.stage, self.device)
+        base = frozen(self.module)
+        if base:
+            full |= full_from_shards(base, local_shards(base, self.stage), self.stage, self.device)
         if self.rank != 0:
             return None
+        return {k: v.float() for k, v in full.items()} | {"pos_embed": self.module.pos_embed.detach().float().cpu()}
+
+    def _plain(self, state: dict[str, torch.Tensor]) -> MMDiT:
+        """The plain MM-DiT of a full state dict (adapters merged into their base weights under LoRA)."""
+        if self.lora:
+            state = merged_state(state, self.cfg.lora)
         with torch.device("meta"):
             net = MMDiT(self.config)
-        state = {**full, "pos_embed": self.module.pos_embed.detach().float().cpu()}
         net.load_state_dict(state, strict=True, assign=True)
         return net
 
+    def ema_model(self) -> MMDiT | None:
+        """The full EMA network on rank 0 (None elsewhere); a collective under ZeRO-3."""
+        state = self.ema_state_dict()
+        return None if state is None else self._plain(state)
+
     def export(self, folder: Path) -> None:
-        """The EMA weights as a diffusers `SD3Transformer2DModel` folder (written by rank 0)."""
-        net = self.ema_model()
-        if net is not None:
-            export_diffusers(net, folder)
+        """The EMA weights as a diffusers `SD3Transformer2DModel` folder (written by rank 0); under LoRA merged into
+        the base, and the adapters alone in `lora/` (diffusers' SD3 LoRA file)."""
+        state = self.ema_state_dict()
+        if state is None:
+            return
+        export_diffusers(self._plain(state), folder)
+        if self.lora:
+            export_lora(state, self.cfg.lora, self.config, folder / LORA_DIR)

@@ -102,7 +102,7 @@ def worker(cfg: TrainConf, plan) -> None:
                 break
         else:
             state.epoch, state.offset = state.epoch + 1, 0
-    finish(cfg, trainer, plan, state, progress, log)
+    finish(cfg, trainer, plan, state, progress, log, checkpointer.last_bytes)
 
 
 def epoch_stream(cfg: TrainConf, plan, rank: int, world: int) -> EpochStream:
@@ -113,7 +113,8 @@ def epoch_stream(cfg: TrainConf, plan, rank: int, world: int) -> EpochStream:
                        cfg.loader.shuffle_buffer, cfg.loader.prefetch_batches)
 
 
-def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: Progress, log: RunLog | None) -> None:
+def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: Progress, log: RunLog | None,
+           checkpoint_bytes: int | None = None) -> None:
     """The diffusers export (every rank joins), then rank 0 writes the summary and closes the run log."""
     if cfg.export:
         export(trainer, plan.run, log)
@@ -124,7 +125,8 @@ def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: 
         n = sum(plan.batches.values())
         summary = {"step": state.step, "params": plan.params, "skipped_steps": state.skipped,
                    "val_source": plan.val_source, "loss": last["loss"], "val_loss": last.get("val_loss"),
-                   "geneval": last.get("geneval"),
+                   "geneval": last.get("geneval"), "trained_params": trainer.trained_numel,
+                   "lora_rank": cfg.lora.rank, "checkpoint_bytes": checkpoint_bytes,
                    "samples_per_s": progress.median_rate(),  # of this session's steps
                    "train_flops_per_sample": sum(plan.flops[b] * k for b, k in plan.batches.items()) / n}
         log.path(SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
