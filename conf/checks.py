@@ -23,6 +23,8 @@ Sampler = _choices("Sampler", SAMPLERS)
 InputFormat = _choices("InputFormat", ("auto", *FORMATS))
 ModelsKind = _choices("ModelsKind", ("tiny", "sd3"))
 Device = _choices("Device", ("auto", "cpu", "cuda"))
+# What a training run optimises: the flow objective of `objective.formulation`, or Diffusion-DPO on preference pairs.
+Objective = _choices("Objective", ("flow", "dpo"))
 
 
 # DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards the optimizer state, 2 also the gradients, 3 also the weights.

@@ -8,7 +8,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from conf.checks import Dtype, Sampler, ZeroStage, at_least, in_unit_interval
+from conf.checks import Dtype, Objective, Sampler, ZeroStage, at_least, in_unit_interval
 from conf.evaluate import ImageMetricsConf
 from conf.model import ModelConf
 from conf.optim import OptimConf
@@ -57,6 +57,9 @@ class DeepSpeedConf:
 class ObjectiveConf:
     SECTION = "objective"
 
+    # flow: the formulation's loss on `data`'s latents; dpo: Diffusion-DPO on a preference dataset's pairs (winner
+    # `latent`, loser `latent_loser`), the reference being the base with the LoRA adapters off (`objective=dpo`)
+    kind: Objective = Objective.flow
     formulation: str = "rf/lognorm(0.00,1.00)"  # any name `model.formulations.get_formulation` accepts
     shift: float = 1.0  # training-time timestep shift alpha (3.0 at 1024^2 in the paper)
     synthetic_caption_prob: float = 0.5  # per sample: the synthetic caption instead of the original
@@ -67,6 +70,18 @@ class ObjectiveConf:
         if self.shift <= 0:
             raise ValueError(f"objective.shift must be positive, got {self.shift}")
         in_unit_interval(self, "synthetic_caption_prob", "text_drop_prob")
+
+
+@dataclass
+class DPOConf:
+    SECTION = "dpo"
+    # The KL weight of Diffusion-DPO on the velocity error; None: `model.objective.default_dpo_beta` of the
+    # formulation and shift (Diffusion-DPO's 5000 on the epsilon error, scaled by E[(1 - t)^2]: about 1470).
+    beta: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.beta is not None and self.beta <= 0:
+            raise ValueError(f"dpo.beta must be positive (or null: the default for the formulation), got {self.beta}")
 
 
 @dataclass
@@ -152,6 +167,9 @@ class ValidationConf:
     # GenEval on shapes (`workloads.evaluate`) of the EMA weights every `geneval_every` steps and at the end, with
     # the sampling settings above; 0: off. Logs `geneval` and `geneval_<task>` to metrics.jsonl and TensorBoard.
     geneval_every: int = 0
+    # also before the first step of a new run (the starting weights: a fine-tune's or DPO's base); the summary then
+    # has `geneval_before` and `geneval_after` (overall and per task)
+    geneval_before: bool = False
     geneval_prompts_per_task: int = 4  # of each of GenEval's six tasks
     geneval_images_per_prompt: int = 1
     # CLIP score of the grid's samples against their captions and FID against a reference folder (torchmetrics), for
@@ -214,6 +232,7 @@ class TrainConf:
     loader: LoaderConf = field(default_factory=LoaderConf)
     ema: EMAConf = field(default_factory=EMAConf)
     lora: LoraConf = field(default_factory=LoraConf)
+    dpo: DPOConf = field(default_factory=DPOConf)
     validation: ValidationConf = field(default_factory=ValidationConf)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     metrics: MetricsConf = field(default_factory=MetricsConf)
@@ -224,6 +243,9 @@ class TrainConf:
         if self.stage_needs_init and not self.init_from:
             raise ValueError(f"the stage at {self.stage_resolution}px continues a previous stage: set "
                              "init_from=<the previous stage's run folder>")
+        if self.objective.kind == Objective.dpo and not self.lora.enabled:
+            raise ValueError("objective.kind=dpo needs lora.rank > 0: its reference is the frozen base with the "
+                             "adapters off (e.g. lora.rank=16)")
         if self.lora.enabled and not self.init_from:
             raise ValueError(f"lora.rank={self.lora.rank} trains adapters on frozen base weights: set "
                              "init_from=<a run folder or a diffusers SD3Transformer2DModel folder>")
@@ -233,7 +255,8 @@ class TrainConf:
 class TrainJob(TrainConf):
     """`python -m workloads.train`'s primary config: the schema plus Hydra's groups `model` and `stage`."""
 
-    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"model": "debug"}, {"stage": None}])
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"model": "debug"}, {"stage": None},
+                                                         {"objective": None}])
 
 
 # Resolution stages (the paper pre-trains at 256^2, then continues at higher resolution with mixed aspect ratios and
@@ -246,8 +269,18 @@ STAGES: dict[str, dict] = {
 }
 
 
+# `objective=dpo`: preference tuning as Diffusion-DPO trained it, on the prompts the images were judged against (no
+# synthetic captions) with no caption dropout; LoRA adapters of rank 16 unless lora.rank says otherwise.
+OBJECTIVES: dict[str, dict] = {
+    "dpo": {"objective": {"kind": "dpo", "synthetic_caption_prob": 0.0, "text_drop_prob": 0.0},
+            "lora": {"rank": 16}},
+}
+
+
 def register() -> None:
     store = ConfigStore.instance()
+    for name, node in OBJECTIVES.items():
+        store.store(group="objective", name=name, node=node, package="_global_")
     for name in FLAVORS:
         store.store(group="model", name=name, node=ModelConf(flavor=name))
     for name, node in STAGES.items():

@@ -15,6 +15,10 @@ from model.conditioning import TextConditioningConfig
 
 ID, SOURCE, CAPTION, SYNTHETIC_CAPTION = "id", "source", "caption", "caption_synthetic"
 WIDTH, HEIGHT, LATENT = "width", "height", "latent"
+# A preference dataset (manifest `kind: pairs`) is a dataset whose `latent` is each pair's winner, with its loser
+# beside it and the pair's prompt as both captions: every reader of ordinary data reads it (validation, winners-only
+# fine-tuning), and DPO reads the loser too.
+LOSER_LATENT, PAIRS_KIND = "latent_loser", "pairs"
 CAPTION_KINDS = ("original", "synthetic")  # which caption an embedding encodes
 ENCODER_OUTPUTS = ("clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled", "t5")
 REJECT_STAGE, REJECT_REASON = "stage", "reason"
@@ -46,8 +50,9 @@ def tensor_type(shape: tuple[int, ...]) -> pa.DataType:
     return pa.fixed_shape_tensor(pa.float16(), list(shape))
 
 
-def data_schema(latent_shape: tuple[int, int, int], text: TextConditioningConfig) -> pa.Schema:
-    """Schema of a data file whose latents are (C, h, w)."""
+def data_schema(latent_shape: tuple[int, int, int], text: TextConditioningConfig, pairs: bool = False) -> pa.Schema:
+    """Schema of a data file whose latents are (C, h, w); with `pairs`, a preference dataset's (a loser latent
+    beside the winner's `latent`)."""
     shapes = embedding_shapes(text)
     fields = [
         pa.field(ID, pa.string(), nullable=False), pa.field(SOURCE, pa.string()),
@@ -56,6 +61,8 @@ def data_schema(latent_shape: tuple[int, int, int], text: TextConditioningConfig
         pa.field(LATENT, tensor_type(latent_shape)),
     ]
     fields += [pa.field(embedding_column(k, o), tensor_type(shapes[o])) for k in CAPTION_KINDS for o in ENCODER_OUTPUTS]
+    if pairs:
+        fields.append(pa.field(LOSER_LATENT, tensor_type(latent_shape)))
     return pa.schema(fields)
 
 

@@ -264,28 +264,95 @@ def test_evaluate_samples_a_prompt_set_with_the_run_and_scores_it(zero2_run, tra
     assert (tmp_path / "eval" / "grid.png").stat().st_size > 0
 
 
-def test_lora_on_zero3_trains_only_adapters_from_a_run_and_exports_both_forms(zero2_run, train_dataset, tmp_path):
-    """`init_from=<run> lora.rank=4` under ZeRO-3: the run trains, checkpoints and exports adapters only; its merged
-    export equals the base with the exported adapters loaded by diffusers itself (`load_lora_adapter`)."""
+@pytest.fixture(scope="module")
+def pairs(zero2_run, train_dataset, tmp_path_factory) -> tuple[str, dict, list[dict]]:
+    """`workloads.make_pairs` on the ZeRO-2 run: training prompts sampled (Ray Data, the Generator actor) and judged
+    by GenEval-shapes, then paired and written. A 12-step network draws no correct shapes, so the verdicts that pair
+    the samples are set here (every other sample of a prompt counts as correct); the demo's trained run pairs by
+    the judge's own verdicts, whose scorer `test_geneval.py` checks against ground truth."""
+    from conf.pairs import MakePairsConf
+    from workloads.make_pairs import driver as make_pairs
+
+    cfg = MakePairsConf(run=str(zero2_run[0]), data=train_dataset, out=str(tmp_path_factory.mktemp("pairs") / "p"),
+                        prompts_per_task=6, images_per_prompt=4, steps=4, batch_size=12)
+    spec, prompts = make_pairs.check(cfg)
+    resolution = make_pairs.sample_resolution(cfg, spec)  # the data's square bucket: 64
+    judged = make_pairs.sample_and_judge(cfg, prompts, spec.vae, resolution)
+    samples = [s | {"correct": int(s["k"]) % 2 == 0} for s in judged]
+    return cfg.out, make_pairs.write_pairs(cfg, spec, prompts, samples, resolution), judged
+
+
+def test_make_pairs_writes_judged_pairs_of_held_out_free_prompts_as_a_dataset(pairs, train_dataset):
+    import pyarrow.parquet as pq
+
+    from pipelines import geneval, schema
+    from workloads.evaluate.prompts import prompt_set
+    from workloads.train.data import latent_shape, read_spec
+
+    out, manifest, judged = pairs
+    n = 4 * sum(manifest["prompts"].values())
+    assert manifest["kind"] == "pairs" and manifest["counts"]["read"] == n == len(judged)
+    assert [(int(s["prompt_index"]), int(s["k"])) for s in judged] == [(i // 4, i % 4) for i in range(n)]
+    spec = read_spec(train_dataset)
+    # sampled at the data's square bucket, the latents of its training rows
+    assert {s["latent"].shape for s in judged} == {latent_shape(spec.location, spec.files_by_bucket["bucket=64x64"][0])}
+    assert all(s["correct"] in (True, False) for s in judged)
+    assert manifest["counts"]["written"] == sum(manifest["pairs"].values()) == 2 * sum(manifest["prompts"].values())
+    assert all(manifest["pairs"][t] <= manifest["correct"][t] for t in geneval.TAGS)
+    spec = read_spec(out)
+    assert spec.pairs and spec.tensor_columns[-1] == schema.LOSER_LATENT and spec.text == read_spec(train_dataset).text
+    (file,) = [f for files in spec.files_by_bucket.values() for f in files]
+    table = pq.read_table(file)
+    held_out = {p["prompt"] for p in prompt_set(0, dict.fromkeys(geneval.TAGS, 4))}
+    assert not set(table.column(schema.CAPTION).to_pylist()) & held_out  # GenEval's prompts stay unseen
+    winners = table.column(schema.LATENT).combine_chunks().to_numpy_ndarray()
+    losers = table.column(schema.LOSER_LATENT).combine_chunks().to_numpy_ndarray()
+    assert winners.shape == losers.shape and not np.array_equal(winners, losers)
+    assert (Path(out) / "pairs.png").stat().st_size > 0
+
+
+def test_dpo_on_zero3_trains_only_lora_adapters_scores_before_and_after_and_exports_both_forms(
+        pairs, zero2_run, train_dataset, tmp_path):
+    """`objective=dpo data=<pairs> init_from=<run>` under ZeRO-3: at step 1 the adapters are zero, so policy =
+    reference and the loss is exactly log 2; the run logs DPO's accuracy and margin, validates the base objective on
+    held-out real data (val_data=) and writes GenEval-shapes before and after in its summary. As any LoRA run
+    (`lora.rank=`), it trains, checkpoints and exports the adapters only: its merged export equals the base with
+    the exported adapters loaded by diffusers itself (`load_lora_adapter`)."""
+    import math
+
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
+    from conf.checks import Objective
     from conf.train import LoraConf
     from model import FLAVORS
     from workloads.train.lora import LORA_DIR, LORA_WEIGHTS, lora_numel
 
-    base, _ = zero2_run
-    cfg = train_conf(train_dataset, str(tmp_path), "lora", stage=3, steps=6)
-    cfg.init_from, cfg.lora = str(base), LoraConf(rank=4, alpha=8.0)
-    cfg.validation.every, cfg.checkpoint.every = 3, 3
+    data, _, _ = pairs
+    base = zero2_run[0]
+    cfg = with_geneval(train_conf(data, str(tmp_path), "dpo", stage=3, steps=4))
+    cfg.trainer.batch_size = 2  # one pair per worker: a few pairs make a dataset
+    cfg.init_from, cfg.val_data, cfg.lora = str(base), train_dataset, LoraConf(rank=4, alpha=8.0)
+    cfg.loader.materialize = False
+    cfg.objective.kind, cfg.objective.synthetic_caption_prob, cfg.objective.text_drop_prob = Objective.dpo, 0.0, 0.0
+    cfg.validation.every = cfg.validation.geneval_every = cfg.checkpoint.every = 2
+    cfg.validation.geneval_before = True
     result = run(cfg)
-    assert result.error is None and result.metrics["step"] == 6
-    folder = tmp_path / "lora"
+    assert result.error is None
+    folder = tmp_path / "dpo"
+    records = read_records(str(folder))
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and records[0]["dpo_accuracy"] == 0.0
+    assert all(0.0 <= r["dpo_accuracy"] <= 1.0 and np.isfinite(r["dpo_reward_margin"]) for r in records)
+    assert records[-1]["loss"] != records[0]["loss"]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["lora_rank"] == 4 and summary["trained_params"] == lora_numel(FLAVORS["debug"], cfg.lora)
-    assert summary["trained_params"] < summary["params"] / 5
+    assert summary["val_source"] == "val_data" and summary["lora_rank"] == 4
+    assert 0.0 <= summary["geneval_before"] <= 1.0 and summary["geneval_after"] == records[-1]["geneval"]
+    assert set(summary["geneval_tasks_before"]) == set(summary["geneval_tasks_after"]) >= {"counting", "position"}
+    events = [e["event"] for e in read_records(str(folder), EVENTS)]
+    assert events == ["started", "geneval_before", "finished"]
+    assert summary["trained_params"] == lora_numel(FLAVORS["debug"], cfg.lora) < summary["params"] / 5
     full = sum(p.stat().st_size for p in (base / checkpointing.dir_name(STEPS)).rglob("*") if p.is_file())
     assert summary["checkpoint_bytes"] < full / 3  # adapters and their optimizer state only, no frozen base
-    assert [r["step"] for r in read_records(str(folder)) if "val_loss" in r] == [3, 6]
     gen = torch.Generator().manual_seed(0)
     c = FLAVORS["debug"]
     x, t = torch.randn(2, c.in_channels, 8, 10, generator=gen), torch.rand(2, generator=gen)
@@ -299,8 +366,8 @@ def test_lora_on_zero3_trains_only_adapters_from_a_run_and_exports_both_forms(ze
     merged = SD3Transformer2DModel.from_pretrained(str(folder / "export")).eval()
     adapted = SD3Transformer2DModel.from_pretrained(str(base / "export")).eval()
     before = output(adapted)
-    assert (folder / "export" / LORA_DIR / LORA_WEIGHTS).is_file()
     adapted.load_lora_adapter(StableDiffusion3Pipeline.lora_state_dict(str(folder / "export" / LORA_DIR)),
                               prefix="transformer")
+    assert (folder / "export" / LORA_DIR / LORA_WEIGHTS).is_file()
     torch.testing.assert_close(output(adapted), output(merged), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(output(merged), before, atol=1e-6)  # the adapters learned something

@@ -20,10 +20,11 @@ from workloads.evaluate.inline import fixed_noise, to_uint8
 
 
 class Generator:
-    """Holds the network, the text encoders and the VAE; turns rows of (prompt_index, k, prompt) into PNG bytes."""
+    """Holds the network, the text encoders and the VAE; turns rows of (prompt_index, k, prompt) into PNG bytes
+    (and with `keep_latents` the sampled latents too, fp16, in the training data's latent space)."""
 
     def __init__(self, export: str, models: str, resolution: int, steps: int, guidance: float, shift: float,
-                 sampler: str, seed: int, use_gpu: bool, threads: int = 0) -> None:
+                 sampler: str, seed: int, use_gpu: bool, threads: int = 0, keep_latents: bool = False) -> None:
         from pipelines.encoders import TextEncoders
         from workloads.train.validation import LatentDecoder
 
@@ -44,6 +45,7 @@ class Generator:
         factor = 2 ** (len(self.decoder.vae.config.block_out_channels) - 1)
         self.latent_side = resolution // factor
         self.steps, self.guidance, self.shift, self.sampler, self.seed = steps, guidance, shift, sampler, seed
+        self.keep_latents = keep_latents
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
@@ -61,7 +63,10 @@ class Generator:
             buffer = io.BytesIO()
             Image.fromarray(image).save(buffer, format="PNG")
             pngs.append(buffer.getvalue())
-        return {"prompt_index": batch["prompt_index"], "k": batch["k"], "png": np.array(pngs, dtype=object)}
+        out = {"prompt_index": batch["prompt_index"], "k": batch["k"], "png": np.array(pngs, dtype=object)}
+        if self.keep_latents:
+            out["latent"] = latents.float().cpu().numpy().astype(np.float16)
+        return out
 
 
 def generate(prompts: list[dict], per_prompt: int, out: Location, batch_size: int, **generator) -> Location:

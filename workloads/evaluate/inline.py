@@ -50,16 +50,21 @@ class PromptSet:
         return index, np.tile(np.arange(self.per_prompt), len(self.metadata))
 
 
+def encode_prompts(models: str, prompts: list[str], device: str = "auto") -> dict[str, np.ndarray]:
+    """float16 text embeddings of `prompts` (keyed as `TextEmbeddings`) by the text encoders in `models`."""
+    from pipelines.encoders import TextEncoders
+
+    return TextEncoders(models, device=device).encode(prompts)
+
+
 def encode_prompt_set(models: str, prompts_per_task: int, per_prompt: int, seed: int = 0,
                       device: str = "auto") -> PromptSet:
     """The shapes prompt set (`prompts_per_task` of each of GenEval's six tasks) encoded by the text encoders in
     `models` (an SD3-layout folder)."""
-    from pipelines.encoders import TextEncoders
     from workloads.evaluate.prompts import prompt_set
 
     metadata = prompt_set(seed, dict.fromkeys(geneval.TAGS, prompts_per_task))
-    encoders = TextEncoders(models, device=device)
-    return PromptSet(metadata, encoders.encode([m["prompt"] for m in metadata]), per_prompt)
+    return PromptSet(metadata, encode_prompts(models, [m["prompt"] for m in metadata], device), per_prompt)
 
 
 @dataclass(frozen=True)

@@ -55,3 +55,17 @@ def write_jsonl(prompts: list[dict], path: str) -> None:
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def training_prompts(per_tag: dict[str, int], held_out: dict[str, int], seed: int = 0,
+                     classes: Sequence[str] = SHAPES, colors: Sequence[str] = tuple(COLORS)) -> list[dict]:
+    """Up to `per_tag` distinct prompts of each task that the evaluation set `prompt_set(seed, held_out)` does not
+    contain, for training on prompts (preference pairs) while GenEval scores held-out ones. A task with fewer left
+    gets what is left (single objects: of 5 shapes, 4 held out leave 1)."""
+    evaluation = {p["prompt"] for p in prompt_set(seed, held_out, classes, colors)}
+    out = []
+    for tag in geneval.TAGS:
+        pool = [p for p in distinct_prompts(tag, classes, colors) if p["prompt"] not in evaluation]
+        random.Random(f"train/{seed}/{tag}").shuffle(pool)
+        out += pool[:per_tag.get(tag, 0)]
+    return out

@@ -36,6 +36,12 @@ class DataSpec:
     vae: str | None = None  # the VAE's repo (hub id or folder, `vae` subfolder) that encoded the latents
     resolution: int | None = None  # the square target size, when preprocessed without buckets
     buckets: tuple[str, ...] = ()  # 'WxH' pixel sizes when preprocessed with buckets
+    pairs: bool = False  # a preference dataset: winner `latent`, loser `latent_loser` (`schema.PAIRS_KIND`)
+
+    @property
+    def tensor_columns(self) -> tuple[str, ...]:
+        """The columns training reads."""
+        return (*TENSOR_COLUMNS, schema.LOSER_LATENT) if self.pairs else TENSOR_COLUMNS
 
     @property
     def rows_hint(self) -> int:
@@ -63,7 +69,8 @@ def read_spec(data: Location | str, endpoint_url: str | None = None) -> DataSpec
     known = {f.name for f in fields(TextConditioningConfig)}
     text = TextConditioningConfig(**{k: v for k, v in models["text"].items() if k in known})
     return DataSpec(data, dict(by_bucket), text, vae=models.get("sd3_repo"),
-                    resolution=manifest.get("resolution"), buckets=tuple(manifest.get("buckets") or ()))
+                    resolution=manifest.get("resolution"), buckets=tuple(manifest.get("buckets") or ()),
+                    pairs=manifest.get("kind") == schema.PAIRS_KIND)
 
 
 def check_compatible(file_schema: pa.Schema, model: MMDiTConfig, where: str = "data") -> None:

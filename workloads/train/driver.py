@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from conf.checks import validate
+from conf.checks import Objective, validate
 from conf.train import TrainConf, register
 from model import count_params, train_flops
 from model.conditioning import TextConditioningConfig
@@ -23,12 +23,15 @@ from pipelines.storage import Location, join
 from workloads.evaluate.inline import PromptSet, encode_prompt_set
 from workloads.runtime import cli, ensure_ray, logger
 from workloads.train import streaming
-from workloads.train.data import check_spec, latent_shape, read_spec
+from workloads.train.data import TENSOR_COLUMNS, check_spec, latent_shape, read_spec
 from workloads.train.initialize import init_source
 from workloads.train.runlog import SUMMARY
 from workloads.train.validation import ValGroup, read_val_set
 
 LOG = logger("train")
+# A DPO step trains on both images of a pair (a forward and backward pass each) and runs the reference forward on
+# both: 2 * 3 + 2 * 1 forward-pass costs per pair, against 3 for one image of the flow objective.
+DPO_FLOPS_PER_SAMPLE = 8 / 3
 
 
 @dataclass
@@ -43,11 +46,12 @@ class Plan:
     val: list[ValGroup]
     val_source: str
     vae: str | None
-    flops: dict[str, float]  # training FLOPs per sample, by bucket
+    flops: dict[str, float]  # training FLOPs per sample (a preference pair under DPO), by bucket
     params: int
     holdout: float = 0.0  # `Split.holdout`: the training stream drops the rows held out for validation
     # with validation.geneval_every: the prompt set encoded, or the ObjectRef of its encoding task (`geneval_prompts`)
     geneval: PromptSet | object | None = None
+    tensor_columns: tuple[str, ...] = TENSOR_COLUMNS  # what the training stream reads (DPO: the loser too)
 
 
 def check(cfg: TrainConf) -> None:
@@ -82,6 +86,10 @@ def plan(cfg: TrainConf) -> Plan:
     config = cfg.model.build()
     spec = read_spec(Location.of(cfg.data, cfg.endpoint_url))
     check_spec(spec, config)
+    dpo = cfg.objective.kind == Objective.dpo
+    if dpo and not spec.pairs:
+        raise ValueError(f"objective=dpo trains on preference pairs, and data={cfg.data} is not a preference dataset: "
+                         "make one with `python -m workloads.make_pairs` (or train it with objective.kind=flow)")
     if cfg.validation.geneval_every and not spec.vae:
         raise ValueError(f"validation.geneval_every needs the text encoders and VAE data={cfg.data} was preprocessed "
                          "with, and its manifest names no models.sd3_repo")
@@ -102,12 +110,13 @@ def plan(cfg: TrainConf) -> Plan:
     val = read_val_set(split.val_data, split.val, cfg.validation.samples, world, holdout=split.holdout)
     text_tokens = spec.text.text_tokens
     flops = {b: train_flops(config, *latent_shape(spec.location, split.train[b][0])[1:], text_tokens=text_tokens)
-             for b in batches}
+             * (DPO_FLOPS_PER_SAMPLE if dpo else 1.0) for b in batches}
     LOG.info(f"{sum(rows.values())} training rows in {len(rows)} bucket(s) {rows}; "
              f"{sum(batches.values())} steps per epoch; {sum(len(g) for g in val)} validation rows "
              f"({split.val_source})")
     return Plan(run_location(cfg), spec.text, spec.location, split.train, batches, val, split.val_source, spec.vae,
-                flops, count_params(config), split.holdout)
+                flops, count_params(config), split.holdout,
+                tensor_columns=spec.tensor_columns if dpo else TENSOR_COLUMNS)
 
 
 def geneval_prompts(cfg: TrainConf, models: str):
@@ -163,7 +172,8 @@ def run(cfg: TrainConf, callbacks: list | None = None):
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
                                                resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
         run_config=run_config(cfg, callbacks),
-        datasets=streaming.bucket_datasets(p.data, files, cfg.trainer.seed, materialize, p.holdout),
+        datasets=streaming.bucket_datasets(p.data, files, cfg.trainer.seed, materialize, p.holdout,
+                                           p.tensor_columns),
         dataset_config=streaming.ordered_ingest())
     result = trainer.fit()
     LOG.info(summary_table(p.run, cfg))

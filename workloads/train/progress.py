@@ -70,6 +70,7 @@ class Progress:
                   "data_wait": self._data_s / step_s, "step_s": step_s, "skipped": result.skipped,
                   "skipped_total": state.skipped}
         record.update({f"loss_t{i}": value for i, value in enumerate(result.bins)})
+        record.update(result.extra)
         if self.peak_tflops is not None:
             record["mfu"] = mfu(self.flops[bucket], samples_per_s / self.world, self.peak_tflops)
         self._recent.append(step_s)
@@ -91,6 +92,8 @@ class Progress:
     def line(self, record: dict) -> str:
         step = record["step"]
         parts = [f"step {step}/{self.max_steps}", f"loss {record['loss']:.4f}"]
+        if "dpo_accuracy" in record:
+            parts.append(f"DPO accuracy {record['dpo_accuracy']:.2f}, margin {record['dpo_reward_margin']:.3f}")
         if "val_loss" in record:
             parts.append(f"EMA val loss {record['val_loss']:.4f}")
         if "geneval" in record:

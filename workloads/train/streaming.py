@@ -182,8 +182,8 @@ def drop_held_out(batch: pa.Table, holdout: float) -> pa.Table:
 
 
 def bucket_datasets(data: Location, files: dict[str, list[str]], seed: int, materialize: bool = False,
-                    holdout: float = 0.0) -> dict:
-    """One Ray dataset per bucket with the tensor columns only, files in a seeded order, rows `held_out` picks
+                    holdout: float = 0.0, tensor_columns: Sequence[str] = TENSOR_COLUMNS) -> dict:
+    """One Ray dataset per bucket with the `tensor_columns` only, files in a seeded order, rows `held_out` picks
     with `holdout` filtered out; read into the object store once with `materialize`, else streamed every epoch."""
     import ray.data
 
@@ -194,7 +194,7 @@ def bucket_datasets(data: Location, files: dict[str, list[str]], seed: int, mate
     for bucket, paths in sorted(files.items()):
         order = sorted(paths)  # names sort the same wherever the dataset lives
         random.Random(f"{seed}/{bucket}").shuffle(order)
-        columns = [schema.ID, *TENSOR_COLUMNS] if holdout else list(TENSOR_COLUMNS)
+        columns = [schema.ID, *tensor_columns] if holdout else list(tensor_columns)
         with parquet_v1(context):
             dataset = ray.data.read_parquet([fs_path(data, p) for p in order], filesystem=arrow_filesystem(data),
                                             columns=columns)

@@ -9,20 +9,22 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
+from conf.checks import Objective
 from conf.train import TrainConf
 from model import MMDiT
 from model.conditioning import TextConditioningConfig
 from model.formulations import get_formulation
 from model.interop import export_diffusers
-from model.objective import training_loss
+from model.objective import default_dpo_beta, dpo_loss, training_loss
 from model.precision import resolve_dtype
+from pipelines import schema
 from workloads.evaluate.inline import PromptSet, Sampling, sample_prompt_set
 from workloads.train.checkpointing import DS_TAG, TrainState, ema_name, read_state, set_rng_state, write_rank_files
 from workloads.train.data import to_model_inputs
@@ -36,7 +38,7 @@ from workloads.train.distribute import (
     trained,
 )
 from workloads.train.ema import EMA
-from workloads.train.lora import LORA_DIR, apply_lora, export_lora, merged_state
+from workloads.train.lora import LORA_DIR, adapters_disabled, apply_lora, export_lora, merged_state
 from workloads.train.validation import ValGroup, distributed_val_loss, sample_latents
 
 
@@ -52,6 +54,16 @@ class StepResult:
     grad_norm: float | None
     lr: float
     skipped: bool
+    extra: dict[str, float] = field(default_factory=dict)  # the objective's own means (DPO: accuracy, margin, ...)
+
+
+# DPO's per-pair statistics, averaged over the global batch into each step's record
+DPO_STATS = ("dpo_accuracy", "dpo_reward_margin", "dpo_winner_error", "dpo_loser_error")
+
+
+def per_sample_none(x0: torch.Tensor) -> torch.Tensor:
+    """No per-sample statistics beyond the loss: a (0, B) tensor."""
+    return torch.zeros((0, x0.shape[0]), dtype=torch.float64, device=x0.device)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -87,6 +99,8 @@ class Trainer:
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, warmup))
         self.ema = EMA(local_shards(trained(self.engine.module), self.stage), cfg.ema.decay, cfg.ema.warmup)
         self.formulation = get_formulation(cfg.objective.formulation)
+        self.dpo = cfg.objective.kind == Objective.dpo
+        self.beta = cfg.dpo.beta or default_dpo_beta(self.formulation, cfg.objective.shift)
 
     @property
     def module(self) -> MMDiT:
@@ -105,20 +119,29 @@ class Trainer:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         x0, context, pooled = to_model_inputs(batch, self.text, cfg.objective.synthetic_caption_prob,
                                               cfg.objective.text_drop_prob, gen, self.dtype)
-        out = training_loss(self.engine, x0, context, pooled, self.formulation, cfg.objective.shift, gen)
-        per_sample = out.per_sample.float()
+        if self.dpo:  # x0 is each pair's winner
+            loser = batch[schema.LOSER_LATENT].to(self.dtype)
+            pairs = dpo_loss(self.engine, self.reference, x0, loser, context, pooled, self.beta, self.formulation,
+                             cfg.objective.shift, gen)
+            per_sample, tau = pairs.loss.float(), pairs.tau
+            extra = torch.stack([pairs.accuracy, pairs.reward_margin, *pairs.policy_error]).detach().double()
+        else:
+            out = training_loss(self.engine, x0, context, pooled, self.formulation, cfg.objective.shift, gen)
+            per_sample, tau, extra = out.per_sample.float(), out.tau, per_sample_none(x0)
         finite = bool(torch.isfinite(per_sample).all())
-        stats = torch.zeros(2 + 2 * n_bins, dtype=torch.float64, device=self.device)
+        k = 2 + 2 * n_bins
+        stats = torch.zeros(k + len(extra), dtype=torch.float64, device=self.device)
         if finite:
-            bins = (out.tau.float() * n_bins).long().clamp(0, n_bins - 1)
+            bins = (tau.float() * n_bins).long().clamp(0, n_bins - 1)
             stats[0] = per_sample.detach().sum()
             stats[2:2 + n_bins].index_add_(0, bins, per_sample.detach().double())
-            stats[2 + n_bins:].index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float64))
+            stats[2 + n_bins:k].index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float64))
+            stats[k:] = extra.sum(dim=1)
         else:
             stats[1] = 1
         dist.all_reduce(stats)
         lr = self.scheduler.get_last_lr()[0]
-        counts = stats[2 + n_bins:]
+        counts = stats[2 + n_bins:k]
         bin_means = [float(s / c) if c > 0 else None for s, c in zip(stats[2:2 + n_bins], counts, strict=True)]
         if stats[1] > 0:
             return StepResult(float("nan"), [None] * n_bins, None, lr, skipped=True)
@@ -127,7 +150,14 @@ class Trainer:
         self.ema.update()
         norm = self.engine.get_global_grad_norm()
         norm = None if norm is None else float(norm)
-        return StepResult(float(stats[0] / counts.sum()), bin_means, norm, lr, skipped=False)
+        names = DPO_STATS if self.dpo else ()
+        means = {name: float(v / counts.sum()) for name, v in zip(names, stats[k:], strict=True)}
+        return StepResult(float(stats[0] / counts.sum()), bin_means, norm, lr, skipped=False, extra=means)
+
+    def reference(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """DPO's reference network: the same engine with every LoRA adapter off (the frozen base)."""
+        with adapters_disabled(self.module):
+            return self.engine(*inputs)
 
     def _release(self) -> None:
         if self.stage == 3:

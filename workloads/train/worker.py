@@ -22,12 +22,13 @@ from workloads.train.distribute import init_distributed
 from workloads.train.initialize import weight_loader
 from workloads.train.mfu import peak_tflops
 from workloads.train.progress import Progress
-from workloads.train.runlog import SUMMARY, RunLog
+from workloads.train.runlog import EVENTS, SUMMARY, RunLog, read_records
 from workloads.train.streaming import EpochStream, dataset_name
 from workloads.train.trainer import Trainer
 from workloads.train.validation import Validator
 
 LOG = logger("train")
+GENEVAL_BEFORE = "geneval_before"  # the event holding the starting weights' GenEval-shapes
 
 
 def resume(trainer: Trainer, run: Location) -> tuple[TrainState | None, str | None]:
@@ -87,6 +88,11 @@ def worker(cfg: TrainConf, plan) -> None:
     peak = peak_tflops(device, cfg.metrics.peak_tflops)
     progress = Progress(cfg.metrics, t.max_steps, t.batch_size, world, log, peak, plan.flops)
     validator = Validator(trainer, plan.val, cfg.validation, plan.vae, log, plan.geneval)
+    if cfg.validation.geneval_before and source is None and validator.geneval is not None:
+        before = validator.geneval_fields(0)  # every rank samples its share
+        if log is not None:
+            log.event(GENEVAL_BEFORE, **before)
+            LOG.info(f"GenEval-shapes of the starting weights: {before['geneval']:.3f}")
     checkpointer = Checkpointer(trainer, cfg.checkpoint.every, log)
     stream = epoch_stream(cfg, plan, rank, world)
     while state.step < t.max_steps:
@@ -129,9 +135,22 @@ def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: 
                    "lora_rank": cfg.lora.rank, "checkpoint_bytes": checkpoint_bytes,
                    "samples_per_s": progress.median_rate(),  # of this session's steps
                    "train_flops_per_sample": sum(plan.flops[b] * k for b, k in plan.batches.items()) / n}
+        summary |= before_and_after(plan.run, last)
         log.path(SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     log.event("finished", step=state.step)
     log.close()
+
+
+def before_and_after(run: Location, last: dict) -> dict:
+    """`geneval_before` / `geneval_after` (overall) and `geneval_tasks_before` / `_after` for a run that scored its
+    starting weights (`validation.geneval_before`); {} otherwise."""
+    before = next((e for e in read_records(run, EVENTS) if e["event"] == GENEVAL_BEFORE), None)
+    if before is None or "geneval" not in last:
+        return {}
+    tasks = lambda fields: {k[len("geneval_"):]: v for k, v in fields.items() if k.startswith("geneval_")}  # noqa: E731
+    return {"geneval_before": before["geneval"], "geneval_after": last["geneval"],
+            "geneval_tasks_before": tasks({k: v for k, v in before.items() if k not in ("event", "time")}),
+            "geneval_tasks_after": tasks(last)}
 
 
 def train_loop(config: dict) -> None:

@@ -1,0 +1,1 @@
+"""`python -m workloads.make_pairs`: preference pairs sampled from a run and judged by GenEval-shapes."""

@@ -1,0 +1,3 @@
+from workloads.make_pairs.driver import main
+
+main()
