@@ -46,15 +46,30 @@ class DemoConf:
     # Every run's training config (the training job's own schema: `train.trainer.num_workers=1`, `train.optim.lr=...`).
     train: TrainConf = field(default_factory=demo_train)
     # GenEval on shapes (`workloads.evaluate`) of the main run, beside the ground truth's score and an untrained
-    # network's: GenEval's 553 prompts, `geneval_images_per_prompt` images each (0 skips it), Euler sampling.
-    geneval_images_per_prompt: int = 1
-    geneval_prompts_per_task: int | None = None  # None: GenEval's counts
+    # network's: `geneval_prompts_per_task` prompts of each task (None: GenEval's 553), `geneval_images_per_prompt`
+    # images each (0 skips it), Euler sampling. 20 x 2 keeps the demo within its 10 minutes with the DPO stage.
+    geneval_images_per_prompt: int = 2
+    geneval_prompts_per_task: int | None = 20
     geneval_steps: int = 20
     geneval_guidance: float = 4.0
+    # Preference tuning of the main run (the paper's last stage): `workloads.make_pairs` samples
+    # `pairs_images_per_prompt` images of up to `pairs_prompts_per_task` training prompts per task (none of them in the
+    # held-out GenEval set of `train.validation.geneval_prompts_per_task`), pairs correct with incorrect ones, and
+    # `objective=dpo` trains LoRA adapters of rank `dpo_rank` for `dpo_steps` steps (0 skips the stage), scoring
+    # GenEval-shapes on the held-out prompts before and after (`dpo_geneval_images_per_prompt` images each).
+    dpo_steps: int = 40
+    dpo_rank: int = 16
+    dpo_geneval_images_per_prompt: int = 4
+    pairs_prompts_per_task: int = 16
+    pairs_images_per_prompt: int = 8
+    pairs_sample_steps: int = 10  # Euler steps of the pairs' samples (half the evaluation's: 528 images to judge)
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "images", "image_size", "resolution", "shard_size", "geneval_steps")
-        at_least(self, 0, "geneval_images_per_prompt")
+        at_least(self, 1, "images", "image_size", "resolution", "shard_size", "geneval_steps", "dpo_rank",
+                 "dpo_geneval_images_per_prompt", "pairs_prompts_per_task", "pairs_sample_steps")
+        at_least(self, 0, "geneval_images_per_prompt", "dpo_steps")
+        if self.pairs_images_per_prompt < 2:
+            raise ValueError(f"pairs_images_per_prompt must be >= 2 to make a pair, got {self.pairs_images_per_prompt}")
         if len(set(self.depths)) < 2 or self.main_depth not in self.depths:
             raise ValueError(f"depths needs at least 2 distinct values (a scaling fit) including main_depth="
                              f"{self.main_depth}, got {list(self.depths)}")

@@ -34,7 +34,8 @@ def assert_picture(path: Path) -> None:
 def small(out_dir: str, storage: str) -> DemoConf:
     return DemoConf(
         out_dir=out_dir, storage=storage, images=16, image_size=64, resolution=64, shard_size=8,
-        depths=[1, 2], main_depth=2, geneval_prompts_per_task=1, geneval_steps=4,
+        depths=[1, 2], main_depth=2, geneval_prompts_per_task=1, geneval_steps=4, dpo_steps=2,
+        pairs_prompts_per_task=1, pairs_images_per_prompt=2, pairs_sample_steps=2,
         train=TrainConf(trainer=TrainerConf(num_workers=2, max_steps=6, batch_size=8),
                         optim=OptimConf(lr=1e-3, warmup_steps=2), ema=EMAConf(decay=0.99),
                         validation=ValidationConf(every=3, samples=8, grid_prompts=2, grid_per_prompt=2,
@@ -46,8 +47,8 @@ def test_demo_runs_every_job_against_object_storage_and_writes_the_report(ray_lo
     cfg = small(str(tmp_path / "report"), s3.uri("demo"))
     out = demo.run(cfg)
     printed = capsys.readouterr().out
-    for k in range(1, 7):
-        assert f"[demo] {k}/6 " in printed
+    for k in range(1, 8):
+        assert f"[demo] {k}/7 " in printed
     assert f"report folder: {out}" in printed
     for name in ("samples.png", "reference.png", "loss.png", "scaling.png"):
         assert_picture(out / name)
@@ -61,12 +62,14 @@ def test_demo_runs_every_job_against_object_storage_and_writes_the_report(ray_lo
     assert figures["sweep"][0]["params"] < figures["sweep"][1]["params"]
     assert all(0 <= row["geneval"] <= 1 for row in figures["sweep"])
     assert set(figures["geneval"]) == {"main run", "ground truth", "untrained"}
-    assert figures["geneval"]["ground truth"]["overall"] == 1.0 and figures["geneval"]["main run"]["images"] == 6
+    assert figures["geneval"]["ground truth"]["overall"] == 1.0 and figures["geneval"]["main run"]["images"] == 12
     summary = (out / "summary.md").read_text()
     assert "| ground truth | 16 | 1.000 |" in summary
     assert "against C:" in summary and "predicted final validation loss" in summary
     assert "GenEval-shapes during training" in summary and "validation loss against GenEval-shapes" in summary
     assert f"{figures['train']['samples_per_s']:.1f} samples/s" in summary
+    # a 6-step main run draws no correct image: the DPO stage says so and skips (`test_train.py` runs DPO itself)
+    assert "## Preference tuning" in summary and "- skipped: no prompt had both a correct and an incorrect" in summary
     fs, root = filesystem(cfg.storage)
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(root)} == {"shapes", "data", "runs", "demo-depth", "geneval"}
     main = demo.main_run_conf(cfg, demo.Layout.under(cfg.storage))

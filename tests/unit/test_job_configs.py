@@ -57,6 +57,23 @@ def test_the_demos_main_run_is_its_sweeps_trial_with_the_demos_train_section(tmp
     assert main.run.name in {c.run.name for c in trials(demo.sweep_conf(cfg, layout))}
 
 
+def test_the_demos_dpo_run_is_its_main_run_turned_to_dpo_on_the_pairs(tmp_path):
+    """The demo's last stage: LoRA adapters on the main run's weights, `objective=dpo` on the pairs, GenEval-shapes of
+    the held-out prompts (the ones make_pairs leaves out) before and after, the main run's other settings kept."""
+    from conf.checks import Objective
+
+    cfg = runtime.compose("demo", [f"out_dir={tmp_path}", "dpo_steps=30", "dpo_rank=8"])
+    at = demo.Layout.under(demo.storage_of(cfg))
+    main = demo.main_run_conf(cfg, at)
+    dpo, pairs = demo.dpo_conf(cfg, at, main), demo.pairs_conf(cfg, at, main)
+    assert dpo.objective.kind == Objective.dpo and dpo.lora.rank == 8 and dpo.trainer.max_steps == 30
+    assert dpo.data == pairs.out and pairs.run == dpo.init_from == f"{main.run.storage}/{main.run.name}"
+    assert dpo.validation.geneval_before and dpo.validation.geneval_every == 30
+    assert pairs.held_out_prompts_per_task == dpo.validation.geneval_prompts_per_task
+    assert (dpo.optim, dpo.model, dpo.trainer.batch_size) == (main.optim, main.model, main.trainer.batch_size)
+    assert dpo.run.name != main.run.name and dpo.objective.text_drop_prob == 0.0
+
+
 def test_a_sweep_rejects_data_set_inside_its_train_section():
     with pytest.raises(ValueError, match="sweep level"):
         runtime.compose("sweep", ["data=/data", "train.data=/other"])

@@ -3,7 +3,8 @@
 On a local Ray cluster (or the one in RAY_ADDRESS): generate the shapes dataset, preprocess it with Ray Data
 (the shapes autoencoder and tiny random text encoders), train the debug MM-DiT with Ray Train + DeepSpeed, run a toy
 depth sweep with Ray Tune (the main run is its depth-2 trial, reused), score the main run with GenEval on shapes,
-and write a report folder: sample grid, loss curve, scaling plot and a Markdown summary with the figures.
+preference-tune it (pairs judged by GenEval-shapes, Diffusion-DPO on LoRA adapters, GenEval before and after), and
+write a report folder: sample grid, loss curve, scaling plot and a Markdown summary with the figures.
 Data, runs and the sweep live under `storage` (local or s3://); the report is always written locally. Running it
 again resumes each job where it stopped, and a finished job is not redone.
 """
@@ -11,19 +12,21 @@ again resumes each job where it stopped, and a finished job is not redone.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from conf.checks import validate
+from conf.checks import Objective, validate
 from conf.demo import DemoConf, register
 from conf.evaluate import EvaluateConf
+from conf.pairs import MakePairsConf
 from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
 from conf.sweep import Study, SweepConf
-from conf.train import TrainConf
+from conf.train import LoraConf, TrainConf
 from pipelines.make_shapes import MakeShapesConf
-from pipelines.storage import join, require_bucket
+from pipelines.storage import Location, join, require_bucket
 from workloads.demo import report as demo_report
 from workloads.runtime import cli, ensure_ray, logger
 from workloads.sweep import driver as sweep_job
@@ -32,7 +35,7 @@ from workloads.train import driver as train_job
 
 LOG = logger("demo")
 
-STAGES = ("shapes", "preprocess", "train", "sweep", "evaluate", "report")
+STAGES = ("shapes", "preprocess", "train", "sweep", "evaluate", "dpo", "report")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,62 @@ def main_run_conf(cfg: DemoConf, at: Layout) -> TrainConf:
     return sweep_job.trial_train_conf(sweep, params)
 
 
+def pairs_conf(cfg: DemoConf, at: Layout, main: TrainConf) -> MakePairsConf:
+    """Preference pairs from the main run: its training prompts judged by GenEval-shapes, the demo's sampling."""
+    return MakePairsConf(run=join(main.run.storage, main.run.name), data=at.data, out=join(at.storage, "pairs"),
+                         endpoint_url=cfg.endpoint_url, prompts_per_task=cfg.pairs_prompts_per_task,
+                         held_out_prompts_per_task=main.validation.geneval_prompts_per_task,
+                         images_per_prompt=cfg.pairs_images_per_prompt, steps=cfg.pairs_sample_steps,
+                         guidance=cfg.geneval_guidance)
+
+
+def dpo_conf(cfg: DemoConf, at: Layout, main: TrainConf) -> TrainConf:
+    """The main run's training settings turned into `objective=dpo` on the pairs: LoRA adapters on the main run's
+    weights, GenEval-shapes of the held-out prompts before the first step and after the last."""
+    c = copy.deepcopy(main)
+    c.data, c.val_data, c.init_from = pairs_conf(cfg, at, main).out, None, join(main.run.storage, main.run.name)
+    o, v = c.objective, c.validation
+    o.kind, o.synthetic_caption_prob, o.text_drop_prob = Objective.dpo, 0.0, 0.0
+    c.lora = LoraConf(rank=cfg.dpo_rank)
+    c.trainer.max_steps = c.checkpoint.every = v.every = v.geneval_every = cfg.dpo_steps
+    v.geneval_before, v.geneval_images_per_prompt = True, cfg.dpo_geneval_images_per_prompt
+    c.run.name = f"dpo-{main.run.name}"
+    validate(c)
+    return c
+
+
+def preference_tune(cfg: DemoConf, at: Layout, main: TrainConf) -> demo_report.Preference:
+    """Pairs, then DPO (each kept when an earlier invocation finished it). A main run that drew no correct image of
+    any training prompt gives no pairs: the stage is then skipped, and the report says why."""
+    import json
+
+    from pipelines import schema
+    from workloads.make_pairs import driver as make_pairs
+
+    pairs, dpo = pairs_conf(cfg, at, main), dpo_conf(cfg, at, main)
+    out = Location.of(pairs.out, cfg.endpoint_url)
+    if out.exists(schema.MANIFEST):
+        manifest = json.loads(out.read_bytes(schema.MANIFEST))
+        LOG.info(f"{pairs.out} already holds {manifest['counts']['written']} pairs: kept")
+    else:
+        try:
+            manifest = make_pairs.run(pairs)
+        except make_pairs.NoPairs as error:
+            LOG.warning(f"DPO skipped: {error}")
+            return demo_report.Preference(None, None, dpo, skipped=str(error))
+    needed = dpo.trainer.batch_size + dpo.trainer.num_workers  # a global batch, and a held-out pair per worker
+    if manifest["counts"]["written"] < needed:
+        reason = (f"{manifest['counts']['written']} pairs from {manifest['counts']['read']} samples, fewer than the "
+                  f"{needed} a DPO step and its validation need (global batch {dpo.trainer.batch_size})")
+        LOG.warning(f"DPO skipped: {reason}")
+        return demo_report.Preference(manifest, None, dpo, skipped=reason)
+    summary = sweep_job.finished(dpo)
+    if summary is None:
+        train_job.run(dpo)
+        summary = sweep_job.finished(dpo)
+    return demo_report.Preference(manifest, summary, dpo)
+
+
 def geneval_confs(cfg: DemoConf, at: Layout, main: TrainConf, untrained: str) -> dict[str, EvaluateConf]:
     """GenEval-shapes of the main run, of the ground truth (the shapes folder itself) and of an untrained network
     of the same shape (`untrained`: its diffusers export)."""
@@ -125,6 +184,8 @@ def check(cfg: DemoConf) -> None:
     sweep = sweep_conf(cfg, at)
     for params in studies.trial_params(sweep):
         train_job.check(sweep_job.trial_train_conf(sweep, params))
+    if cfg.dpo_steps:
+        dpo_conf(cfg, at, main_run_conf(cfg, at))  # its own checks (the base it adapts does not exist yet)
     require_bucket(at.storage, "storage", cfg.endpoint_url)
 
 
@@ -170,9 +231,14 @@ def run(cfg: DemoConf) -> Path:
         with stage("evaluate", f"GenEval on shapes of the main run ({cfg.geneval_images_per_prompt} image(s) per "
                                "prompt), the ground truth and an untrained network", timings):
             geneval = evaluate_geneval(cfg, at, train)
+    preference = None
+    if cfg.dpo_steps:
+        with stage("dpo", f"preference tuning: pairs of the main run's samples judged by GenEval-shapes, then "
+                          f"{cfg.dpo_steps} Diffusion-DPO steps on rank-{cfg.dpo_rank} LoRA adapters", timings):
+            preference = preference_tune(cfg, at, train)
     with stage("report", f"writing the report to {out}", timings):
-        summary = demo_report.write(out, demo_report.Sources(manifest, train, sweep, results, geneval), timings,
-                                    time.perf_counter() - start)
+        sources = demo_report.Sources(manifest, train, sweep, results, geneval, preference)
+        summary = demo_report.write(out, sources, timings, time.perf_counter() - start)
     LOG.info("summary.md:\n" + summary)
     LOG.info(f"finished in {time.perf_counter() - start:.0f} s; report folder: {out}")
     return out

@@ -22,6 +22,17 @@ from workloads.train.validation import LatentDecoder, write_grid
 
 
 @dataclass
+class Preference:
+    """The preference-tuning stage's outputs: the pairs' manifest, the DPO run's summary and its config (the first
+    two None when the stage was `skipped`, with the reason)."""
+
+    pairs: dict | None
+    summary: dict | None
+    train: TrainConf
+    skipped: str | None = None
+
+
+@dataclass
 class Sources:
     """The finished jobs the report reads."""
 
@@ -30,6 +41,7 @@ class Sources:
     sweep: SweepConf
     results: pd.DataFrame  # the sweep's trial rows
     geneval: dict[str, dict] = field(default_factory=dict)  # GenEval-shapes summaries by label (main run, ...)
+    preference: Preference | None = None
 
     @property
     def run(self) -> Location:
@@ -79,7 +91,46 @@ def figures(src: Sources, timings: dict[str, float], seconds: float) -> tuple[di
         "sweep": src.results.sort_values("depth")[[c for c in ("depth", "params", "train_flops", "val_loss", "geneval")
                                                    if c in src.results]].to_dict(orient="records"),
         "geneval": src.geneval,
+        **({"dpo": dpo_figures(src.preference)} if src.preference and src.preference.summary else {}),
     }, records
+
+
+def dpo_figures(p: Preference) -> dict:
+    s = p.summary
+    return {"run": run_location(p.train).uri, "steps": s["step"], "lora_rank": s["lora_rank"],
+            "trained_params": s["trained_params"], "checkpoint_bytes": s["checkpoint_bytes"],
+            "samples_per_s": s["samples_per_s"], "pairs": p.pairs["pairs"], "prompts": p.pairs["prompts"],
+            "correct": p.pairs["correct"], "images": p.pairs["counts"]["read"],
+            "geneval_before": s.get("geneval_before"), "geneval_after": s.get("geneval_after"),
+            "geneval_tasks_before": s.get("geneval_tasks_before"), "geneval_tasks_after": s.get("geneval_tasks_after")}
+
+
+def dpo_lines(f: dict, p: Preference) -> list[str]:
+    """The preference-tuning section: the pairs per task, and GenEval-shapes before and after DPO."""
+    title = "## Preference tuning: Diffusion-DPO with LoRA (`workloads.make_pairs`, `objective=dpo`)"
+    if p.summary is None:
+        return ["", title, f"- skipped: {p.skipped}"]
+    v = p.train.validation
+    last = read_records(run_location(p.train), METRICS)[-1]
+    lines = ["", title,
+             f"- pairs: {sum(f['pairs'].values())} from {f['images']} samples of {sum(f['prompts'].values())} training "
+             f"prompts ({sum(f['correct'].values())} judged correct by GenEval-shapes); per task "
+             + ", ".join(f"{t} {n}" for t, n in f["pairs"].items()),
+             f"- DPO: {f['steps']} steps on rank-{f['lora_rank']} adapters ({f['trained_params']:,} trained "
+             f"parameters, checkpoint {f['checkpoint_bytes'] / 2**20:.1f} MiB), beta from the velocity-error scale, "
+             f"{f['samples_per_s']:.1f} pairs/s; last step: implicit accuracy {last['dpo_accuracy']:.2f}, reward "
+             f"margin {last['dpo_reward_margin']:.3f}",
+             f"- run folder: `{f['run']}` (its `summary.json` is `dpo/summary.json` here)"]
+    if f["geneval_before"] is None:
+        return lines
+    tags = list(f["geneval_tasks_before"])
+    lines += ["", f"GenEval-shapes on the held-out prompts ({v.geneval_prompts_per_task} per task, "
+                  f"{v.geneval_images_per_prompt} images each; none of them made a pair):", "",
+              "| | overall | " + " | ".join(tags) + " |", "|---|---|" + "---|" * len(tags)]
+    for label, overall, tasks in (("before DPO", f["geneval_before"], f["geneval_tasks_before"]),
+                                  ("after DPO", f["geneval_after"], f["geneval_tasks_after"])):
+        lines.append(f"| {label} | {overall:.3f} | " + " | ".join(f"{tasks[t]:.3f}" for t in tags) + " |")
+    return lines
 
 
 def markdown(src: Sources, f: dict, sweep_body: str, decoder_note: str | None, grid: str) -> str:
@@ -112,6 +163,8 @@ def markdown(src: Sources, f: dict, sweep_body: str, decoder_note: str | None, g
         lines.append("- decoded by the shapes autoencoder (trained by the project, shipped with it): a sample can be "
                      "checked against its caption by eye")
     lines += geneval_lines(f["geneval"])
+    if src.preference is not None:
+        lines += dpo_lines(f.get("dpo", {}), src.preference)
     lines += ["", "## Toy depth sweep (Ray Tune)",
               f"Width 64*depth, {t['steps']} steps each; the depth-{src.train.model.depth} trial is the run above (the "
               "same training config, so the sweep found it finished and reused it).", "", sweep_body, "",
@@ -158,4 +211,7 @@ def write(out: Path, src: Sources, timings: dict[str, float], seconds: float) ->
     text = markdown(src, f, analysis.markdown, note, grid)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(f, indent=1) + "\n")
+    if src.preference is not None and src.preference.summary is not None:
+        (out / "dpo").mkdir(exist_ok=True)
+        (out / "dpo" / "summary.json").write_text(json.dumps(src.preference.summary, indent=1) + "\n")
     return text

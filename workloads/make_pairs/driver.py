@@ -30,6 +30,10 @@ from workloads.runtime import cli, ensure_ray, logger
 LOG = logger("make_pairs")
 
 
+class NoPairs(ValueError):
+    """No prompt had both a correct and an incorrect sample: there is nothing to prefer."""
+
+
 def check(cfg: MakePairsConf):
     """Everything that can be wrong before Ray starts: the run's export, the data's manifest, the prompts. Returns
     (the data's spec, the prompts)."""
@@ -183,7 +187,7 @@ def write_pairs(cfg: MakePairsConf, spec, prompts: list[dict], samples: list[dic
     stats = {"prompts": count(range(len(prompts))), "images": count([int(s["prompt_index"]) for s in samples]),
              "correct": count(correct), "pairs": count([int(w["prompt_index"]) for w, _ in pairs])}
     if not pairs:
-        raise ValueError(f"no prompt had both a correct and an incorrect sample ({sum(stats['correct'].values())} of "
+        raise NoPairs(f"no prompt had both a correct and an incorrect sample ({sum(stats['correct'].values())} of "
                          f"{len(samples)} correct): raise images_per_prompt or sample from another run")
     out = Location.of(cfg.out, cfg.endpoint_url)
     # once per prompt, by the data's text encoders on a Ray task (a GPU where there is one: T5-XXL in production)
