@@ -82,3 +82,12 @@ def test_validation_geneval_fields_are_checked():
         ValidationConf(geneval_every=-1)
     with pytest.raises(ValueError, match=r"validation\.geneval_prompts_per_task must be >= 1"):
         ValidationConf(geneval_prompts_per_task=0)
+
+
+def test_a_latent_preview_is_no_image_to_score():
+    """Every path that scores decoded images (the evaluation job's Generator, the studies' GenEval columns, pairs)
+    asks the decoder for its VAE: without one it fails naming who needed it and why there is none."""
+    from workloads.train.validation import LatentDecoder
+
+    with pytest.raises(ValueError, match=r"geneval_prompts_per_task scores decoded images .* no VAE recorded"):
+        LatentDecoder(None).for_scoring("geneval_prompts_per_task")

@@ -34,9 +34,7 @@ class Generator:
         self.network = load_diffusers(export).to(self.device).eval()
         self.text = TextEncoders(models, device=self.device.type)
         self.decoder = LatentDecoder(models)  # the training grids' decoding: (z / scale) + shift, then the VAE
-        if self.decoder.vae is None:  # a latent preview is no image to score
-            raise ValueError(f"models={models}: {self.decoder.note}")
-        self.decoder.vae.to(self.device)
+        self.decoder.for_scoring(f"sampling a prompt set with models={models}").to(self.device)
         self.conditioning, net = self.text.dims, self.network.config
         got = (self.conditioning.context_dim, self.conditioning.clip_l_dim + self.conditioning.clip_g_dim)
         if got != (net.context_dim, net.pooled_dim):

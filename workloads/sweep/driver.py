@@ -124,9 +124,7 @@ def geneval_columns(cfg: SweepConf, c: TrainConf, network, spec, latent_shape: t
     prompts = encode_prompt_set(spec.vae, cfg.geneval_prompts_per_task, cfg.geneval_images_per_prompt,
                                 device=device.type)
     decoder = LatentDecoder(spec.vae)
-    if decoder.vae is None:  # a latent preview is no image to score
-        raise ValueError(f"geneval_prompts_per_task: {decoder.note}; set geneval_prompts_per_task=0")
-    decoder.vae.to(device)
+    decoder.for_scoring("geneval_prompts_per_task (0 turns it off)").to(device)
     out = {}
     for steps, shift in settings:
         how = Sampling(steps, cfg.geneval_guidance, shift, "euler", c.objective.formulation, c.trainer.seed)

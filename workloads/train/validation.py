@@ -134,6 +134,13 @@ class LatentDecoder:
         if self.note:
             LOG.info(f"sample grids show latent channels 0-2: {self.note}")
 
+    def for_scoring(self, what: str) -> torch.nn.Module:
+        """The VAE, for decoding images that are scored (GenEval, pairs): a latent preview is no image to score, so
+        without a loadable VAE this raises, naming `what` needs it and why there is none."""
+        if self.vae is None:
+            raise ValueError(f"{what} scores decoded images and needs the data's VAE: {self.note}")
+        return self.vae
+
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, H, W, 3) in [0, 1]."""
