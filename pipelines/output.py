@@ -69,7 +69,10 @@ def _table(batch: Batch, rows: list[int], text: TextConditioningConfig) -> pa.Ta
     for column in schema.EMBEDDING_COLUMNS:
         output = column.split("_", 1)[1]
         columns[column] = schema.tensor_column(batch[column][rows], shapes[output])
-    return pa.Table.from_pydict(columns, schema=schema.data_schema(latent_shape, text))
+    pairs = schema.LOSER_LATENT in batch
+    if pairs:
+        columns[schema.LOSER_LATENT] = schema.tensor_column([batch[schema.LOSER_LATENT][i] for i in rows], latent_shape)
+    return pa.Table.from_pydict(columns, schema=schema.data_schema(latent_shape, text, pairs=pairs))
 
 
 def write_batch(batch: Batch, output: str, endpoint_url: str | None, text: TextConditioningConfig) -> Batch:

@@ -31,7 +31,7 @@ from pipelines import schema
 from pipelines.decode import DecodeLimits, parse_buckets
 from pipelines.output import Progress, completed_shards, remove_unfinished, write_batch
 from pipelines.sources import Shard, list_shards
-from pipelines.stages import CaptionStage, TextStage, VAEStage, decode_batch, read_rows
+from pipelines.stages import CaptionStage, TextStage, VAEStage, copy_caption, decode_batch, read_rows
 from pipelines.storage import filesystem, join
 from pipelines.synthetic.tiny_models import build_tiny_models
 from workloads.runtime import cli, ensure_ray, logger
@@ -104,11 +104,15 @@ def build_dataset(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> ray.dat
     items = [{"index": s.index, "format": s.format, "paths": list(s.paths), "root": s.root} for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(read_rows, fn_kwargs={"endpoint_url": cfg.endpoint_url}, num_cpus=c.decode_num_cpus)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"limits": p.limits}, batch_size=c.decode_batch_size,
+    pairs = p.shards[0].format == "pairs"
+    ds = ds.map_batches(decode_batch, fn_kwargs={"limits": p.limits, "pairs": pairs}, batch_size=c.decode_batch_size,
                         num_cpus=c.decode_num_cpus)
-    ds = ds.map_batches(CaptionStage, fn_constructor_kwargs={
-        "path": p.captioner, "device": device, "dtype": m.dtype, "max_new_tokens": m.caption_max_new_tokens,
-        "threads": c.caption.torch_threads}, **_actor_args(c.caption, gpu))
+    if pairs:  # a pair's caption is the prompt its images were judged against: no synthetic caption
+        ds = ds.map_batches(copy_caption, batch_size=c.decode_batch_size, num_cpus=c.decode_num_cpus)
+    else:
+        ds = ds.map_batches(CaptionStage, fn_constructor_kwargs={
+            "path": p.captioner, "device": device, "dtype": m.dtype, "max_new_tokens": m.caption_max_new_tokens,
+            "threads": c.caption.torch_threads}, **_actor_args(c.caption, gpu))
     ds = ds.map_batches(VAEStage, fn_constructor_kwargs={
         "repo": p.repo, "device": device, "dtype": m.dtype, "threads": c.vae.torch_threads},
         **_actor_args(c.vae, gpu))
@@ -145,6 +149,7 @@ def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict], last_
         rejects.update(table.column(0).to_pylist())
     counts = {k: sum(m[f"rows_{k}"] for m in markers.values()) for k in ("read", "written", "rejected")}
     manifest = {
+        **({"kind": schema.PAIRS_KIND} if p.shards[0].format == "pairs" else {}),
         "input": cfg.input, "output": cfg.output, "input_format": p.shards[0].format, "shards": len(p.shards),
         "counts": counts, "rejected_by_stage": dict(rejects), "files": files, "schema": schemas,
         "models": {"kind": cfg.models.kind, "sd3_repo": p.repo, "captioner": p.captioner, "dtype": cfg.models.dtype,

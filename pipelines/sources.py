@@ -1,5 +1,6 @@
-"""Input datasets: an image folder with same-named .txt captions, WebDataset tar shards, or Parquet files with
-image bytes and a caption column. Inputs are cut into shards, the unit of parallelism and of resumption."""
+"""Input datasets: an image folder with same-named .txt captions, WebDataset tar shards, Parquet files with
+image bytes and a caption column, or preference pairs (`pairs`: Parquet in Pick-a-Pic v2's layout, `caption`,
+`jpg_0`, `jpg_1`, `label_0`). Inputs are cut into shards, the unit of parallelism and of resumption."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pyarrow.parquet as pq
 
 from pipelines.storage import filesystem, is_remote
 
-FORMATS = ("folder", "webdataset", "parquet")
+FORMATS = ("folder", "webdataset", "parquet", "pairs")
+PAIRS_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")  # Pick-a-Pic v2: label_0 is 1, 0 or 0.5 (a tie)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "img", "image_bytes", "webp")
 PARQUET_CAPTION_COLUMNS = ("caption", "text", "TEXT", "prompt", "txt")
@@ -39,8 +41,10 @@ class Record:
 
     id: str
     source: str
-    image: bytes | None
+    image: bytes | None  # a pair's winner
     caption: bytes | None
+    loser: bytes | None = None  # a pair's loser
+    tie: bool = False  # a pair without a preference (rejected at decode)
 
 
 def _stem(path: str) -> str:
@@ -85,7 +89,7 @@ def list_shards(uri: str, input_format: str = "auto", endpoint_url: str | None =
         images = [protocol + f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
         chunks = [tuple(images[i:i + folder_shard_size]) for i in range(0, len(images), folder_shard_size)]
     else:
-        suffix = ".tar" if fmt == "webdataset" else ".parquet"
+        suffix = ".tar" if fmt == "webdataset" else ".parquet"  # parquet and pairs
         chunks = [(protocol + f,) for f in files if f.lower().endswith(suffix)]
     if not chunks:
         raise InputError(f"input {uri!r} holds no {fmt} files")
@@ -94,7 +98,8 @@ def list_shards(uri: str, input_format: str = "auto", endpoint_url: str | None =
 
 def read_shard(shard: Shard, endpoint_url: str | None = None) -> list[Record]:
     """All records of a shard, in a deterministic order."""
-    reader = {"folder": _read_folder, "webdataset": _read_tar, "parquet": _read_parquet}[shard.format]
+    reader = {"folder": _read_folder, "webdataset": _read_tar, "parquet": _read_parquet,
+              "pairs": _read_pairs}[shard.format]
     return reader(shard, endpoint_url)
 
 
@@ -187,4 +192,31 @@ def _read_parquet(shard: Shard, endpoint_url: str | None) -> list[Record]:
         if isinstance(caption, str):
             caption = caption.encode()
         records.append(Record(str(key) if key is not None else f"{_stem(path)}-{row}", f"{uri}#{row}", image, caption))
+    return records
+
+
+def _bytes_of(image) -> bytes | None:
+    return image.get("bytes") if isinstance(image, dict) else image  # Hugging Face's Image layout: {bytes, path}
+
+
+def _read_pairs(shard: Shard, endpoint_url: str | None) -> list[Record]:
+    """Pick-a-Pic v2 rows as (winner, loser) records: label_0 = 1 prefers jpg_0, 0 prefers jpg_1, 0.5 is a tie."""
+    uri = shard.paths[0]
+    fs, path = filesystem(uri, endpoint_url)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(pa.BufferReader(f.read()))
+    missing = [c for c in PAIRS_COLUMNS if c not in table.column_names]
+    if missing:
+        raise InputError(f"{uri}: input_format=pairs needs the columns {PAIRS_COLUMNS} (Pick-a-Pic v2); missing "
+                         f"{missing}, found {table.column_names}")
+    id_col = next((c for c in PARQUET_ID_COLUMNS if c in table.column_names), None)
+    rows = table.to_pylist()
+    records = []
+    for row, r in enumerate(rows):
+        first, second = _bytes_of(r["jpg_0"]), _bytes_of(r["jpg_1"])
+        label = r["label_0"]
+        winner, loser = (first, second) if label is not None and label > 0.5 else (second, first)
+        caption = r["caption"].encode() if isinstance(r["caption"], str) else r["caption"]
+        key = str(r[id_col]) if id_col and r[id_col] is not None else f"{_stem(path)}-{row}"
+        records.append(Record(key, f"{uri}#{row}", winner, caption, loser, tie=label is None or label == 0.5))
     return records

@@ -34,7 +34,7 @@ def read_rows(item: dict, endpoint_url: str | None) -> list[dict]:
     # Missing values travel as empty bytes plus a flag: a block whose values are all None would otherwise be
     # typed null by Arrow and reach the next stage as NaN.
     base = {"shard": shard.index, "image": b"", "has_image": False, "caption_raw": b"", "has_caption": False,
-            "stage": "", "reason": ""}
+            "loser": b"", "has_loser": False, "tie": False, "stage": "", "reason": ""}
     try:
         records = read_shard(shard, endpoint_url)
     except Exception as err:
@@ -44,33 +44,58 @@ def read_rows(item: dict, endpoint_url: str | None) -> list[dict]:
         return [{**base, "id": "", "source": "", "row": -1, "shard_rows": 0}]
     return [{**base, "id": r.id, "source": r.source, "row": i, "shard_rows": len(records),
              "image": r.image or b"", "has_image": r.image is not None,
-             "caption_raw": r.caption or b"", "has_caption": r.caption is not None} for i, r in enumerate(records)]
+             "caption_raw": r.caption or b"", "has_caption": r.caption is not None,
+             "loser": r.loser or b"", "has_loser": r.loser is not None, "tie": r.tie} for i, r in enumerate(records)]
 
 
-def decode_batch(batch: Batch, limits: DecodeLimits) -> Batch:
-    """Decode and resize images, normalise captions; any failure becomes a reject of stage 'decode'."""
-    pixels, widths, heights, captions = [], [], [], []
+def decode_batch(batch: Batch, limits: DecodeLimits, pairs: bool = False) -> Batch:
+    """Decode and resize images, normalise captions; any failure becomes a reject of stage 'decode'. With `pairs`
+    the loser too (`pixels_loser`), at the winner's bucket; a tie is rejected."""
+    pixels, widths, heights, captions, losers = [], [], [], [], []
     stages, reasons = list(batch["stage"]), list(batch["reason"])
     for i in range(len(batch["id"])):
-        array, caption = EMPTY_PIXELS, ""
+        array, caption, loser = EMPTY_PIXELS, "", EMPTY_PIXELS
         if not stages[i] and batch["row"][i] >= 0:
             try:
                 raw = bytes(batch["caption_raw"][i]) if batch["has_caption"][i] else None
                 caption = normalise_caption(raw, limits.max_caption_chars)
                 array = decode_image(bytes(batch["image"][i]) if batch["has_image"][i] else None, limits)
+                if pairs:
+                    loser = decode_pair_loser(batch, i, array, limits)
             except Rejected as err:
                 stages[i], reasons[i] = "decode", str(err)
             except Exception as err:  # one bad sample must never stop the job
                 stages[i], reasons[i] = "decode", f"unexpected {type(err).__name__}: {err}"
         captions.append(caption)
         pixels.append(array)
+        losers.append(loser)
         widths.append(array.shape[1])
         heights.append(array.shape[0])
-    out = {k: v for k, v in batch.items() if k not in ("image", "has_image", "caption_raw", "has_caption")}
+    out = {k: v for k, v in batch.items()
+           if k not in ("image", "has_image", "caption_raw", "has_caption", "loser", "has_loser", "tie")}
     out.update(caption=np.array(captions, dtype=object), pixels=object_column(pixels),
                width=np.array(widths, dtype=np.int32), height=np.array(heights, dtype=np.int32),
                stage=np.array(stages, dtype=object), reason=np.array(reasons, dtype=object))
+    if pairs:
+        out["pixels_loser"] = object_column(losers)
     return out
+
+
+def decode_pair_loser(batch: Batch, i: int, winner: np.ndarray, limits: DecodeLimits) -> np.ndarray:
+    """The loser of row i's pair, decoded; raises Rejected for a tie or a loser that lands in another bucket."""
+    if batch["tie"][i]:
+        raise Rejected("a tie (label_0 = 0.5): no preference to learn")
+    loser = decode_image(bytes(batch["loser"][i]) if batch["has_loser"][i] else None, limits)
+    if loser.shape != winner.shape:
+        raise Rejected(f"winner and loser land in different buckets ({winner.shape[1]}x{winner.shape[0]} and "
+                       f"{loser.shape[1]}x{loser.shape[0]})")
+    return loser
+
+
+def copy_caption(batch: Batch) -> Batch:
+    """A pair's synthetic caption is its caption: the images were judged against the prompt (no captioner)."""
+    batch["caption_synthetic"] = np.array([str(c) for c in batch["caption"]], dtype=object)
+    return batch
 
 
 def _live(batch: Batch) -> list[int]:
@@ -113,16 +138,19 @@ class VAEStage:
         self.model = VAEEncoder(repo, device=device, dtype=dtype)
 
     def __call__(self, batch: Batch) -> Batch:
-        latents = [np.zeros((0, 0, 0), dtype=np.float16)] * len(batch["id"])
         live = _live(batch)
-        if live:
-            try:
-                for i, latent in zip(live, self.model.encode([batch["pixels"][i] for i in live]), strict=True):
-                    latents[i] = latent
-            except Exception as err:
-                _reject(batch, live, "vae", err)
-        batch["latent"] = object_column(latents)
-        del batch["pixels"]  # not needed downstream; keeps blocks small
+        for pixels, column in (("pixels", schema.LATENT), ("pixels_loser", schema.LOSER_LATENT)):
+            if pixels not in batch:
+                continue
+            latents = [np.zeros((0, 0, 0), dtype=np.float16)] * len(batch["id"])
+            if live:
+                try:
+                    for i, latent in zip(live, self.model.encode([batch[pixels][i] for i in live]), strict=True):
+                        latents[i] = latent
+                except Exception as err:
+                    _reject(batch, live, "vae", err)
+            batch[column] = object_column(latents)
+            del batch[pixels]  # not needed downstream; keeps blocks small
         return batch
 
 

@@ -301,3 +301,45 @@ def test_output_feeds_the_model(folder_run):
         optimizer.step()
         losses.append(loss.item())
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+def test_preference_pairs_in_pick_a_pics_layout_become_winner_and_loser_latents(shapes, tiny_models_dir, ray_local,
+                                                                                 tmp_path):
+    """`input_format=pairs`: Parquet with Pick-a-Pic v2's columns (caption, jpg_0, jpg_1, label_0). Each pair's
+    preferred image becomes `latent`, the other `latent_loser` (the same VAE, the same bucket), the caption is both
+    captions; ties and undecodable losers are recorded rejections, and the dataset reads as a preference dataset."""
+    from workloads.train.data import read_spec
+
+    images = sorted((shapes / "folder").glob("[0-9]*.png"))[:4]
+    caption = [p.with_suffix(".txt").read_text().strip() for p in images]
+    data = [p.read_bytes() for p in images]
+    rows = [  # caption, jpg_0, jpg_1, label_0
+        (caption[0], data[0], data[1], 1.0),
+        (caption[0], data[1], data[0], 0.0),  # the same pair the other way round: label_0 = 0 prefers jpg_1
+        (caption[2], data[2], data[3], 1.0),
+        (caption[1], data[1], data[0], 0.5),  # a tie
+        (caption[3], data[3], b"<html>not found</html>", 1.0),  # a broken loser
+    ]
+    table = pa.table({"caption": [r[0] for r in rows], "jpg_0": [r[1] for r in rows], "jpg_1": [r[2] for r in rows],
+                      "label_0": [r[3] for r in rows], "id": [f"pair-{i}" for i in range(len(rows))]})
+    (tmp_path / "picks").mkdir()
+    pq.write_table(table, tmp_path / "picks" / "train-0000.parquet")
+    out = str(tmp_path / "out")
+    manifest = preprocess(config(str(tmp_path / "picks"), out, tiny_models_dir, input_format="pairs"))
+    assert manifest["kind"] == "pairs" and manifest["counts"] == {"read": 5, "written": 3, "rejected": 2}
+    assert manifest["rejected_by_stage"] == {"decode": 2}
+    written = read_output(out)
+    assert sorted(written) == ["pair-0", "pair-1", "pair-2"]
+    assert read_spec(out).pairs
+    for key in written:
+        row = written[key]
+        assert row[schema.CAPTION] == row[schema.SYNTHETIC_CAPTION]
+        assert not np.array_equal(row[schema.LATENT], row[schema.LOSER_LATENT])
+    for column in (schema.LATENT, schema.LOSER_LATENT):  # the same pair either way round
+        np.testing.assert_allclose(np.array(written["pair-1"][column], dtype=np.float32),
+                                   np.array(written["pair-0"][column], dtype=np.float32), rtol=2e-3, atol=2e-3)
+    fs, _ = filesystem(out)
+    rejects = pa.concat_tables([pq.read_table(pa.BufferReader(fs.cat_file(f)))
+                                for f in manifest["files"] if f"/{schema.REJECTS_DIR}/" in f]).to_pylist()
+    reasons = {r[schema.ID]: r[schema.REJECT_REASON] for r in rejects}
+    assert "a tie" in reasons["pair-3"] and reasons["pair-4"]
