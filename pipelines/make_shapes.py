@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from pipelines.sources import FORMATS  # the layouts preprocessing reads
+from pipelines.sources import IMAGE_FORMATS  # the image-and-caption layouts preprocessing reads
 from pipelines.storage import filesystem, is_remote, join, require_bucket
 from pipelines.synthetic.shapes import MIN_SIZE, Sample, make_sample
 from workloads.runtime import cli, logger
@@ -51,7 +51,7 @@ class MakeShapesConf:
     seed: int = 0
     size: int = 256
     shard_size: int = 100
-    formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    formats: list[str] = field(default_factory=lambda: list(IMAGE_FORMATS))
     endpoint_url: str | None = None  # an S3-compatible store; else AWS_ENDPOINT_URL(_S3) or AWS itself
 
 
@@ -76,9 +76,9 @@ def check(cfg: MakeShapesConf) -> None:
     for name, low in (("n", 1), ("size", MIN_SIZE), ("shard_size", 1), ("seed", 0)):
         if getattr(cfg, name) < low:
             raise ValueError(f"{name} must be >= {low}, got {getattr(cfg, name)}")
-    unknown = [f for f in cfg.formats if f not in FORMATS]
+    unknown = [f for f in cfg.formats if f not in IMAGE_FORMATS]
     if unknown or not cfg.formats or len(set(cfg.formats)) != len(cfg.formats):
-        raise ValueError(f"formats must be a non-empty list of distinct names from {list(FORMATS)}, "
+        raise ValueError(f"formats must be a non-empty list of distinct names from {list(IMAGE_FORMATS)}, "
                          f"got {list(cfg.formats)}")
 
 

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from pipelines.storage import filesystem, is_remote
 
-FORMATS = ("folder", "webdataset", "parquet", "pairs")
+IMAGE_FORMATS = ("folder", "webdataset", "parquet")  # images with captions (what make_shapes writes)
+FORMATS = (*IMAGE_FORMATS, "pairs")
 PAIRS_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")  # Pick-a-Pic v2: label_0 is 1, 0 or 0.5 (a tie)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "img", "image_bytes", "webp")

@@ -316,8 +316,10 @@ def test_dpo_on_zero3_trains_only_lora_adapters_scores_before_and_after_and_expo
     """`objective=dpo data=<pairs> init_from=<run>` under ZeRO-3: at step 1 the adapters are zero, so policy =
     reference and the loss is exactly log 2; the run logs DPO's accuracy and margin, validates the base objective on
     held-out real data (val_data=) and writes GenEval-shapes before and after in its summary. As any LoRA run
-    (`lora.rank=`), it trains, checkpoints and exports the adapters only: its merged export equals the base with
-    the exported adapters loaded by diffusers itself (`load_lora_adapter`)."""
+    (`lora.rank=`), it trains, checkpoints and exports the adapters only, and a worker killed after the step-2
+    checkpoint is replaced: the group resumes from an adapters-only checkpoint (the base from init_from again).
+    Its merged export equals the base with the exported adapters loaded by diffusers itself (`load_lora_adapter`).
+    (That a resumed LoRA step equals the uninterrupted one is `test_zero_two_ranks.py`'s check.)"""
     import math
 
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -336,9 +338,19 @@ def test_dpo_on_zero3_trains_only_lora_adapters_scores_before_and_after_and_expo
     cfg.objective.kind, cfg.objective.synthetic_caption_prob, cfg.objective.text_drop_prob = Objective.dpo, 0.0, 0.0
     cfg.validation.every = cfg.validation.geneval_every = cfg.checkpoint.every = 2
     cfg.validation.geneval_before = True
-    result = run(cfg)
-    assert result.error is None
     folder = tmp_path / "dpo"
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", run(cfg)))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (checkpointing.find_latest(str(folder))
+                                               and len(read_records(str(folder))) >= 2):
+        time.sleep(0.05)
+    victims = train_worker_pids()
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[-1], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert outcome["result"].error is None
     records = read_records(str(folder))
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and records[0]["dpo_accuracy"] == 0.0
     assert all(0.0 <= r["dpo_accuracy"] <= 1.0 and np.isfinite(r["dpo_reward_margin"]) for r in records)
@@ -348,8 +360,9 @@ def test_dpo_on_zero3_trains_only_lora_adapters_scores_before_and_after_and_expo
     assert summary["val_source"] == "val_data" and summary["lora_rank"] == 4
     assert 0.0 <= summary["geneval_before"] <= 1.0 and summary["geneval_after"] == records[-1]["geneval"]
     assert set(summary["geneval_tasks_before"]) == set(summary["geneval_tasks_after"]) >= {"counting", "position"}
-    events = [e["event"] for e in read_records(str(folder), EVENTS)]
-    assert events == ["started", "geneval_before", "finished"]
+    events = read_records(str(folder), EVENTS)
+    assert [e["event"] for e in events] == ["started", "geneval_before", "resumed", "finished"]
+    assert events[2]["step"] in (2, 4)
     assert summary["trained_params"] == lora_numel(FLAVORS["debug"], cfg.lora) < summary["params"] / 5
     full = sum(p.stat().st_size for p in (base / checkpointing.dir_name(STEPS)).rglob("*") if p.is_file())
     assert summary["checkpoint_bytes"] < full / 3  # adapters and their optimizer state only, no frozen base
