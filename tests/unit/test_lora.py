@@ -9,6 +9,7 @@ import model
 from conf.train import LoraConf
 from model import interop
 from workloads.train import lora
+from workloads.train.distribute import full_numel, trained
 
 CONFIG = model.MMDiTConfig.from_depth(2, hidden_size=64, num_heads=2, context_dim=32, pooled_dim=16,
                                       pos_embed_max_size=10, sample_size=8, qk_norm="rms")
@@ -56,7 +57,7 @@ def test_adapters_start_at_the_base_and_are_all_that_trains():
     # every linear layer of both streams: 5 per stream and block, the last text stream pre-only (modulation, QKV)
     assert len(adapted) == 2 * 5 + 5 + 2
     expected = sum(4 * (m.in_features + m.out_features) for m in net.modules() if isinstance(m, LoraLayer))
-    assert lora.adapter_numel(net) == expected == sum(net.get_parameter(n).numel() for n in trainable)
+    assert full_numel(trained(net)) == expected == sum(net.get_parameter(n).numel() for n in trainable)
 
 
 def test_the_same_seed_draws_the_same_adapters():

@@ -156,9 +156,9 @@ def models_of(cfg: EvaluateConf) -> str:
 
 def local_export(run: Location, scratch: str) -> str:
     """A local folder with the diffusers transformer: `<run>/export` or `run` itself, copied from object storage."""
-    source = run.child("export") if run.exists("export", "config.json") else run
-    if not source.exists("config.json"):
-        raise FileNotFoundError(f"run={run.uri}: neither a run folder with export/ nor a diffusers transformer folder")
+    from workloads.train.initialize import init_source
+
+    source = init_source(run, "run")
     if not source.remote:
         return source.root
     source.fs.get(source.root + "/", scratch + "/", recursive=True)

@@ -39,10 +39,9 @@ def check(cfg: MakePairsConf):
     (the data's spec, the prompts)."""
     from workloads.evaluate.prompts import training_prompts
     from workloads.train.data import read_spec
+    from workloads.train.initialize import init_source
 
-    run = Location.of(cfg.run, cfg.endpoint_url)
-    if not (run.exists("export", "config.json") or run.exists("config.json")):
-        raise FileNotFoundError(f"run={cfg.run}: neither a run folder with export/ nor a diffusers transformer folder")
+    init_source(Location.of(cfg.run, cfg.endpoint_url), "run")
     spec = read_spec(cfg.data, cfg.endpoint_url)
     if not spec.vae:
         raise ValueError(f"data={cfg.data}: its manifest names no models.sd3_repo (the text encoders and VAE)")
@@ -151,7 +150,7 @@ def pairs_table(pairs: list[tuple[dict, dict]], prompts: list[dict], embeddings:
     return pa.table(columns, schema=schema.data_schema(latent_shape, spec.text, pairs=True))
 
 
-def pairs_sheet(pairs: list[tuple[dict, dict]], prompts: list[dict], count: int = 8) -> Image.Image | None:
+def pairs_sheet(pairs: list[tuple[dict, dict]], count: int = 8) -> Image.Image | None:
     """The first pairs side by side: winner above loser, one column a pair."""
     shown = pairs[:count]
     if not shown:
@@ -188,7 +187,7 @@ def write_pairs(cfg: MakePairsConf, spec, prompts: list[dict], samples: list[dic
              "correct": count(correct), "pairs": count([int(w["prompt_index"]) for w, _ in pairs])}
     if not pairs:
         raise NoPairs(f"no prompt had both a correct and an incorrect sample ({sum(stats['correct'].values())} of "
-                         f"{len(samples)} correct): raise images_per_prompt or sample from another run")
+                      f"{len(samples)} correct): raise images_per_prompt or sample from another run")
     out = Location.of(cfg.out, cfg.endpoint_url)
     # once per prompt, by the data's text encoders on a Ray task (a GPU where there is one: T5-XXL in production)
     task = ray.remote(encode_prompts).options(num_gpus=int(ray.cluster_resources().get("GPU", 0) >= 1))
@@ -200,7 +199,7 @@ def write_pairs(cfg: MakePairsConf, spec, prompts: list[dict], samples: list[dic
     pq.write_table(table, buffer)
     out.write_bytes(relative, buffer.getvalue())
     file = out.path(relative)  # as the preprocessing manifest lists its files: paths on the store
-    sheet = pairs_sheet(pairs, prompts)
+    sheet = pairs_sheet(pairs)
     if sheet is not None:
         image = io.BytesIO()
         sheet.save(image, format="PNG")

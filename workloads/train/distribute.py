@@ -97,6 +97,11 @@ def frozen(net: torch.nn.Module) -> Named:
     return [(name, p) for name, p in net.named_parameters() if not p.requires_grad]
 
 
+def full_numel(params: Named) -> int:
+    """Elements of `params` at their full size (a ZeRO-3 parameter's `ds_numel`, not this rank's partition)."""
+    return sum(int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel() for _, p in params)
+
+
 def local_shards(params: Named, stage: int) -> list[torch.Tensor]:
     """Each parameter's part held by this rank: the ZeRO-3 partition (flat), else the whole (replicated) tensor."""
     return [p.ds_tensor if stage == 3 else p for _, p in params]

@@ -13,12 +13,13 @@ from workloads.runtime import logger
 LOG = logger("train")
 
 
-def init_source(init_from: Location) -> Location:
-    """The diffusers folder behind `init_from`: a run folder's `export/`, or the folder itself."""
+def init_source(init_from: Location, name: str = "init_from") -> Location:
+    """The diffusers folder behind a run or model argument (`name`, as the command line spells it): a run folder's
+    `export/`, or the folder itself."""
     for candidate in (init_from.child("export"), init_from):
         if candidate.exists("config.json"):
             return candidate
-    raise FileNotFoundError(f"init_from={init_from.uri!r} has neither export/config.json (a finished run) nor "
+    raise FileNotFoundError(f"{name}={init_from.uri!r} has neither export/config.json (a finished run) nor "
                             "config.json (a diffusers SD3Transformer2DModel folder)")
 
 

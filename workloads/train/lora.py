@@ -82,11 +82,6 @@ def merged_state(state: StateDict, conf: LoraConf) -> StateDict:
     return merged
 
 
-def adapter_numel(net: torch.nn.Module) -> int:
-    """Parameters the adapters train (ZeRO-3's full sizes, not this rank's partition)."""
-    return sum(int(getattr(p, "ds_numel", p.numel())) for name, p in net.named_parameters() if is_adapter(name))
-
-
 LORA_DIR = "lora"  # <run>/export/lora/: the adapters beside the merged export
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' `load_lora_weights(folder)` reads
 

@@ -34,6 +34,7 @@ from workloads.train.distribute import (
     deepspeed_config,
     frozen,
     full_from_shards,
+    full_numel,
     local_shards,
     trained,
 )
@@ -109,7 +110,7 @@ class Trainer:
     @property
     def trained_numel(self) -> int:
         """Parameters this run trains (all of them, or the adapters), at their full (unpartitioned) size."""
-        return sum(int(getattr(p, "ds_numel", p.numel())) for _, p in trained(self.module))
+        return full_numel(trained(self.module))
 
     def step(self, batch: dict[str, torch.Tensor], step: int) -> StepResult:
         """One optimizer step on this rank's part of the global batch; every rank skips it together if any rank's
