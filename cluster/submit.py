@@ -42,6 +42,7 @@ class Job:
 JOBS: dict[str, Job] = {
     "preprocess": Job("pipelines.preprocess", "preprocess", "conf.preprocess:register"),
     "make_shapes": Job("pipelines.make_shapes", "make_shapes", "pipelines.make_shapes"),
+    "dedup": Job("pipelines.dedup", "dedup", "conf.dedup:register"),
     "train": Job("workloads.train", "train", "conf.train:register"),
     "sweep": Job("workloads.sweep", "sweep", "conf.sweep:register"),
     "demo": Job("workloads.demo", "demo", "conf.demo:register"),

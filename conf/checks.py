@@ -11,6 +11,7 @@ from enum import IntEnum, StrEnum
 
 from model.precision import DTYPES
 from model.sampling import SAMPLERS
+from pipelines.dedup.embedders import EMBEDDERS
 from pipelines.sources import FORMATS
 
 
@@ -22,6 +23,7 @@ Dtype = _choices("Dtype", ("auto", *DTYPES))  # auto: the component's default fo
 Sampler = _choices("Sampler", SAMPLERS)
 InputFormat = _choices("InputFormat", ("auto", *FORMATS))
 ModelsKind = _choices("ModelsKind", ("tiny", "sd3"))
+EmbedderKind = _choices("EmbedderKind", EMBEDDERS)  # the deduplication job's image embedding
 Device = _choices("Device", ("auto", "cpu", "cuda"))
 # What a training run optimises: the flow objective of `objective.formulation`, or Diffusion-DPO on preference pairs.
 Objective = _choices("Objective", ("flow", "dpo"))

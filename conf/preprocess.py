@@ -50,13 +50,53 @@ class ComputeConf:
     vae: StageConf = field(default_factory=StageConf)
     caption: StageConf = field(default_factory=StageConf)
     text: StageConf = field(default_factory=StageConf)
+    filters: StageConf = field(default_factory=StageConf)  # the score filters' models, when any is on
 
     def __post_init__(self) -> None:
-        for name in ("vae", "caption", "text"):
+        for name in ("vae", "caption", "text", "filters"):
             stage: StageConf = getattr(self, name)
             if not 1 <= stage.min_actors <= stage.max_actors or stage.batch_size < 1:
                 raise ValueError(f"compute.{name}: need 1 <= min_actors <= max_actors and batch_size >= 1, got "
                                  f"{stage}")
+
+
+@dataclass
+class ScoreFilterConf:
+    """A per-image score from a TorchScript model by path: (N, 3, size, size) RGB floats in [0, 1] -> (N,) scores
+    (e.g. a CLIP-based aesthetic or NSFW predictor scripted with its own normalisation). Images scoring outside
+    [min_score, max_score] are rejects of stage `filter`; kept ones carry the score as the column `score_<name>`."""
+
+    model: str | None = None  # None: the filter is off
+    min_score: float | None = None
+    max_score: float | None = None
+    size: int = 224
+
+
+@dataclass
+class FiltersConf:
+    """Score filters, each off until given a model: `filters.aesthetic.model=<file> filters.aesthetic.min_score=5`
+    (as LAION's aesthetic predictor is often cut), `filters.nsfw.model=<file> filters.nsfw.max_score=0.5`."""
+
+    aesthetic: ScoreFilterConf = field(default_factory=ScoreFilterConf)
+    nsfw: ScoreFilterConf = field(default_factory=ScoreFilterConf)
+
+    def active(self) -> dict[str, ScoreFilterConf]:
+        return {name: f for name, f in vars(self).items() if isinstance(f, ScoreFilterConf) and f.model}
+
+    def __post_init__(self) -> None:
+        for name, f in vars(self).items():
+            if not isinstance(f, ScoreFilterConf):
+                continue
+            bounds = (f.min_score, f.max_score)
+            if f.model and bounds == (None, None):
+                raise ValueError(f"filters.{name}.model is set but neither min_score nor max_score: give a threshold")
+            if not f.model and bounds != (None, None):
+                raise ValueError(f"filters.{name} has a threshold but no model: set filters.{name}.model=<TorchScript "
+                                 "file>")
+            if None not in bounds and f.min_score > f.max_score:
+                raise ValueError(f"filters.{name}: min_score {f.min_score} > max_score {f.max_score}")
+            if f.size < 16:
+                raise ValueError(f"filters.{name}.size must be >= 16, got {f.size}")
 
 
 @dataclass
@@ -75,6 +115,9 @@ class PreprocessConf:
     max_aspect: float = 4.0  # more elongated images are rejected
     max_caption_chars: int = 2000  # longer captions are cut (the encoders see 77 tokens anyway)
     folder_shard_size: int = 256  # images per shard for image-folder inputs
+    # A `pipelines.dedup` output made from this input: its duplicates become rejects of stage `dedup`.
+    dedup: str | None = None
+    filters: FiltersConf = field(default_factory=FiltersConf)  # aesthetic and NSFW scores; none is on by default
     compute: ComputeConf = field(default_factory=ComputeConf)
 
     def __post_init__(self) -> None:

@@ -75,8 +75,8 @@ def resize_to_bucket(image: Image.Image, bucket: Bucket) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.uint8)
 
 
-def decode_image(data: bytes | None, limits: DecodeLimits) -> np.ndarray:
-    """Image bytes -> (H, W, 3) uint8 at the nearest bucket; raises Rejected with the reason."""
+def open_image(data: bytes | None, max_pixels: int) -> Image.Image:
+    """Image bytes -> an RGB image at its own size (EXIF orientation applied); raises Rejected with the reason."""
     if data is None:
         raise Rejected("missing image")
     if len(data) == 0:
@@ -86,8 +86,8 @@ def decode_image(data: bytes | None, limits: DecodeLimits) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size  # from the header, before any pixel is decoded
-            if width * height > limits.max_pixels:
-                raise Rejected(f"decompression bomb: {width}x{height} exceeds max_pixels={limits.max_pixels}")
+            if width * height > max_pixels:
+                raise Rejected(f"decompression bomb: {width}x{height} exceeds max_pixels={max_pixels}")
             image.load()
     except Rejected:
         raise
@@ -96,15 +96,20 @@ def decode_image(data: bytes | None, limits: DecodeLimits) -> np.ndarray:
     except Exception as err:  # PIL raises many types for bad bytes: all mean "not a decodable image"
         raise Rejected(f"cannot decode image: {type(err).__name__}: {err}") from None
     image = ImageOps.exif_transpose(image) or image
-    if min(image.size) < limits.min_side:
-        raise Rejected(f"too small: {image.width}x{image.height} (min_side={limits.min_side})")
-    aspect = max(image.size) / min(image.size)
-    if aspect > limits.max_aspect:
-        raise Rejected(f"extreme aspect ratio {aspect:.1f} (max_aspect={limits.max_aspect})")
     try:
-        rgb = _to_rgb(image)
+        return _to_rgb(image)
     except Exception as err:
         raise Rejected(f"cannot convert mode {image.mode} to RGB: {err}") from None
+
+
+def decode_image(data: bytes | None, limits: DecodeLimits) -> np.ndarray:
+    """Image bytes -> (H, W, 3) uint8 at the nearest bucket; raises Rejected with the reason."""
+    rgb = open_image(data, limits.max_pixels)
+    if min(rgb.size) < limits.min_side:
+        raise Rejected(f"too small: {rgb.width}x{rgb.height} (min_side={limits.min_side})")
+    aspect = max(rgb.size) / min(rgb.size)
+    if aspect > limits.max_aspect:
+        raise Rejected(f"extreme aspect ratio {aspect:.1f} (max_aspect={limits.max_aspect})")
     return resize_to_bucket(rgb, nearest_bucket(rgb.width, rgb.height, limits.buckets))
 
 

@@ -72,7 +72,11 @@ def _table(batch: Batch, rows: list[int], text: TextConditioningConfig) -> pa.Ta
     pairs = schema.LOSER_LATENT in batch
     if pairs:
         columns[schema.LOSER_LATENT] = schema.tensor_column([batch[schema.LOSER_LATENT][i] for i in rows], latent_shape)
-    return pa.Table.from_pydict(columns, schema=schema.data_schema(latent_shape, text, pairs=pairs))
+    scores = tuple(k.removeprefix(schema.SCORE_PREFIX) for k in batch if k.startswith(schema.SCORE_PREFIX))
+    for name in scores:
+        columns[schema.SCORE_PREFIX + name] = pa.array([float(batch[schema.SCORE_PREFIX + name][i]) for i in rows],
+                                                       pa.float32())
+    return pa.Table.from_pydict(columns, schema=schema.data_schema(latent_shape, text, pairs=pairs, scores=scores))
 
 
 def write_batch(batch: Batch, output: str, endpoint_url: str | None, text: TextConditioningConfig) -> Batch:

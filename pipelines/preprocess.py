@@ -9,15 +9,12 @@ Runs unchanged on a laptop (a local Ray) and on a cluster (`RAY_ADDRESS`).
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,12 +26,13 @@ from conf.preprocess import PreprocessConf, StageConf, register
 from model.conditioning import TextConditioningConfig
 from pipelines import schema
 from pipelines.decode import DecodeLimits, parse_buckets
+from pipelines.dedup.job import read_duplicates
 from pipelines.output import Progress, completed_shards, remove_unfinished, write_batch
 from pipelines.sources import Shard, list_shards
-from pipelines.stages import CaptionStage, TextStage, VAEStage, copy_caption, decode_batch, read_rows
-from pipelines.storage import filesystem, join
+from pipelines.stages import CaptionStage, ScoreStage, TextStage, VAEStage, copy_caption, decode_batch, read_rows
+from pipelines.storage import Location, filesystem, join
 from pipelines.synthetic.tiny_models import build_tiny_models
-from workloads.runtime import cli, ensure_ray, logger
+from workloads.runtime import cli, code_version, ensure_ray, logger
 
 LOG = logger("preprocess")
 
@@ -48,6 +46,7 @@ class Plan:
     repo: str  # diffusers SD3 layout: vae, text_encoder(_2, _3), tokenizer(_2, _3)
     captioner: str
     text: TextConditioningConfig
+    duplicates: dict[int, str] = field(default_factory=dict)  # shard -> JSON {id: reason} of a dedup output
 
 
 def text_dims(repo: str) -> TextConditioningConfig:
@@ -70,6 +69,7 @@ def plan(cfg: PreprocessConf) -> Plan:
     limits = DecodeLimits(parse_buckets(cfg.resolution, cfg.buckets), cfg.max_pixels, cfg.min_side,
                           cfg.max_aspect, cfg.max_caption_chars)
     shards = list_shards(cfg.input, cfg.input_format, cfg.endpoint_url, cfg.folder_shard_size)
+    duplicates = known_duplicates(cfg, shards) if cfg.dedup else {}
     if cfg.models.kind == "tiny":
         tiny = build_tiny_models(os.path.expanduser(cfg.models.tiny_dir))
         repo, captioner = tiny.repo, tiny.captioner
@@ -79,7 +79,27 @@ def plan(cfg: PreprocessConf) -> Plan:
         text = text_dims(repo)
     except OSError as err:
         raise OSError(f"cannot load the encoders of models.sd3_repo={repo!r}: {err}") from err
-    return Plan(shards, limits, repo, captioner, text)
+    for name, f in cfg.filters.active().items():
+        model = Location.of(f.model, cfg.endpoint_url)
+        if not model.fs.isfile(model.root):
+            raise FileNotFoundError(f"filters.{name}.model={f.model!r}: no such file")
+    return Plan(shards, limits, repo, captioner, text, duplicates)
+
+
+def known_duplicates(cfg: PreprocessConf, shards: list[Shard]) -> dict[int, str]:
+    """The duplicates a `pipelines.dedup` output found in this input, as each shard's JSON {id: reject reason};
+    fails unless it was made from the same input shards."""
+    manifest, table = read_duplicates(cfg.dedup, cfg.endpoint_url)
+    if manifest["shards"] != [list(s.paths) for s in shards]:
+        raise ValueError(f"dedup={cfg.dedup!r} was made from other input shards (its input {manifest['input']!r}, "
+                         f"{len(manifest['shards'])} shards; here {cfg.input!r}, {len(shards)} shards): run "
+                         f"pipelines.dedup on this input with folder_shard_size={cfg.folder_shard_size}")
+    by_shard: dict[int, dict[str, str]] = {}
+    for row in table.to_pylist():
+        by_shard.setdefault(row[schema.SHARD], {})[row[schema.ID]] = (
+            f"duplicate of {row[schema.DUPLICATE_OF]} (squared L2 {row[schema.DISTANCE]:.3f}, threshold "
+            f"{manifest['threshold']:g}, cluster {row[schema.CLUSTER]})")
+    return {shard: json.dumps(found) for shard, found in by_shard.items()}
 
 
 def _actor_args(stage: StageConf, use_gpu: bool) -> dict:
@@ -96,17 +116,32 @@ def use_gpu(cfg: PreprocessConf) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def local_cpus(cfg: PreprocessConf, p: Plan) -> float:
+    """Logical CPUs a local Ray needs so every actor pool and a read, a decode and a write task fit at once (else the
+    pipeline waits forever on a machine with fewer cores)."""
+    c = cfg.compute
+    pools = [c.vae, c.text] + ([] if p.shards[0].format == "pairs" else [c.caption])
+    pools += [c.filters] if cfg.filters.active() else []
+    return sum(stage.num_cpus * stage.min_actors for stage in pools) + 3 * c.decode_num_cpus
+
+
 def build_dataset(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> ray.data.Dataset:
     """The streaming pipeline over the pending shards; yields one summary row per written file group."""
     gpu = use_gpu(cfg)
     device = "cuda" if gpu else "cpu"
     c, m = cfg.compute, cfg.models
-    items = [{"index": s.index, "format": s.format, "paths": list(s.paths), "root": s.root} for s in pending]
+    items = [{"index": s.index, "format": s.format, "paths": list(s.paths), "root": s.root,
+              "duplicates": p.duplicates.get(s.index, "")} for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(read_rows, fn_kwargs={"endpoint_url": cfg.endpoint_url}, num_cpus=c.decode_num_cpus)
     pairs = p.shards[0].format == "pairs"
     ds = ds.map_batches(decode_batch, fn_kwargs={"limits": p.limits, "pairs": pairs}, batch_size=c.decode_batch_size,
                         num_cpus=c.decode_num_cpus)
+    filters = cfg.filters.active()
+    if filters:  # before the encoders, so filtered images cost them nothing
+        ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"filters": filters, "device": device,
+                                                               "threads": c.filters.torch_threads},
+                            **_actor_args(c.filters, gpu))
     if pairs:  # a pair's caption is the prompt its images were judged against: no synthetic caption
         ds = ds.map_batches(copy_caption, batch_size=c.decode_batch_size, num_cpus=c.decode_num_cpus)
     else:
@@ -122,16 +157,6 @@ def build_dataset(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> ray.dat
     return ds.map_batches(write_batch, fn_kwargs={"output": cfg.output, "endpoint_url": cfg.endpoint_url,
                                                   "text": p.text},
                           batch_size=c.write_batch_size, num_cpus=c.decode_num_cpus)
-
-
-def code_version() -> str:
-    version = importlib.metadata.version("sd3-train")
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-        return f"{version}+g{sha}"
-    except (OSError, subprocess.SubprocessError):
-        return version
 
 
 def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict], last_run: dict) -> dict:
@@ -151,6 +176,7 @@ def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict], last_
     manifest = {
         **({"kind": schema.PAIRS_KIND} if p.shards[0].format == "pairs" else {}),
         "input": cfg.input, "output": cfg.output, "input_format": p.shards[0].format, "shards": len(p.shards),
+        "dedup": cfg.dedup, "filters": {name: asdict(f) for name, f in cfg.filters.active().items()},
         "counts": counts, "rejected_by_stage": dict(rejects), "files": files, "schema": schemas,
         "models": {"kind": cfg.models.kind, "sd3_repo": p.repo, "captioner": p.captioner, "dtype": cfg.models.dtype,
                    "text": asdict(p.text)},
@@ -164,7 +190,7 @@ def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict], last_
 
 def process(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> dict:
     """Run the pipeline over the pending shards, marking each as it completes; returns this run's timings."""
-    ensure_ray()  # local, or the cluster in RAY_ADDRESS
+    ensure_ray(min_cpus=local_cpus(cfg, p))  # local, or the cluster in RAY_ADDRESS
     # one progress bar for the whole job in a terminal; in a log file the per-shard lines below say enough
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     start = time.perf_counter()

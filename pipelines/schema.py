@@ -25,6 +25,18 @@ REJECT_STAGE, REJECT_REASON = "stage", "reason"
 
 DATA_DIR, REJECTS_DIR, MARKERS_DIR, MANIFEST = "data", "rejects", "_markers", "_manifest.json"
 
+# The deduplication job's output (manifest `kind: dedup`), read by preprocessing's `dedup=`: one row per duplicate,
+# naming the earlier kept item it duplicates. `shard` is the input shard (the same cut as preprocessing's).
+DEDUP_KIND, DUPLICATES_DIR, DEDUP_STAGE = "dedup", "duplicates", "dedup"
+SHARD, ROW, CLUSTER, DUPLICATE_OF, DISTANCE = "shard", "row", "cluster", "duplicate_of", "distance"
+DUPLICATES_SCHEMA = pa.schema([
+    pa.field(ID, pa.string()), pa.field(SOURCE, pa.string()), pa.field(SHARD, pa.int64()), pa.field(ROW, pa.int64()),
+    pa.field(CLUSTER, pa.int64()), pa.field(DUPLICATE_OF, pa.string()), pa.field("duplicate_of_source", pa.string()),
+    pa.field(DISTANCE, pa.float32()),  # faiss' squared L2 between the L2-normalised embeddings (2 - 2 cos)
+])
+# Per-image scores of preprocessing's filters, kept beside the data (`score_aesthetic`, `score_nsfw`).
+SCORE_PREFIX = "score_"
+
 
 def embedding_column(kind: str, output: str) -> str:
     """e.g. ('original', 't5') -> 'original_t5'."""
@@ -50,9 +62,10 @@ def tensor_type(shape: tuple[int, ...]) -> pa.DataType:
     return pa.fixed_shape_tensor(pa.float16(), list(shape))
 
 
-def data_schema(latent_shape: tuple[int, int, int], text: TextConditioningConfig, pairs: bool = False) -> pa.Schema:
+def data_schema(latent_shape: tuple[int, int, int], text: TextConditioningConfig, pairs: bool = False,
+                scores: tuple[str, ...] = ()) -> pa.Schema:
     """Schema of a data file whose latents are (C, h, w); with `pairs`, a preference dataset's (a loser latent
-    beside the winner's `latent`)."""
+    beside the winner's `latent`); `scores` names the filters' score columns (`score_<name>`, float32)."""
     shapes = embedding_shapes(text)
     fields = [
         pa.field(ID, pa.string(), nullable=False), pa.field(SOURCE, pa.string()),
@@ -63,6 +76,7 @@ def data_schema(latent_shape: tuple[int, int, int], text: TextConditioningConfig
     fields += [pa.field(embedding_column(k, o), tensor_type(shapes[o])) for k in CAPTION_KINDS for o in ENCODER_OUTPUTS]
     if pairs:
         fields.append(pa.field(LOSER_LATENT, tensor_type(latent_shape)))
+    fields += [pa.field(SCORE_PREFIX + name, pa.float32()) for name in scores]
     return pa.schema(fields)
 
 

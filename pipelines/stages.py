@@ -8,13 +8,20 @@ caption_synthetic, latent, and the embedding columns of `pipelines.schema`.
 
 from __future__ import annotations
 
+import json
+from typing import TYPE_CHECKING
+
+import cv2
 import numpy as np
 import torch
 
 from pipelines import schema
 from pipelines.decode import DecodeLimits, Rejected, decode_image, normalise_caption
-from pipelines.encoders import Captioner, TextEncoders, VAEEncoder
+from pipelines.encoders import Captioner, TextEncoders, VAEEncoder, load_torchscript
 from pipelines.sources import Shard, read_shard
+
+if TYPE_CHECKING:
+    from conf.preprocess import ScoreFilterConf
 
 Batch = dict[str, np.ndarray]
 EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
@@ -29,7 +36,8 @@ def object_column(values: list) -> np.ndarray:
 
 def read_rows(item: dict, endpoint_url: str | None) -> list[dict]:
     """One shard -> its records as rows. An unreadable shard becomes one rejected row; an empty one a
-    placeholder (shard_rows=0) so the shard still completes."""
+    placeholder (shard_rows=0) so the shard still completes; a known duplicate (the item's `duplicates`, JSON of
+    id -> reason) a reject of stage 'dedup'."""
     shard = Shard(item["index"], item["format"], tuple(item["paths"]), item["root"])
     # Missing values travel as empty bytes plus a flag: a block whose values are all None would otherwise be
     # typed null by Arrow and reach the next stage as NaN.
@@ -42,10 +50,13 @@ def read_rows(item: dict, endpoint_url: str | None) -> list[dict]:
                  "stage": "read", "reason": f"cannot read shard: {type(err).__name__}: {err}"}]
     if not records:
         return [{**base, "id": "", "source": "", "row": -1, "shard_rows": 0}]
+    duplicates = json.loads(item.get("duplicates") or "{}")  # id -> reason, from a `pipelines.dedup` output
     return [{**base, "id": r.id, "source": r.source, "row": i, "shard_rows": len(records),
              "image": r.image or b"", "has_image": r.image is not None,
              "caption_raw": r.caption or b"", "has_caption": r.caption is not None,
-             "loser": r.loser or b"", "has_loser": r.loser is not None, "tie": r.tie} for i, r in enumerate(records)]
+             "loser": r.loser or b"", "has_loser": r.loser is not None, "tie": r.tie,
+             **({"stage": schema.DEDUP_STAGE, "reason": duplicates[r.id]} if r.id in duplicates else {})}
+            for i, r in enumerate(records)]
 
 
 def decode_batch(batch: Batch, limits: DecodeLimits, pairs: bool = False) -> Batch:
@@ -108,6 +119,53 @@ def _live(batch: Batch) -> list[int]:
 def _reject(batch: Batch, rows: list[int], stage: str, err: Exception) -> None:
     for i in rows:
         batch["stage"][i], batch["reason"][i] = stage, f"{type(err).__name__}: {err}"
+
+
+def out_of_bounds(name: str, score: float, f: ScoreFilterConf) -> str:
+    """Why `score` fails filter `name`, or '' when it passes."""
+    if f.min_score is not None and not score >= f.min_score:  # NaN fails too
+        return f"{name} {score:.3f} < min_score {f.min_score:g}"
+    if f.max_score is not None and not score <= f.max_score:
+        return f"{name} {score:.3f} > max_score {f.max_score:g}"
+    return ""
+
+
+class ScoreStage:
+    """The score filters (`conf.preprocess.FiltersConf`): each model scores the decoded images; an image outside a
+    filter's bounds is a reject of stage 'filter' naming the score; every row gets `score_<name>` (NaN if unscored)."""
+
+    def __init__(self, filters: dict[str, ScoreFilterConf], device: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.filters, self.device = filters, torch.device(device)
+        self.models = {name: load_torchscript(f.model, f"filters.{name}.model", "a per-image score model",
+                                              self.device) for name, f in filters.items()}
+
+    @torch.inference_mode()
+    def score(self, name: str, images: list[np.ndarray]) -> np.ndarray:
+        size = self.filters[name].size
+        x = np.stack([cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA) for image in images])
+        x = torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, S, S)
+        y = self.models[name](x).float().reshape(len(images), -1)
+        if y.shape[1] != 1:
+            raise ValueError(f"filters.{name}.model returned {y.shape[1]} values per image; expected one score")
+        return y[:, 0].cpu().numpy()
+
+    def __call__(self, batch: Batch) -> Batch:
+        live = _live(batch)
+        for name, f in self.filters.items():
+            scores = np.full(len(batch["id"]), np.nan, dtype=np.float32)
+            if live:
+                try:
+                    scores[live] = self.score(name, [batch["pixels"][i] for i in live])
+                except Exception as err:
+                    _reject(batch, live, "filter", err)
+            for i in live:
+                reason = "" if batch["stage"][i] else out_of_bounds(name, float(scores[i]), f)
+                if reason:
+                    batch["stage"][i], batch["reason"][i] = "filter", reason
+            batch[schema.SCORE_PREFIX + name] = scores
+            live = [i for i in live if not batch["stage"][i]]
+        return batch
 
 
 class CaptionStage:

@@ -4,10 +4,13 @@ one started with enough logical CPUs)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 LOGGER_PREFIX = "sd3."
@@ -172,3 +175,14 @@ def quiet_ray() -> None:
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def code_version() -> str:
+    """The installed package's version and the checkout's commit, for the manifests jobs write."""
+    version = importlib.metadata.version("sd3-train")
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        return f"{version}+g{sha}"
+    except (OSError, subprocess.SubprocessError):
+        return version

@@ -4,7 +4,8 @@ locally and offline.
 Each is an instance of the real class (diffusers' AutoencoderKL, transformers' CLIP / T5 / BLIP) with tiny widths,
 saved with `save_pretrained` in the production repo layout, so `pipelines.encoders` and
 `workloads.evaluate.image_metrics` load it through the same `from_pretrained` call as the real weights; the FID
-network is a TorchScript file with the published Inception's call signature, loaded by the same `torch.jit.load`.
+network is a TorchScript file with the published Inception's call signature, loaded by the same `torch.jit.load`, and
+so are the filters' score models and the deduplication's copy detector (SSCD's interface).
 The VAE is the exception to random weights: it is the shapes autoencoder trained by the project (`shapes_vae`), so
 images decoded from latents can be judged. Tokenizers are trained here with the `tokenizers` library on a small
 corpus of shape and colour captions, then wrapped in the real tokenizer classes. Widths match
@@ -246,12 +247,55 @@ class TinyInception(nn.Module):
         return x.mean(dim=(2, 3))  # (B, F)
 
 
-def build_tiny_inception(path: str, seed: int = 0) -> str:
-    """A `TinyInception` saved as a TorchScript file at `path`, as the real FID network is published."""
+def _save_script(network: nn.Module, path: str) -> str:
+    with warnings.catch_warnings():  # deprecated in torch 2.13, yet the format these networks are published in
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+        torch.jit.script(network.eval()).save(path)
+    return path
+
+
+def _seeded(build, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = TinyInception().eval()
-    with warnings.catch_warnings():  # deprecated in torch 2.13, yet the format the published Inception comes in
-        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
-        torch.jit.script(network).save(path)
-    return path
+        return build()
+
+
+def build_tiny_inception(path: str, seed: int = 0) -> str:
+    """A `TinyInception` saved as a TorchScript file at `path`, as the real FID network is published."""
+    return _save_script(_seeded(TinyInception, seed), path)
+
+
+class TinyScorer(nn.Module):
+    """A random per-image score in the interface of preprocessing's filters: (B, 3, S, S) floats in [0, 1] -> (B,)
+    (the shape of a scripted CLIP + MLP aesthetic or NSFW predictor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(images * 2 - 1)).mean(dim=(2, 3))  # (B, 4)
+        return self.head(x)[:, 0]  # (B,)
+
+
+class TinyCopyDetector(nn.Module):
+    """A random copy-detection network in SSCD's TorchScript interface: (B, 3, S, S) ImageNet-normalised floats ->
+    (B, 32) descriptors."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 5, stride=4)
+        self.conv2 = nn.Conv2d(8, dim, 3, stride=2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(images))))  # (B, D, h, w)
+        return x.mean(dim=(2, 3))  # (B, D)
+
+
+def build_tiny_scorer(path: str, seed: int = 0) -> str:
+    return _save_script(_seeded(TinyScorer, seed), path)
+
+
+def build_tiny_copy_detector(path: str, seed: int = 0) -> str:
+    return _save_script(_seeded(TinyCopyDetector, seed), path)

@@ -223,11 +223,18 @@ def check_preprocess(cfg) -> None:
     parse_buckets(cfg.resolution, cfg.buckets)
 
 
+def check_dedup(cfg) -> None:
+    from conf.checks import validate
+
+    validate(cfg)
+
+
 # module -> (its Hydra config name, the checks of its config that need no data or network)
 JOBS: dict[str, tuple[str, Callable[[Any], None]]] = {
     "workloads.train": ("train", check_train),
     "workloads.sweep": ("sweep", check_sweep),
     "pipelines.preprocess": ("preprocess", check_preprocess),
+    "pipelines.dedup": ("dedup", check_dedup),
 }
 
 
@@ -239,7 +246,13 @@ def job_command(path: Path) -> tuple[str, list[str]]:
 
 
 def compose_job(module: str, overrides: list[str]) -> Any:
-    importlib.import_module(module)  # registers the job's schema in Hydra's ConfigStore
+    from cluster.submit import JOBS as SUBMITTED
+
+    (job,) = [j for j in SUBMITTED.values() if j.module == module]
+    registers, _, function = job.register.partition(":")  # fills Hydra's ConfigStore the way `submit` does
+    registered = importlib.import_module(registers)
+    if function:
+        getattr(registered, function)()
     with initialize(version_base=None):
         cfg = compose(config_name=JOBS[module][0], overrides=overrides)
     return OmegaConf.to_object(cfg)
@@ -253,6 +266,8 @@ def gpu_demand(module: str, cfg: Any) -> tuple[int, float]:
     if module == "workloads.sweep":
         t = cfg.train.trainer
         return (t.num_workers * (cfg.max_concurrent_trials or 1) if t.use_gpu else 0), t.cpus_per_worker
+    if module == "pipelines.dedup":
+        return (cfg.embedder.stage.max_actors if cfg.use_gpu else 0), cfg.embedder.stage.num_cpus
     stages = (cfg.compute.caption, cfg.compute.vae, cfg.compute.text)
     return (sum(s.max_actors for s in stages) if cfg.compute.use_gpu else 0), max(s.num_cpus for s in stages)
 

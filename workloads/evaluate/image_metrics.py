@@ -12,7 +12,6 @@ TorchScript file needs neither. Tests load tiny random stand-ins (`pipelines.syn
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -22,6 +21,7 @@ from torch import nn
 
 from conf.evaluate import INCEPTION, ImageMetricsConf
 from model.precision import resolve_device
+from pipelines.encoders import load_torchscript
 from pipelines.storage import Location
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -140,20 +140,8 @@ class InceptionFeatures(nn.Module):
 
 def load_inception(weights: Location | str) -> InceptionFeatures:
     """The FID network from its TorchScript file (local or s3://)."""
-    location = Location.of(weights)
-    if not location.fs.isfile(location.root):
-        raise FileNotFoundError(f"image_metrics.fid_weights={location.uri}: no such file (the TorchScript Inception, "
-                                f"{INCEPTION}; nothing is downloaded during a run)")
-    with location.fs.open(location.root, "rb") as f:
-        data = io.BytesIO(f.read())
-    try:
-        with warnings.catch_warnings():  # deprecated in torch 2.13, yet the format the published Inception comes in
-            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
-            network = torch.jit.load(data, map_location="cpu")
-    except RuntimeError:
-        raise ValueError(f"image_metrics.fid_weights={location.uri}: not a TorchScript file (the Inception as "
-                         f"{INCEPTION})") from None
-    return InceptionFeatures(network.eval())
+    return InceptionFeatures(load_torchscript(weights, "image_metrics.fid_weights", f"the TorchScript Inception, "
+                                              f"{INCEPTION}"))
 
 
 def fid(images: Iterable[np.ndarray], reference: Iterable[np.ndarray], weights: Location | str, batch_size: int = 32,

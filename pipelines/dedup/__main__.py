@@ -1,0 +1,3 @@
+from pipelines.dedup.job import main
+
+main()
