@@ -5,7 +5,10 @@ interrupted run and are deleted before the shard is processed again."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections import defaultdict
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -148,3 +151,23 @@ class Progress:
         fs.mv(path + ".tmp", path)
         self.completed.append(shard)
         return True
+
+    def track(self, rows: Iterable[dict], log: logging.Logger) -> float | None:
+        """Account every summary row, logging each shard as it completes; raises naming the shards left unfinished.
+        Returns the seconds until the first shard completed."""
+        start, first = time.perf_counter(), None
+        for row in rows:
+            if self.update(row):
+                entry = self.state[int(row["shard"])]
+                first = first or time.perf_counter() - start
+                log.info(f"shard {int(row['shard'])} done ({len(self.completed)}/{len(self.sources)}): "
+                         f"{entry['written']} written, {entry['rejected']} rejected")
+        unfinished = sorted(set(self.sources) - set(self.completed))
+        if unfinished:
+            raise RuntimeError(f"shards {unfinished} did not complete; run the same command again to finish them")
+        return first
+
+    @property
+    def rows(self) -> int:
+        """Rows read by the shards completed so far."""
+        return sum(self.state[s]["rows"] for s in self.completed)

@@ -130,8 +130,7 @@ def build_dataset(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> ray.dat
     gpu = use_gpu(cfg)
     device = "cuda" if gpu else "cpu"
     c, m = cfg.compute, cfg.models
-    items = [{"index": s.index, "format": s.format, "paths": list(s.paths), "root": s.root,
-              "duplicates": p.duplicates.get(s.index, "")} for s in pending]
+    items = [s.item(duplicates=p.duplicates.get(s.index, "")) for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(read_rows, fn_kwargs={"endpoint_url": cfg.endpoint_url}, num_cpus=c.decode_num_cpus)
     pairs = p.shards[0].format == "pairs"
@@ -195,18 +194,8 @@ def process(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     start = time.perf_counter()
     progress = Progress(cfg.output, cfg.endpoint_url, {s.index: list(s.paths) for s in pending})
-    first_done, rows = None, 0
-    for row in build_dataset(cfg, p, pending).iter_rows():
-        if progress.update(row):
-            entry = progress.state[int(row["shard"])]
-            first_done = first_done or time.perf_counter() - start
-            rows += entry["rows"]
-            LOG.info(f"shard {int(row['shard'])} done ({len(progress.completed)}/{len(pending)}): "
-                  f"{entry['written']} written, {entry['rejected']} rejected")
-    unfinished = sorted({s.index for s in pending} - set(progress.completed))
-    if unfinished:
-        raise RuntimeError(f"shards {unfinished} did not complete; run the same command again to finish them")
-    return {"shards": len(pending), "rows": rows, "seconds": time.perf_counter() - start,
+    first_done = progress.track(build_dataset(cfg, p, pending).iter_rows(), LOG)
+    return {"shards": len(pending), "rows": progress.rows, "seconds": time.perf_counter() - start,
             "first_shard_seconds": first_done}
 
 

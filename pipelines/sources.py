@@ -35,6 +35,10 @@ class Shard:
     paths: tuple[str, ...]  # one tar or Parquet file, or a run of image files
     root: str  # the input root, to name folder samples by their relative path
 
+    def item(self, **extra: str) -> dict:
+        """The shard as a Ray Data row (plain fields; `stages.read_rows` reads it back)."""
+        return {"index": self.index, "format": self.format, "paths": list(self.paths), "root": self.root, **extra}
+
 
 @dataclass
 class Record:

@@ -107,7 +107,7 @@ def embed(cfg: DedupConf, p: Plan) -> dict:
     p.out.write_bytes(SETTINGS, json.dumps(p.settings, indent=1).encode())
     gpu, stage = use_gpu(cfg), cfg.embedder.stage
     start = time.perf_counter()
-    items = [{"index": s.index, "format": s.format, "paths": list(s.paths), "root": s.root} for s in pending]
+    items = [s.item() for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(read_rows, fn_kwargs={"endpoint_url": cfg.endpoint_url}, num_cpus=cfg.decode_num_cpus)
     ds = ds.map_batches(decode_for_embedding, batch_size=stage.batch_size, num_cpus=cfg.decode_num_cpus,
@@ -119,17 +119,8 @@ def embed(cfg: DedupConf, p: Plan) -> dict:
     ds = ds.map_batches(write_embeddings, fn_kwargs={"out": where}, batch_size=stage.batch_size,
                         num_cpus=cfg.decode_num_cpus)
     progress = Progress(where.uri, cfg.endpoint_url, {s.index: list(s.paths) for s in pending})
-    images = 0
-    for row in ds.iter_rows():
-        if progress.update(row):
-            entry = progress.state[int(row["shard"])]
-            images += entry["rows"]
-            LOG.info(f"embedded shard {int(row['shard'])} ({len(progress.completed)}/{len(pending)}): "
-                     f"{entry['written']} images, {entry['rejected']} rejected")
-    unfinished = sorted({s.index for s in pending} - set(progress.completed))
-    if unfinished:
-        raise RuntimeError(f"shards {unfinished} were not embedded; run the same command again to finish them")
-    return {"images": images, "seconds": time.perf_counter() - start}
+    progress.track(ds.iter_rows(), LOG)
+    return {"images": progress.rows, "seconds": time.perf_counter() - start}
 
 
 def _faiss_threads(num_cpus: float) -> None:
