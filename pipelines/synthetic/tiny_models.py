@@ -272,11 +272,13 @@ class TinyScorer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, stride=2)
-        self.head = nn.Linear(4, 1)
+        # a 1x1 convolution, not nn.Linear: DeepSpeed's ZeRO-3 leaves F.linear replaced in a process that built a
+        # ZeRO-3 engine (the unit tests do), and a module scripted there fails to save
+        self.head = nn.Conv2d(4, 1, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv(images * 2 - 1)).mean(dim=(2, 3))  # (B, 4)
-        return self.head(x)[:, 0]  # (B,)
+        x = self.head(F.relu(self.conv(images * 2 - 1)))  # (B, 1, h, w)
+        return x.mean(dim=(1, 2, 3))  # (B,)
 
 
 class TinyCopyDetector(nn.Module):
