@@ -8,8 +8,6 @@ the paper stores its pre-encoded data in.
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -29,25 +27,9 @@ from transformers.utils import logging as transformers_logging
 from model import precision
 from model.conditioning import TextConditioningConfig
 from model.precision import resolve_device
-from pipelines.storage import Location
 
 # Each actor loads its models once; transformers' per-load "Loading weights" bars would only flood the job log.
 transformers_logging.disable_progress_bar()
-
-
-def load_torchscript(path: Location | str, field: str, what: str,
-                     device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
-    """A TorchScript model file (local or s3://) in eval mode; errors name the config `field` and `what` it holds."""
-    location = Location.of(path)
-    if not location.fs.isfile(location.root):
-        raise FileNotFoundError(f"{field}={location.uri}: no such file ({what}; nothing is downloaded during a run)")
-    data = io.BytesIO(location.fs.cat_file(location.root))
-    try:
-        with warnings.catch_warnings():  # deprecated in torch 2.13, yet the format these models are published in
-            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
-            return torch.jit.load(data, map_location=device).eval()
-    except RuntimeError:
-        raise ValueError(f"{field}={location.uri}: not a TorchScript file ({what})") from None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

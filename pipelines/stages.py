@@ -17,8 +17,9 @@ import torch
 
 from pipelines import schema
 from pipelines.decode import DecodeLimits, Rejected, decode_image, normalise_caption
-from pipelines.encoders import Captioner, TextEncoders, VAEEncoder, load_torchscript
+from pipelines.encoders import Captioner, TextEncoders, VAEEncoder
 from pipelines.sources import Shard, read_shard
+from pipelines.torchscript import load_torchscript
 
 if TYPE_CHECKING:
     from conf.preprocess import ScoreFilterConf

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.encoders import load_torchscript
+from pipelines.torchscript import load_torchscript
 
 if TYPE_CHECKING:
     from conf.dedup import EmbedderConf

@@ -21,8 +21,8 @@ from torch import nn
 
 from conf.evaluate import INCEPTION, ImageMetricsConf
 from model.precision import resolve_device
-from pipelines.encoders import load_torchscript
 from pipelines.storage import Location
+from pipelines.torchscript import load_torchscript
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
