@@ -46,7 +46,7 @@ class Plan:
     repo: str  # diffusers SD3 layout: vae, text_encoder(_2, _3), tokenizer(_2, _3)
     captioner: str
     text: TextConditioningConfig
-    duplicates: dict[int, str] = field(default_factory=dict)  # shard -> JSON {id: reason} of a dedup output
+    duplicates: dict[int, str] = field(default_factory=dict)  # shard -> JSON {row: reason} of a dedup output
 
 
 def text_dims(repo: str) -> TextConditioningConfig:
@@ -87,7 +87,7 @@ def plan(cfg: PreprocessConf) -> Plan:
 
 
 def known_duplicates(cfg: PreprocessConf, shards: list[Shard]) -> dict[int, str]:
-    """The duplicates a `pipelines.dedup` output found in this input, as each shard's JSON {id: reject reason};
+    """The duplicates a `pipelines.dedup` output found in this input, as each shard's JSON {row: reject reason};
     fails unless it was made from the same input shards."""
     manifest, table = read_duplicates(cfg.dedup, cfg.endpoint_url)
     if manifest["shards"] != [list(s.paths) for s in shards]:
@@ -95,8 +95,8 @@ def known_duplicates(cfg: PreprocessConf, shards: list[Shard]) -> dict[int, str]
                          f"{len(manifest['shards'])} shards; here {cfg.input!r}, {len(shards)} shards): run "
                          f"pipelines.dedup on this input with folder_shard_size={cfg.folder_shard_size}")
     by_shard: dict[int, dict[str, str]] = {}
-    for row in table.to_pylist():
-        by_shard.setdefault(row[schema.SHARD], {})[row[schema.ID]] = (
+    for row in table.to_pylist():  # by row: ids need not be unique within a shard (a.png and a.jpg are both `a`)
+        by_shard.setdefault(row[schema.SHARD], {})[str(row[schema.ROW])] = (
             f"duplicate of {row[schema.DUPLICATE_OF]} (squared L2 {row[schema.DISTANCE]:.3f}, threshold "
             f"{manifest['threshold']:g}, cluster {row[schema.CLUSTER]})")
     return {shard: json.dumps(found) for shard, found in by_shard.items()}

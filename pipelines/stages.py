@@ -38,7 +38,7 @@ def object_column(values: list) -> np.ndarray:
 def read_rows(item: dict, endpoint_url: str | None) -> list[dict]:
     """One shard -> its records as rows. An unreadable shard becomes one rejected row; an empty one a
     placeholder (shard_rows=0) so the shard still completes; a known duplicate (the item's `duplicates`, JSON of
-    id -> reason) a reject of stage 'dedup'."""
+    row -> reason: ids need not be unique, a.png and a.jpg are both `a`) a reject of stage 'dedup'."""
     shard = Shard(item["index"], item["format"], tuple(item["paths"]), item["root"])
     # Missing values travel as empty bytes plus a flag: a block whose values are all None would otherwise be
     # typed null by Arrow and reach the next stage as NaN.
@@ -51,12 +51,12 @@ def read_rows(item: dict, endpoint_url: str | None) -> list[dict]:
                  "stage": "read", "reason": f"cannot read shard: {type(err).__name__}: {err}"}]
     if not records:
         return [{**base, "id": "", "source": "", "row": -1, "shard_rows": 0}]
-    duplicates = json.loads(item.get("duplicates") or "{}")  # id -> reason, from a `pipelines.dedup` output
+    duplicates = json.loads(item.get("duplicates") or "{}")  # row -> reason, from a `pipelines.dedup` output
     return [{**base, "id": r.id, "source": r.source, "row": i, "shard_rows": len(records),
              "image": r.image or b"", "has_image": r.image is not None,
              "caption_raw": r.caption or b"", "has_caption": r.caption is not None,
              "loser": r.loser or b"", "has_loser": r.loser is not None, "tie": r.tie,
-             **({"stage": schema.DEDUP_STAGE, "reason": duplicates[r.id]} if r.id in duplicates else {})}
+             **({"stage": schema.DEDUP_STAGE, "reason": duplicates[str(i)]} if str(i) in duplicates else {})}
             for i, r in enumerate(records)]
 
 
@@ -140,6 +140,8 @@ class ScoreStage:
         self.filters, self.device = filters, torch.device(device)
         self.models = {name: load_torchscript(f.model, f"filters.{name}.model", "a per-image score model",
                                               self.device) for name, f in filters.items()}
+        for name, f in filters.items():  # a model of the wrong interface fails the job here, not every row
+            self.score(name, [np.zeros((f.size, f.size, 3), dtype=np.uint8)])
 
     @torch.inference_mode()
     def score(self, name: str, images: list[np.ndarray]) -> np.ndarray:

@@ -63,7 +63,9 @@ class Plan:
 
 
 def embed_settings(cfg: DedupConf, shards: list[Shard]) -> dict:
-    return {"input": cfg.input, "shards": [list(s.paths) for s in shards], "embedder": asdict(cfg.embedder),
+    """What the embeddings depend on (not the compute: a resume may use more actors)."""
+    embedder = {k: v for k, v in asdict(cfg.embedder).items() if k != "stage"}
+    return {"input": cfg.input, "shards": [list(s.paths) for s in shards], "embedder": embedder,
             "max_pixels": cfg.max_pixels}
 
 
@@ -140,7 +142,8 @@ def _train_centroids(where: Location, files: dict[int, list[str]], n: int, k: in
         _, x = read_items(where, files[shard])
         keep = np.random.default_rng([cfg.seed, shard]).random(len(x)) < fraction
         parts.append(x[keep])
-    x = np.concatenate([q for q in parts if len(q)])
+    kept = [q for q in parts if len(q)]
+    x = np.concatenate(kept) if kept else read_items(where, files[min(files)])[1][:1]  # a tiny sample drew nothing
     return clusters.train_centroids(x, k, cfg.kmeans_iters, cfg.seed, gpu=gpu)
 
 
@@ -229,7 +232,10 @@ def centroids(cfg: DedupConf, p: Plan, embedded: dict[int, dict]) -> tuple[np.nd
                 "seed": cfg.seed, "clusters_per_task": cfg.clusters_per_task}
     where = p.out.child(CLUSTERS_DIR)
     if where.exists(CENTROIDS_DONE) and json.loads(where.read_bytes(CENTROIDS_DONE))["settings"] == settings:
-        return load_array(where, CENTROIDS), {"seconds": 0.0, **settings}
+        centres = load_array(where, CENTROIDS)
+        return centres, {"seconds": 0.0, **settings, "clusters": len(centres)}
+    if where.exists(CENTROIDS_DONE):  # first, so a run that dies below never pairs old settings with new centroids
+        where.fs.rm_file(where.path(CENTROIDS_DONE))
     for stale in (ASSIGN_DIR, schema.DUPLICATES_DIR):
         if p.out.exists(stale):
             p.out.fs.rm(p.out.path(stale), recursive=True)
@@ -242,7 +248,7 @@ def centroids(cfg: DedupConf, p: Plan, embedded: dict[int, dict]) -> tuple[np.nd
     where.write_bytes(CENTROIDS_DONE, json.dumps({"settings": settings, "dim": int(result.shape[1])}).encode())
     seconds = time.perf_counter() - start
     LOG.info(f"k-means: {len(result)} clusters of {n} embeddings in {seconds:.1f} s")
-    return result, {"seconds": seconds, **settings}
+    return result, {"seconds": seconds, **settings, "clusters": len(result)}
 
 
 def assign(cfg: DedupConf, p: Plan, embedded: dict[int, dict], centres: np.ndarray) -> tuple[dict[str, dict], float]:

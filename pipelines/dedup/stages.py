@@ -70,6 +70,9 @@ class EmbedStage:
             except Exception as err:  # a model failure rejects this batch's rows, not the job
                 for i in live:
                     stages[i], reasons[i] = "embed", f"{type(err).__name__}: {err}"
+        for i in live:  # a zero vector (a uniform image, to the descriptor) would duplicate every other one
+            if not stages[i] and np.linalg.norm(out[i]) < 0.5:
+                stages[i], reasons[i] = "embed", "no embedding to compare (a uniform image): not deduplicated"
         del batch["pixels"]
         return {**batch, EMBEDDING: out, "stage": stages, "reason": reasons}
 
@@ -136,8 +139,8 @@ def read_items(where: Location, files: list[str]) -> tuple[pa.Table, np.ndarray]
 
 
 def data_files(marker: dict) -> list[str]:
-    """A shard marker's data files (not its rejects)."""
-    return [f for f in marker["files"] if f"/{schema.DATA_DIR}/" in f]
+    """A shard marker's data files (not its rejects), by their own folder: the output's path may hold 'data' too."""
+    return [f for f in marker["files"] if f.rsplit("/", 2)[-2] == schema.DATA_DIR]
 
 
 def save_array(where: Location, relative: str, x: np.ndarray) -> None:

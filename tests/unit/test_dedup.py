@@ -19,7 +19,8 @@ from pipelines import schema
 from pipelines.dedup import clusters
 from pipelines.dedup.embedders import Descriptor, TorchScriptEmbedder, input_size, prepare
 from pipelines.dedup.job import read_duplicates
-from pipelines.stages import out_of_bounds
+from pipelines.dedup.stages import EmbedStage, data_files
+from pipelines.stages import object_column, out_of_bounds
 from pipelines.synthetic.shapes import make_sample
 from pipelines.synthetic.tiny_models import build_tiny_copy_detector
 
@@ -131,3 +132,49 @@ def test_read_duplicates_checks_the_output(tmp_path):
     (tmp_path / schema.MANIFEST).write_text(json.dumps({"kind": "dedup", "files": files}))
     _, read = read_duplicates(str(tmp_path))
     assert read.to_pylist() == table.to_pylist()
+
+
+def test_uniform_images_are_not_deduplicated_and_data_files_ignore_the_outputs_own_path():
+    cfg = EmbedderConf()
+    size = input_size(cfg)
+    red, blue = (np.full((size, size, 3), c, dtype=np.uint8) for c in ((255, 0, 0), (0, 0, 255)))
+    shapes = prepare(make_sample(2, 0, 64).image, size)
+    batch = {"id": np.array(["red", "blue", "shapes"], dtype=object), "row": np.array([0, 1, 2]),
+             "stage": np.array(["", "", ""], dtype=object), "reason": np.array(["", "", ""], dtype=object),
+             "pixels": object_column([red, blue, shapes])}
+    out = EmbedStage(cfg, "cpu", 1)(batch)
+    assert list(out["stage"]) == ["embed", "embed", ""] and "uniform image" in out["reason"][0]
+    marker = {"files": ["/data/out/embeddings/data/shard-000000-00000000.parquet",
+                        "/data/out/embeddings/rejects/shard-000000-00000003.parquet"]}
+    assert data_files(marker) == marker["files"][:1]
+
+
+def test_preprocessing_rejects_the_duplicate_row_even_when_ids_repeat(tmp_path):
+    from conf.preprocess import PreprocessConf
+    from pipelines.preprocess import known_duplicates
+    from pipelines.sources import list_shards
+    from pipelines.stages import read_rows
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = make_sample(3, 0, 64).image
+    image.save(folder / "a.png")
+    jpeg(image).save(folder / "a.jpg")  # same id `a` as the PNG
+    shards = list_shards(str(folder))
+    table = pa.table({"id": ["a"], "source": [str(folder / "a.png")], "shard": [0], "row": [1], "cluster": [0],
+                      "duplicate_of": ["a"], "duplicate_of_source": [str(folder / "a.jpg")], "distance": [0.001]},
+                     schema=schema.DUPLICATES_SCHEMA)
+    out = tmp_path / "dedup"
+    out.mkdir()
+    pq.write_table(table, out / "group-00000.parquet")
+    (out / schema.MANIFEST).write_text(json.dumps({"kind": "dedup", "input": str(folder), "threshold": 0.1,
+                                                   "shards": [list(s.paths) for s in shards],
+                                                   "files": [str(out / "group-00000.parquet")]}))
+    cfg = PreprocessConf(input=str(folder), output=str(tmp_path / "pre"), dedup=str(out))
+    duplicates = known_duplicates(cfg, shards)
+    rows = read_rows(shards[0].item(duplicates=duplicates[0]), None)
+    assert [(r["id"], r["stage"]) for r in rows] == [("a", ""), ("a", "dedup")]
+    assert rows[1]["reason"].startswith("duplicate of a (squared L2 0.001, threshold 0.1, cluster 0)")
+    (out / schema.MANIFEST).write_text(json.dumps({"kind": "dedup", "input": "other", "shards": [], "files": []}))
+    with pytest.raises(ValueError, match="was made from other input shards"):
+        known_duplicates(cfg, shards)

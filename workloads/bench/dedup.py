@@ -61,12 +61,12 @@ def quality(cfg: BenchDedupConf, root: str) -> dict:
     job = replace(cfg.dedup, input=images, output=f"{root}/planted-dedup")
     sweep = []
     for threshold in cfg.thresholds:
-        manifest = dedup(replace(job, threshold=threshold))
+        dedup(replace(job, threshold=threshold))
         sweep.append({"threshold": threshold, **score(truth, read_duplicates(job.output)[1].to_pylist(),
                                                       cfg.originals)})
     chosen = dedup(job)  # the job's own threshold (the embedder's default unless set)
     result = score(truth, read_duplicates(job.output)[1].to_pylist(), cfg.originals)
-    return {"images": manifest["counts"]["images"], "clusters": chosen["clusters"], "threshold": chosen["threshold"],
+    return {"images": chosen["counts"]["images"], "clusters": chosen["clusters"], "threshold": chosen["threshold"],
             "at_threshold": result, "exact_search": exact_recall(job, truth, cfg.originals, chosen["threshold"]),
             "sweep": sweep}
 
@@ -83,7 +83,8 @@ def speed(cfg: BenchDedupConf, root: str) -> list[dict]:
         manifest = dedup(replace(cfg.dedup, input=f"{images}/parquet", output=f"{root}/speed-{n}"))
         last = manifest["last_run"]
         rows.append({"images": n, "clusters": manifest["clusters"],
-                     "embed_images_per_s": n / last["embed_seconds"], "embed_seconds": last["embed_seconds"],
+                     "embed_images_per_s": n / last["embed_seconds"] if last["embed_seconds"] else float("nan"),
+                     "embed_seconds": last["embed_seconds"],
                      "kmeans_seconds": last["kmeans_seconds"], "assign_seconds": last["assign_seconds"],
                      "search_seconds": last["search_seconds"], "duplicates": manifest["counts"]["duplicates"]})
     return rows
