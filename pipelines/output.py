@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from model.conditioning import TextConditioningConfig
 from pipelines import schema
-from pipelines.storage import filesystem, join
+from pipelines.storage import Location, filesystem, join
 
 Batch = dict[str, np.ndarray]
 
@@ -25,22 +25,24 @@ def marker_path(output: str, shard: int) -> str:
     return join(output, schema.MARKERS_DIR, f"shard-{shard:06d}.json")
 
 
-def completed_shards(output: str, endpoint_url: str | None) -> dict[int, dict]:
-    """Markers of finished shards, by shard index."""
-    fs, root = filesystem(output, endpoint_url)
-    fs.invalidate_cache()
-    folder = join(root, schema.MARKERS_DIR)
-    if not fs.exists(folder):
-        return {}
-    markers = {}
-    for path in fs.find(folder):
+def read_markers(where: Location) -> list[dict]:
+    """Every completion marker under `where/_markers/`; one cut off mid-write counts as absent (not done)."""
+    folder = where.refreshed().path(schema.MARKERS_DIR)
+    if not where.fs.exists(folder):
+        return []
+    markers = []
+    for path in where.fs.find(folder):
         if path.endswith(".json"):
             try:
-                marker = json.loads(fs.cat_file(path))
+                markers.append(json.loads(where.fs.cat_file(path)))
             except ValueError:
                 continue  # cut off mid-write: the shard is not done
-            markers[marker["shard"]] = marker
     return markers
+
+
+def completed_shards(output: str, endpoint_url: str | None) -> dict[int, dict]:
+    """Markers of finished shards, by shard index."""
+    return {m["shard"]: m for m in read_markers(Location.of(output, endpoint_url))}
 
 
 def remove_unfinished(output: str, shards: list[int], endpoint_url: str | None) -> int:

@@ -40,7 +40,7 @@ from pipelines.dedup.stages import (
     write_embeddings,
     write_parquet,
 )
-from pipelines.output import Progress, completed_shards, remove_unfinished
+from pipelines.output import Progress, completed_shards, read_markers, remove_unfinished
 from pipelines.sources import IMAGE_FORMATS, Shard, list_shards
 from pipelines.stages import read_rows
 from pipelines.storage import Location
@@ -153,14 +153,14 @@ def _assign_shard(emb: Location, out: Location, shard: int, files: list[str], ce
     """One shard's items with their cluster, written per cluster group; then the shard's marker."""
     _faiss_threads(num_cpus)
     items, x = read_items(emb, files)
-    written = []
+    written: dict[int, str] = {}
     if len(x):
         cluster = clusters.assign(x, centroids)
         for group in np.unique(cluster // clusters_per_task).tolist():
             rows = np.flatnonzero(cluster // clusters_per_task == group)
             table = items.take(pa.array(rows)).append_column(schema.CLUSTER, pa.array(cluster[rows]))
             table = table.append_column("embedding", pa.FixedShapeTensorArray.from_numpy_ndarray(x[rows]))
-            written.append(write_parquet(out, f"group={group:05d}/{schema.shard_prefix(shard)}0.parquet", table))
+            written[group] = write_parquet(out, f"group={group:05d}/{schema.shard_prefix(shard)}0.parquet", table)
     marker = {"shard": shard, "items": len(x), "files": written}
     out.write_bytes(f"{schema.MARKERS_DIR}/shard-{shard:06d}.json", json.dumps(marker).encode())
     return marker
@@ -195,20 +195,6 @@ def _search_group(assigned: Location, out: Location, group: int, files: list[str
               "largest_cluster": max(sizes, default=0), "duplicates": len(found[schema.ID]), "file": path}
     out.write_bytes(f"{schema.MARKERS_DIR}/group-{group:05d}.json", json.dumps(marker).encode())
     return marker
-
-
-def _markers(where: Location) -> dict[str, dict]:
-    folder = where.refreshed().path(schema.MARKERS_DIR)
-    if not where.fs.exists(folder):
-        return {}
-    markers = {}
-    for path in where.fs.find(folder):
-        if path.endswith(".json"):
-            try:
-                markers[path.rsplit("/", 1)[-1]] = json.loads(where.fs.cat_file(path))
-            except ValueError:
-                continue  # cut off mid-write: not done
-    return markers
 
 
 def _wait(refs: list, what: str) -> list[dict]:
@@ -251,30 +237,29 @@ def centroids(cfg: DedupConf, p: Plan, embedded: dict[int, dict]) -> tuple[np.nd
     return result, {"seconds": seconds, **settings, "clusters": len(result)}
 
 
-def assign(cfg: DedupConf, p: Plan, embedded: dict[int, dict], centres: np.ndarray) -> tuple[dict[str, dict], float]:
-    """Stage 3 for the shards without an assignment marker."""
+def assign(cfg: DedupConf, p: Plan, embedded: dict[int, dict], centres: np.ndarray) -> tuple[list[dict], float]:
+    """Stage 3 for the shards without an assignment marker; returns every shard's marker."""
     where = p.out.child(ASSIGN_DIR)
-    done = _markers(where)
-    pending = [s for s in sorted(embedded) if f"shard-{s:06d}.json" not in done]
+    done = {m["shard"]: m for m in read_markers(where)}
+    pending = [s for s in sorted(embedded) if s not in done]
     start = time.perf_counter()
     if pending:
         centres_ref = ray.put(centres)
         task = _assign_shard.options(num_cpus=cfg.task_num_cpus)
         refs = [task.remote(p.out.child(EMBED_DIR), where, s, data_files(embedded[s]), centres_ref,
                             cfg.clusters_per_task, cfg.task_num_cpus) for s in pending]
-        _wait(refs, "assigned shards")
-    return _markers(where), time.perf_counter() - start
+        done.update((m["shard"], m) for m in _wait(refs, "assigned shards"))
+    return [done[s] for s in sorted(embedded)], time.perf_counter() - start
 
 
-def search(cfg: DedupConf, p: Plan, assigned: dict[str, dict]) -> tuple[list[dict], float]:
+def search(cfg: DedupConf, p: Plan, assigned: list[dict]) -> tuple[list[dict], float]:
     """Stage 4 for the groups without a marker at this threshold."""
     by_group: dict[int, list[str]] = {}
-    for marker in assigned.values():
-        for path in marker["files"]:
-            group = int(path.rsplit("group=", 1)[1].split("/", 1)[0])
-            by_group.setdefault(group, []).append(path)
+    for marker in assigned:
+        for group, path in marker["files"].items():  # JSON keys: the group as a string
+            by_group.setdefault(int(group), []).append(path)
     where = p.out.child(schema.DUPLICATES_DIR)
-    done = {m["group"]: m for m in _markers(where).values() if m["threshold"] == p.threshold}
+    done = {m["group"]: m for m in read_markers(where) if m["threshold"] == p.threshold}
     pending = sorted(set(by_group) - set(done))
     start = time.perf_counter()
     if pending:
