@@ -9,6 +9,7 @@ teddy bear", "a photo of three cups").
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -68,6 +69,25 @@ def metadata(tag: str, classes: Sequence[str], colors: Sequence[str | None] = ()
     include = [{"class": c, "count": 1} | ({"color": k} if k else {}) for c, k in zip(classes, colors, strict=True)]
     text = " and ".join(_one(c, k) for c, k in zip(classes, colors, strict=True))
     return {"tag": tag, "prompt": f"a photo of {text}", "include": include}
+
+
+def distinct_prompts(tag: str, classes: Sequence[str], colors: Sequence[str]) -> list[dict]:
+    """Every prompt of one task over the classes and colours."""
+    pairs = list(itertools.permutations(classes, 2))
+    if tag == "single_object":
+        return [metadata(tag, [c]) for c in classes]
+    if tag == "two_object":
+        return [metadata(tag, list(p)) for p in itertools.combinations(classes, 2)]
+    if tag == "counting":
+        return [metadata(tag, [c], count=n) for c in classes for n in COUNTS]
+    if tag == "colors":
+        return [metadata(tag, [c], [k]) for c in classes for k in colors]
+    if tag == "position":
+        return [metadata(tag, list(p), relation=r) for p in pairs for r in RELATIONS]
+    if tag == "color_attr":
+        return [metadata(tag, list(p), list(k)) for p in itertools.combinations(classes, 2)
+                for k in itertools.permutations(colors, 2)]
+    raise ValueError(f"unknown GenEval tag {tag!r}: expected one of {TAGS}")
 
 
 def parse(prompt: str, classes: Sequence[str], colors: Sequence[str]) -> dict:

@@ -14,9 +14,11 @@ corpus of shape and colour captions, then wrapped in the real tokenizer classes.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
+import math
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -49,6 +51,8 @@ from transformers import (
 )
 
 from model.conditioning import TINY_TEXT
+from pipelines import geneval
+from pipelines.synthetic.shapes import COLORS, SHAPES
 from pipelines.synthetic.shapes_vae import SHIPPED
 
 MARKER = "COMPLETE.json"
@@ -64,7 +68,10 @@ class TinyModels:
 
 
 def caption_corpus() -> list[str]:
-    """Shape and colour captions of the synthetic data, to train the tiny tokenizers on."""
+    """Shape and colour captions to train the tiny tokenizers on: every GenEval prompt over the shapes' classes and
+    colours (the shapes dataset's own captions, so each of their words is one token, as a real tokenizer has a token
+    for each common word), then a wider vocabulary of colours, shapes and relations."""
+    own = [m["prompt"] for tag in geneval.TAGS for m in geneval.distinct_prompts(tag, SHAPES, tuple(COLORS))]
     colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "pink", "brown", "cyan"]
     shapes = ["circle", "square", "triangle", "star", "hexagon", "cross", "ring", "diamond"]
     relations = ["to the left of", "to the right of", "above", "below", "next to", "on top of"]
@@ -73,7 +80,7 @@ def caption_corpus() -> list[str]:
     corpus = [f"a {c1} {s1} {r} a {c2} {s2}" for c1, s1, r, c2, s2 in itertools.islice(scenes, 0, None, 11)]
     corpus += [f"{n} {c} {s}s on a {b} background" for n, c, s, b in zip(
         itertools.cycle(counts), itertools.cycle(colours), itertools.cycle(shapes), colours * 8, strict=False)]
-    return corpus
+    return own + corpus
 
 
 def _clip_tokenizer(corpus: list[str]) -> CLIPTokenizer:
@@ -96,18 +103,16 @@ def _clip_tokenizer(corpus: list[str]) -> CLIPTokenizer:
 
 
 def _t5_tokenizer(corpus: list[str]) -> T5Tokenizer:
-    """A Unigram model with T5's Metaspace pre-tokenizer and ids (<pad> 0, </s> 1, <unk> 2), in the T5 class."""
-    unigram = Tokenizer(models.Unigram())
-    unigram.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-    ])
-    ascii_chars = [chr(c) for c in range(33, 127)]
-    trainer = trainers.UnigramTrainer(vocab_size=256, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-                                      initial_alphabet=ascii_chars, show_progress=False)
-    unigram.train_from_iterator(corpus, trainer)
-    vocab = [(piece, score) for piece, score in json.loads(unigram.to_str())["model"]["vocab"]]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    """A Unigram vocabulary in T5's class and ids (<pad> 0, </s> 1, <unk> 2): every word of the corpus as one
+    SentencePiece-style piece ("▁word", scored by its log frequency), then the printable ASCII characters and "▁"
+    at a lower score, so a known word is one token and any other text still tokenizes. (The `tokenizers` Unigram
+    trainer, on a corpus this small, kept no colour word whole.)"""
+    words = collections.Counter(word for line in corpus for word in line.split())
+    total = sum(words.values())
+    pieces = [(f"▁{w}", math.log(n / total)) for w, n in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))]
+    floor = math.log(1 / total) - 10.0
+    pieces += [(piece, floor) for piece in ("▁", *(chr(c) for c in range(33, 127))) if piece not in dict(pieces)]
+    return T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces], extra_ids=0)
 
 
 def _bert_tokenizer(corpus: list[str]) -> BertTokenizer:
@@ -174,6 +179,11 @@ def shipped_vae_version() -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in weights)).hexdigest()[:16] if weights else "missing"
 
 
+def corpus_version() -> str:
+    """A digest of the tokenizers' corpus: a cache whose tokenizers were trained on another corpus is rebuilt."""
+    return hashlib.sha256("\n".join(caption_corpus()).encode()).hexdigest()[:16]
+
+
 def build_tiny_models(out_dir: str, seed: int = 0) -> TinyModels:
     """Build (or reuse, when a build with this seed completed) the tiny models under `out_dir`.
 
@@ -185,7 +195,7 @@ def build_tiny_models(out_dir: str, seed: int = 0) -> TinyModels:
     tiny = TinyModels(repo=str(root / "sd3"), captioner=str(root / "captioner"))
     marker = root / MARKER
     with FileLock(root / ".build.lock"):
-        build = {"seed": seed, "vae": shipped_vae_version()}
+        build = {"seed": seed, "vae": shipped_vae_version(), "corpus": corpus_version()}
         if marker.is_file() and {k: json.loads(marker.read_text()).get(k) for k in build} == build:
             return tiny
         marker.unlink(missing_ok=True)

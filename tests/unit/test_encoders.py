@@ -153,6 +153,22 @@ def test_text_outputs_match_the_models_own_layers(text):
     np.testing.assert_allclose(out["t5"][0], ref, atol=2e-3, rtol=2e-3)
 
 
+def test_every_word_of_the_shapes_captions_is_one_token(text):
+    """The tiny tokenizers have a token for each word the shapes' captions use (as a real tokenizer has for common
+    words), so the prompt's words reach the text encoders whole, not spelled out in characters."""
+    from pipelines import geneval
+    from pipelines.synthetic.shapes import COLORS, SHAPES
+
+    captions = [m["prompt"] for tag in geneval.TAGS for m in geneval.distinct_prompts(tag, SHAPES, tuple(COLORS))]
+    words = sorted({w for c in captions for w in c.split()})
+    assert {"photo", "crosses", "purple", "left", "below", "four"} <= set(words)
+    for tokenizer in (text.tokenizer_l, text.tokenizer_g, text.tokenizer_t5):
+        for word in words:
+            assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, (type(tokenizer).__name__, word)
+    caption = "a photo of a red circle and an orange square"
+    assert len(text.tokenizer_t5(caption, add_special_tokens=False).input_ids) == len(caption.split())
+
+
 def test_long_caption_is_truncated(text):
     long = " ".join(["a purple hexagon next to an orange diamond"] * 40)
     ids = text.tokenizer_l([long], padding="max_length", max_length=77, truncation=True).input_ids[0]

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from pipelines import geneval
+from pipelines.geneval import distinct_prompts
 from pipelines.synthetic.shapes import COLORS, SHAPES, draw, generate
 from workloads.evaluate.detect import Detection, ShapesDetector
-from workloads.evaluate.prompts import distinct_prompts, prompt_set
+from workloads.evaluate.prompts import prompt_set
 from workloads.evaluate.scoring import score_image, summarize
 
 

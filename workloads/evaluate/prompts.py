@@ -7,7 +7,6 @@ seeded order and repeats that list to its count, so every prompt appears before 
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 from collections.abc import Sequence
@@ -16,32 +15,13 @@ from pipelines import geneval
 from pipelines.synthetic.shapes import COLORS, SHAPES
 
 
-def distinct_prompts(tag: str, classes: Sequence[str], colors: Sequence[str]) -> list[dict]:
-    """Every prompt of one task over the classes and colours."""
-    pairs = list(itertools.permutations(classes, 2))
-    if tag == "single_object":
-        return [geneval.metadata(tag, [c]) for c in classes]
-    if tag == "two_object":
-        return [geneval.metadata(tag, list(p)) for p in itertools.combinations(classes, 2)]
-    if tag == "counting":
-        return [geneval.metadata(tag, [c], count=n) for c in classes for n in geneval.COUNTS]
-    if tag == "colors":
-        return [geneval.metadata(tag, [c], [k]) for c in classes for k in colors]
-    if tag == "position":
-        return [geneval.metadata(tag, list(p), relation=r) for p in pairs for r in geneval.RELATIONS]
-    if tag == "color_attr":
-        return [geneval.metadata(tag, list(p), list(k)) for p in itertools.combinations(classes, 2)
-                for k in itertools.permutations(colors, 2)]
-    raise ValueError(f"unknown GenEval tag {tag!r}: expected one of {geneval.TAGS}")
-
-
 def prompt_set(seed: int = 0, per_tag: dict[str, int] | None = None, classes: Sequence[str] = SHAPES,
                colors: Sequence[str] = tuple(COLORS)) -> list[dict]:
     """`per_tag` prompts of each task (GenEval's counts by default), tasks in GenEval's order."""
     per_tag = geneval.PROMPTS_PER_TAG if per_tag is None else per_tag
     out = []
     for tag in geneval.TAGS:
-        pool = distinct_prompts(tag, classes, colors)
+        pool = geneval.distinct_prompts(tag, classes, colors)
         random.Random(f"{seed}/{tag}").shuffle(pool)
         out += [pool[i % len(pool)] for i in range(per_tag.get(tag, 0))]
     return out
@@ -65,7 +45,7 @@ def training_prompts(per_tag: dict[str, int], held_out: dict[str, int], seed: in
     evaluation = {p["prompt"] for p in prompt_set(seed, held_out, classes, colors)}
     out = []
     for tag in geneval.TAGS:
-        pool = [p for p in distinct_prompts(tag, classes, colors) if p["prompt"] not in evaluation]
+        pool = [p for p in geneval.distinct_prompts(tag, classes, colors) if p["prompt"] not in evaluation]
         random.Random(f"train/{seed}/{tag}").shuffle(pool)
         out += pool[:per_tag.get(tag, 0)]
     return out
