@@ -36,6 +36,28 @@ PAPER_GLOBAL_RANK: dict[str, float] = {
 }
 
 
+def canonical_name(name: str) -> str:
+    """The one spelling of a formulation, as `PAPER_GLOBAL_RANK` writes it: `rf/uniform` is the paper's `rf`,
+    `rf/lognorm(0,1)` is `rf/lognorm(0.00,1.00)`, `edm(-1.2,1.2)` is `edm(-1.20,1.20)`."""
+    form = get_formulation(name)
+    if form.path == "linear":
+        density = str(form.noise.density)
+        return "rf" if density == "uniform" else f"rf/{density}"
+    if form.path == "ve" and form.name.startswith("edm("):
+        d = form.noise.density
+        return f"edm({d.loc:.2f},{d.scale:.2f})"
+    return form.name
+
+
+def paper_global_rank(name: str) -> float | None:
+    """The formulation's global rank in the paper's Table 1 (lower is better), whatever its spelling; None for a
+    formulation the paper did not rank, or a name that is no formulation."""
+    try:
+        return PAPER_GLOBAL_RANK.get(canonical_name(name))
+    except ValueError:
+        return None
+
+
 @functools.cache
 def _ldm_tau() -> torch.Tensor:
     """tau of each of the LDM schedule's 1000 discrete steps (cached; do not modify the result)."""

@@ -13,7 +13,9 @@ from model.formulations import (
     EDM_SIGMA_MIN,
     PAPER_GLOBAL_RANK,
     Formulation,
+    canonical_name,
     get_formulation,
+    paper_global_rank,
 )
 from model.objective import loss_at
 
@@ -129,6 +131,21 @@ def test_every_paper_setting_parses(name: str):
     form = get_formulation(name)
     assert form.name == name
     assert isinstance(form, Formulation)
+
+
+def test_paper_rank_found_whatever_the_spelling():
+    """A user's `rf/uniform` is the paper's plain `rf` (5.67); short numbers name the same setting."""
+    spellings = {"rf/uniform": "rf", "rf": "rf", "rf/lognorm(0,1)": "rf/lognorm(0.00,1.00)",
+                 "rf/lognorm(1, 0.6)": "rf/lognorm(1.00,0.60)", "rf/mode(1.29)": "rf/mode(1.29)",
+                 "rf/cosmap": "rf/cosmap", "edm(-1.2,1.2)": "edm(-1.20,1.20)", "edm/rf": "edm/rf",
+                 "eps/linear": "eps/linear", "v/cos": "v/cos"}
+    for spelling, canonical in spellings.items():
+        assert canonical_name(spelling) == canonical, spelling
+        assert paper_global_rank(spelling) == PAPER_GLOBAL_RANK[canonical]
+    assert paper_global_rank("rf/uniform") == 5.67
+    assert paper_global_rank("rf/lognorm(0.20,0.90)") is None  # a setting the paper did not rank
+    for name in PAPER_GLOBAL_RANK:
+        assert canonical_name(name) == name
 
 
 def test_parsed_settings_have_the_paper_meaning():

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from conf.sweep import Study, SweepConf
-from model.formulations import PAPER_GLOBAL_RANK
+from model.formulations import paper_global_rank
 from workloads.plots import pyplot  # matplotlib on the Agg back end, imported when a figure is drawn
 from workloads.sweep.scaling import fit_power_law
 
@@ -196,7 +196,7 @@ def _formulation(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     if geneval:
         table["geneval_rank"] = table["geneval"].rank(ascending=False, method="min").astype(int)
-    table["paper_global_rank"] = [PAPER_GLOBAL_RANK.get(f) for f in table["formulation"]]
+    table["paper_global_rank"] = [paper_global_rank(f) for f in table["formulation"]]
     known = table.dropna(subset=["paper_global_rank"])
     lines = [markdown_table(table), ""]
     if len(known) >= 2:
