@@ -31,8 +31,9 @@ def no_network():
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> str:
-    # a random CLIP's cosines share a sign per prompt; this build's are positive, so the score's floor at 0 hides none
-    return tiny_models.build_tiny_clip(str(tmp_path_factory.mktemp("clip") / "clip"), seed=1)
+    # a random CLIP's cosines often share one sign; this build's are positive (seed 1 was, before the tokenizers
+    # learnt the shapes' captions), so the score's floor at 0 hides none
+    return tiny_models.build_tiny_clip(str(tmp_path_factory.mktemp("clip") / "clip"), seed=6)
 
 
 @pytest.fixture(scope="module")
