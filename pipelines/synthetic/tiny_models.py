@@ -7,9 +7,9 @@ saved with `save_pretrained` in the production repo layout, so `pipelines.encode
 network is a TorchScript file with the published Inception's call signature, loaded by the same `torch.jit.load`, and
 so are the filters' score models and the deduplication's copy detector (SSCD's interface).
 The VAE is the exception to random weights: it is the shapes autoencoder trained by the project (`shapes_vae`), so
-images decoded from latents can be judged. Tokenizers are trained here with the `tokenizers` library on a small
-corpus of shape and colour captions, then wrapped in the real tokenizer classes. Widths match
-`model.conditioning.TINY_TEXT`.
+images decoded from latents can be judged. Tokenizers are made here from a small corpus led by the shapes' own
+captions (CLIP's BPE and the captioner's WordPiece trained with the `tokenizers` library, T5's Unigram vocabulary
+from word counts), then wrapped in the real tokenizer classes. Widths match `model.conditioning.TINY_TEXT`.
 """
 
 from __future__ import annotations
