@@ -175,6 +175,9 @@ class ValidationConf:
     # CLIP score of the grid's samples against their captions and FID against a reference folder (torchmetrics), for
     # real data: the evaluation job's `image_metrics` settings, logged as `clip_score` and `fid` at each validation.
     image_metrics: ImageMetricsConf = field(default_factory=ImageMetricsConf)
+    # also the loss with each row conditioned on another row's text: `val_loss_shuffled_text`, and `text_gap` (their
+    # ratio - 1): about 0 while the network ignores its prompt, growing as it learns to read it
+    text_gap: bool = True
 
     def __post_init__(self) -> None:
         at_least(self, 1, "every", "samples", "batch_size", "grid_prompts", "grid_per_prompt", "sample_steps",

@@ -68,6 +68,7 @@ def test_demo_runs_every_job_against_object_storage_and_writes_the_report(ray_lo
     assert "against C:" in summary and "predicted final validation loss" in summary
     assert "GenEval-shapes during training" in summary and "validation loss against GenEval-shapes" in summary
     assert f"{figures['train']['samples_per_s']:.1f} samples/s" in summary
+    assert [s for s, _ in figures["train"]["text_gap"]] == [3, 6] and "each other's texts" in summary
     # a 6-step main run draws no correct image: the DPO stage says so and skips (`test_train.py` runs DPO itself)
     assert "## Preference tuning" in summary and "- skipped: no prompt had both a correct and an incorrect" in summary
     fs, root = filesystem(cfg.storage)

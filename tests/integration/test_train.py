@@ -87,6 +87,8 @@ def test_run_writes_metrics_checkpoints_samples_and_export(zero2_run, train_data
     assert all({f"geneval_{t}" for t in ("single_object", "counting", "color_attr")} <= set(r) for r in scored)
     assert sorted(p.name for p in (folder / "geneval").iterdir()) == ["step_00000006.jsonl", "step_00000012.jsonl"]
     assert all(np.isfinite(r["val_loss_at_0.500"]) for r in records if "val_loss" in r)
+    for r in (r for r in records if "val_loss" in r):  # the prompt-use measure beside every validation loss
+        assert r["text_gap"] == pytest.approx(r["val_loss_shuffled_text"] / r["val_loss"] - 1)
     assert records[0]["lr"] == pytest.approx(5e-4) and records[-1]["lr"] == pytest.approx(1e-3)  # warm-up
     kept = sorted(p.name for p in folder.glob(f"{checkpointing.PREFIX}*"))
     assert kept == [checkpointing.dir_name(8), checkpointing.dir_name(12)]  # keep the last 2

@@ -195,8 +195,8 @@ class GridTrainer:
     def __init__(self, latents: torch.Tensor, captions: list[str]) -> None:
         self.latents, self.captions = latents, captions
 
-    def validate(self, groups) -> torch.Tensor:
-        return torch.full((8,), 0.5)
+    def validate(self, groups, shuffle_text: bool = False) -> torch.Tensor:
+        return torch.full((8,), 0.6 if shuffle_text else 0.5)
 
     def samples(self, group):
         return self.latents, self.captions
@@ -229,6 +229,7 @@ def test_validation_logs_the_grids_clip_score_and_fid(clip, inception, tmp_path)
     assert validator.maybe_run(3, final=False) == {}
     record = validator.maybe_run(5, final=False)
     assert record["val_loss"] == 0.5 and (tmp_path / "run" / "samples" / "step_00000005.png").exists()
+    assert record["val_loss_shuffled_text"] == pytest.approx(0.6) and record["text_gap"] == pytest.approx(0.2)
     images = list(to_uint8(validator.decoded()(latents)))
     prompts = ["a red circle", "a red circle", "two blue squares", "two blue squares"]
     assert record["clip_score"] == pytest.approx(clip_score(images, prompts, clip))

@@ -194,3 +194,32 @@ def test_invalid_configs_fail_before_any_work(change, message):
     change(cfg)
     with pytest.raises(ValueError, match=message):
         check(cfg)
+
+
+class _Reads(torch.nn.Module):
+    """A stand-in network: zero velocity, or (text=True) one that adds the pooled text's mean to every output."""
+
+    def __init__(self, text: bool) -> None:
+        super().__init__()
+        self.text = text
+
+    def forward(self, x, t, context, pooled):
+        out = torch.zeros_like(x)
+        return out + pooled.mean(dim=1).view(-1, 1, 1, 1) if self.text else out
+
+
+def test_shuffled_text_loss_moves_only_for_a_network_that_reads_its_text():
+    """`text_gap`'s measurement: each row conditioned on the previous row's text, with the same noise and timesteps:
+    a network blind to the text scores the same, one that reads it does not."""
+    from workloads.train.validation import ValGroup, distributed_val_loss
+
+    rows = {k: v.numpy() for k, v in batch(seed=3, n=6).items()}
+    group = ValGroup("bucket=64x64", rows, [f"caption {i}" for i in range(6)], np.arange(6))
+    losses = {}
+    for reads in (False, True):
+        for shuffle in (False, True):
+            losses[reads, shuffle] = distributed_val_loss(_Reads(reads), [group], TINY_TEXT, "rf", 4, 0,
+                                                          torch.device("cpu"), torch.float32, shuffle_text=shuffle)
+    torch.testing.assert_close(losses[False, True], losses[False, False])
+    assert not torch.allclose(losses[True, True], losses[True, False])
+    assert conf().validation.text_gap  # on by default: every run logs it

@@ -86,6 +86,7 @@ def figures(src: Sources, timings: dict[str, float], seconds: float) -> tuple[di
                   "samples_per_s": run_summary["samples_per_s"], "train_loss_first": records[0]["loss"],
                   "train_loss_last": records[-1]["loss"],
                   "val_loss": [(r["step"], r["val_loss"]) for r in validations],
+                  "text_gap": [(r["step"], r["text_gap"]) for r in validations if "text_gap" in r],
                   "flops_per_sample": run_summary["train_flops_per_sample"],
                   "geneval": [(r["step"], r["geneval"]) for r in records if "geneval" in r]},
         "sweep": src.results.sort_values("depth")[[c for c in ("depth", "params", "train_flops", "val_loss", "geneval")
@@ -152,6 +153,8 @@ def markdown(src: Sources, f: dict, sweep_body: str, decoder_note: str | None, g
         f"- training loss {t['train_loss_first']:.4f} at step 1, {t['train_loss_last']:.4f} at the last step",
         "- EMA validation loss (8 fixed timesteps, fixed noise): "
         + ", ".join(f"{v:.4f} at step {s}" for s, v in val),
+        *([("- the same rows with each other's texts (does the network read its prompt? 0% when it does not): "
+            + ", ".join(f"{100 * g:+.2f}% at step {s}" for s, g in t["text_gap"]))] if t["text_gap"] else []),
         f"- run folder (metrics, TensorBoard, checkpoints, diffusers export): `{t['run']}`",
         f"- `samples.png`: CFG samples of validation captions ({grid}); `reference.png`: the held-out image of each "
         "row's caption through the same decoder; `loss.png`: the loss curves",

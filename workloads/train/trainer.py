@@ -176,12 +176,13 @@ class Trainer:
                 self._release()
         self.engine.train()
 
-    def validate(self, groups: list[ValGroup]) -> torch.Tensor:
-        """The EMA model's fixed-timestep validation loss per timestep: (n_timesteps,)."""
+    def validate(self, groups: list[ValGroup], shuffle_text: bool = False) -> torch.Tensor:
+        """The EMA model's fixed-timestep validation loss per timestep: (n_timesteps,); with `shuffle_text`, each row
+        conditioned on another row's text (`distributed_val_loss`)."""
         v = self.cfg.validation
         with self.ema_weights():
             return distributed_val_loss(self.engine, groups, self.text, self.cfg.objective.formulation,
-                                        v.batch_size, self.cfg.trainer.seed, self.device, self.dtype)
+                                        v.batch_size, self.cfg.trainer.seed, self.device, self.dtype, shuffle_text)
 
     def samples(self, group: ValGroup) -> tuple[torch.Tensor, list[str]]:
         v, o = self.cfg.validation, self.cfg.objective

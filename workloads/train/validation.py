@@ -82,15 +82,22 @@ def read_val_set(data: Location, files: dict[str, list[str]], samples: int, worl
 
 @torch.no_grad()
 def distributed_val_loss(network, groups: list[ValGroup], text: TextConditioningConfig, formulation: str,
-                         batch_size: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Mean validation loss per timestep over every rank's share of the set: (n_timesteps,), same on all ranks."""
+                         batch_size: int, seed: int, device: torch.device, dtype: torch.dtype,
+                         shuffle_text: bool = False) -> torch.Tensor:
+    """Mean validation loss per timestep over every rank's share of the set: (n_timesteps,), same on all ranks.
+
+    `shuffle_text`: each row is conditioned on the text of the row before it in its group (the same noise and
+    timesteps), so the difference to the unshuffled loss says how much the network reads its prompt."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sums = torch.zeros(DEFAULT_VALIDATION_TIMESTEPS + 1, dtype=torch.float64, device=device)  # last: count
     for group in groups:
         mine = np.arange(rank, len(group), world)
+        text_of = np.roll(np.arange(len(group)), 1) if shuffle_text else np.arange(len(group))
         for start in range(0, len(mine), batch_size):
             rows = mine[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in group.tensors(rows).items()}
+            batch = group.tensors(rows)
+            batch |= {c: v for c, v in group.tensors(text_of[rows]).items() if c != schema.LATENT}
+            batch = {k: v.to(device) for k, v in batch.items()}
             x0, context, pooled = to_model_inputs(batch, text, synthetic_prob=0.0, drop_prob=0.0, dtype=dtype)
             losses = validation_loss(network, x0, context, pooled, torch.from_numpy(group.ids[rows]),
                                      formulation=formulation, seed=seed)  # (B, n_t)
@@ -186,6 +193,9 @@ class Validator:
     def loss_and_grid(self, step: int) -> dict:
         per_t = self.trainer.validate(self.groups)
         record = {"val_loss": float(per_t.mean())}
+        if self.cfg.text_gap:
+            shuffled = float(self.trainer.validate(self.groups, shuffle_text=True).mean())
+            record |= {"val_loss_shuffled_text": shuffled, "text_gap": shuffled / record["val_loss"] - 1}
         timesteps = validation_timesteps(len(per_t)).tolist()
         record.update({f"val_loss_at_{t:.3f}": float(v) for t, v in zip(timesteps, per_t.tolist(), strict=True)})
         latents, captions = self.trainer.samples(self.groups[0])
