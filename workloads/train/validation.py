@@ -92,11 +92,12 @@ def distributed_val_loss(network, groups: list[ValGroup], text: TextConditioning
     sums = torch.zeros(DEFAULT_VALIDATION_TIMESTEPS + 1, dtype=torch.float64, device=device)  # last: count
     for group in groups:
         mine = np.arange(rank, len(group), world)
-        text_of = np.roll(np.arange(len(group)), 1) if shuffle_text else np.arange(len(group))
+        text_of = np.roll(np.arange(len(group)), 1)  # with shuffle_text: row i reads row i-1's text
         for start in range(0, len(mine), batch_size):
             rows = mine[start:start + batch_size]
             batch = group.tensors(rows)
-            batch |= {c: v for c, v in group.tensors(text_of[rows]).items() if c != schema.LATENT}
+            if shuffle_text:
+                batch |= {c: v for c, v in group.tensors(text_of[rows]).items() if c != schema.LATENT}
             batch = {k: v.to(device) for k, v in batch.items()}
             x0, context, pooled = to_model_inputs(batch, text, synthetic_prob=0.0, drop_prob=0.0, dtype=dtype)
             losses = validation_loss(network, x0, context, pooled, torch.from_numpy(group.ids[rows]),
