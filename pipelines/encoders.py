@@ -9,27 +9,29 @@ the paper stores its pre-encoded data in.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
-from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    CLIPTextModelWithProjection,
-    CLIPTokenizerFast,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
-from transformers.utils import logging as transformers_logging
 
 from model import precision
 from model.conditioning import TextConditioningConfig
 from model.precision import resolve_device
 
-# Each actor loads its models once; transformers' per-load "Loading weights" bars would only flood the job log.
-transformers_logging.disable_progress_bar()
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# diffusers and transformers are imported where a model is loaded, not here: every Ray Data decode and write task
+# imports this module through `pipelines.stages`, and the two libraries cost about 9 s and 7 s of CPU per worker
+# process that never loads a model.
+
+
+def quiet_transformers() -> None:
+    """Each actor loads its models once; transformers' per-load "Loading weights" bars would only flood the job log."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -47,6 +49,8 @@ class VAEEncoder:
     def __init__(self, repo: str, subfolder: str | None = "vae", device: str = "auto", dtype: str = "auto") -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        from diffusers import AutoencoderKL
+
         self.vae = AutoencoderKL.from_pretrained(repo, subfolder=subfolder, torch_dtype=self.dtype)
         self.vae.to(self.device).eval().requires_grad_(False)
         config = self.vae.config
@@ -97,6 +101,9 @@ class TextEncoders:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_length = max_length
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizerFast, T5EncoderModel, T5TokenizerFast
+
+        quiet_transformers()
         self.clip_l = self._load(CLIPTextModelWithProjection, repo, "text_encoder")
         self.clip_g = self._load(CLIPTextModelWithProjection, repo, "text_encoder_2")
         self.t5 = self._load(T5EncoderModel, repo, "text_encoder_3")
@@ -124,11 +131,11 @@ class TextEncoders:
         return TextConditioningConfig(clip_l_dim=clip_l, clip_g_dim=clip_g, t5_dim=t5, clip_tokens=self.max_length,
                                       t5_tokens=self.max_length, context_dim=max(clip_l + clip_g, t5))
 
-    def _ids(self, tokenizer: CLIPTokenizerFast | T5TokenizerFast, captions: list[str]) -> torch.Tensor:
+    def _ids(self, tokenizer: PreTrainedTokenizerBase, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
                          return_tensors="pt").input_ids.to(self.device)  # (B, max_length)
 
-    def _clip(self, model: torch.nn.Module, tokenizer: CLIPTokenizerFast,
+    def _clip(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
               captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         out = model(self._ids(tokenizer, captions), output_hidden_states=True)
         hidden = out.hidden_states[-2]  # (B, 77, D) penultimate layer, before the final LayerNorm
@@ -162,6 +169,9 @@ class Captioner:
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_new_tokens = max_new_tokens
         self.prompt = prompt
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        quiet_transformers()
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=self.dtype)
         self.model.to(self.device).eval().requires_grad_(False)

@@ -68,7 +68,10 @@ def ray_local(s3: S3Server) -> Iterator[None]:
     # Ray Train's controller takes reports and notices the end of a run on this poll: every `ray.train.report` waited
     # up to its 2 s default, seconds per run. Ray Train hands RAY_TRAIN_* variables to its controller and workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
+    from workloads.runtime import local_ray_system_config
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
+             _system_config=local_ray_system_config(4))
     try:
         yield
     finally:

@@ -199,3 +199,15 @@ def test_captioner_is_deterministic(tiny):
     assert captioner.caption([]) == []
     prompted = Captioner(tiny.captioner, device="cpu", dtype="float32", max_new_tokens=8, prompt="a red circle")
     assert not any(c.startswith("a red circle") for c in prompted.caption(images))
+
+
+def test_the_cpu_stages_do_not_import_the_model_libraries():
+    """Ray Data's read, decode and write tasks import `pipelines.stages` and `pipelines.output` in every worker
+    process they start; diffusers and transformers (seconds of CPU each) load only where a model does."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipelines.stages, pipelines.output; "
+            "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
