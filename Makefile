@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo reproduce bench clean
 
 install: $(STAMP)
 
@@ -31,8 +31,13 @@ test: lint
 demo: $(STAMP)
 	$(BIN)/python -m workloads.demo $(if $(storage),storage=$(storage)) $(ARGS)
 
+# `make reproduce` runs the paper's studies on the shapes data and writes reproduce/report.md (the default preset,
+# about 90 minutes on 2 cores); `make reproduce preset=quick` checks the machinery in minutes; ARGS='...' overrides.
+reproduce: $(STAMP)
+	$(BIN)/python -m workloads.reproduce $(if $(preset),preset=$(preset)) $(ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python -m workloads.bench.model
 
 clean:
-	rm -rf $(VENV) outputs demo_output .pytest_cache .ruff_cache
+	rm -rf $(VENV) outputs demo_output reproduce .pytest_cache .ruff_cache

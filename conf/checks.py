@@ -12,7 +12,7 @@ from enum import IntEnum, StrEnum
 from model.precision import DTYPES
 from model.sampling import SAMPLERS
 from pipelines.dedup.embedders import EMBEDDERS
-from pipelines.sources import FORMATS
+from pipelines.sources import FORMATS, SYNTHETIC_CAPTIONS
 
 
 def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
@@ -23,6 +23,7 @@ Dtype = _choices("Dtype", ("auto", *DTYPES))  # auto: the component's default fo
 Sampler = _choices("Sampler", SAMPLERS)
 InputFormat = _choices("InputFormat", ("auto", *FORMATS))
 ModelsKind = _choices("ModelsKind", ("tiny", "sd3"))
+SyntheticCaptions = _choices("SyntheticCaptions", SYNTHETIC_CAPTIONS)  # preprocessing's: the captioner's or the input's
 EmbedderKind = _choices("EmbedderKind", EMBEDDERS)  # the deduplication job's image embedding
 Device = _choices("Device", ("auto", "cpu", "cuda"))
 # What a training run optimises: the flow objective of `objective.formulation`, or Diffusion-DPO on preference pairs.

@@ -8,17 +8,21 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from conf.checks import Dtype, InputFormat, ModelsKind
+from conf.checks import Dtype, InputFormat, ModelsKind, SyntheticCaptions
 from pipelines.models import CAPTIONER, SD3_REPO
 
 
 @dataclass
 class ModelsConf:
-    """`models=tiny` builds small random models of the real classes offline; `models=sd3` loads pretrained ones."""
+    """`models=tiny` builds small random models of the real classes offline; `models=sd3` loads pretrained ones.
+    `synthetic_captions=input` takes each sample's synthetic caption from the input instead of the captioner (captions
+    made offline, e.g. by a VLM as in the paper): `<key>.synthetic.txt` beside the image or in the tar, or a
+    `caption_synthetic` Parquet column; a sample without one is rejected."""
 
     kind: ModelsKind = ModelsKind.tiny
     sd3_repo: str = SD3_REPO  # hub id or local folder with the diffusers SD3 layout
     captioner: str = CAPTIONER
+    synthetic_captions: SyntheticCaptions = SyntheticCaptions.model
     tiny_dir: str = "~/.cache/sd3-train/tiny-models"  # where `tiny` builds its models
     dtype: Dtype = Dtype.auto  # auto: fp16 on GPU, fp32 on CPU
     caption_max_new_tokens: int = 40
@@ -128,6 +132,9 @@ class PreprocessConf:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_aspect < 1:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        if self.input_format == "pairs" and self.models.synthetic_captions == "input":
+            raise ValueError("models.synthetic_captions=input does not apply to input_format=pairs (a pair's synthetic "
+                             "caption is its prompt): leave it at model")
 
 
 def register() -> None:

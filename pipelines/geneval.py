@@ -34,7 +34,8 @@ def _a(words: str) -> str:
     return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
-def _one(cls: str, color: str | None = None) -> str:
+def noun_phrase(cls: str, color: str | None = None) -> str:
+    """One object as a prompt names it: "a circle", "an orange square"."""
     return _a(f"{color} {cls}" if color else cls)
 
 
@@ -64,10 +65,10 @@ def metadata(tag: str, classes: Sequence[str], colors: Sequence[str | None] = ()
         if relation not in RELATIONS:
             raise ValueError(f"position prompts use one of {RELATIONS}, got {relation!r}")
         b = classes[1]
-        return {"tag": tag, "prompt": f"a photo of {_one(a)} {relation} {_one(b)}",
+        return {"tag": tag, "prompt": f"a photo of {noun_phrase(a)} {relation} {noun_phrase(b)}",
                 "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}]}
     include = [{"class": c, "count": 1} | ({"color": k} if k else {}) for c, k in zip(classes, colors, strict=True)]
-    text = " and ".join(_one(c, k) for c, k in zip(classes, colors, strict=True))
+    text = " and ".join(noun_phrase(c, k) for c, k in zip(classes, colors, strict=True))
     return {"tag": tag, "prompt": f"a photo of {text}", "include": include}
 
 

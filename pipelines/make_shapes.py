@@ -1,10 +1,11 @@
 """`python -m pipelines.make_shapes out=<path or s3://uri> n=<count> seed=<seed>`: write the shapes dataset.
 
 Three layouts of the same samples under `out`, any subset by `formats`:
-- `folder/<key>.png|.txt|.json`: image, caption (UTF-8), ground-truth objects;
-- `webdataset/shard-00000.tar`, ...: the same three members per key, `shard_size` keys per shard;
-- `parquet/part-00000.parquet`, ...: `shard_size` rows each, columns `PARQUET_SCHEMA`, the image as the Hugging Face
-  datasets Image struct {bytes, path}.
+- `folder/<key>.png|.txt|.synthetic.txt|.json`: image, caption and synthetic caption (UTF-8), ground-truth objects;
+- `webdataset/shard-00000.tar`, ...: the same four members per key, `shard_size` keys per shard;
+- `parquet/part-00000.parquet`, ...: `shard_size` rows each, columns `PARQUET_SCHEMA` (the synthetic caption as
+  `caption_synthetic`), the image as the Hugging Face datasets Image struct {bytes, path}.
+Preprocessing reads the synthetic captions with `models.synthetic_captions=input` (`pipelines.sources`).
 `shapes.json`, written last, records what was written. Reruns with the same config write identical bytes.
 """
 
@@ -20,7 +21,8 @@ import pyarrow.parquet as pq
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from pipelines.sources import IMAGE_FORMATS  # the image-and-caption layouts preprocessing reads
+# the image-and-caption layouts preprocessing reads, and where it finds a synthetic caption in them
+from pipelines.sources import IMAGE_FORMATS, PARQUET_SYNTHETIC_COLUMN, SYNTHETIC_SUFFIX
 from pipelines.storage import filesystem, is_remote, join, require_bucket
 from pipelines.synthetic.shapes import MIN_SIZE, Sample, make_sample
 from workloads.runtime import cli, logger
@@ -30,6 +32,7 @@ PARQUET_SCHEMA = pa.schema(
         ("key", pa.string()),
         ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
         ("caption", pa.string()),
+        (PARQUET_SYNTHETIC_COLUMN, pa.string()),
         ("objects", pa.string()),  # JSON list of {shape, color, bbox, center}
     ],
     # lets `datasets` decode the struct column as an Image feature
@@ -37,6 +40,7 @@ PARQUET_SCHEMA = pa.schema(
         "key": {"dtype": "string", "_type": "Value"},
         "image": {"_type": "Image"},
         "caption": {"dtype": "string", "_type": "Value"},
+        PARQUET_SYNTHETIC_COLUMN: {"dtype": "string", "_type": "Value"},
         "objects": {"dtype": "string", "_type": "Value"},
     }}})},
 )
@@ -57,16 +61,18 @@ class MakeShapesConf:
 
 @dataclass
 class Encoded:
-    """A sample's three files as bytes, shared by every layout."""
+    """A sample's four files as bytes, shared by every layout."""
 
     key: str
     png: bytes
     caption: bytes  # UTF-8
+    synthetic: bytes  # UTF-8
     objects: bytes  # JSON
 
     def files(self) -> tuple[tuple[str, bytes], ...]:
         """(extension, content) of the sample's files, in the WebDataset member order."""
-        return ("png", self.png), ("txt", self.caption), ("json", self.objects)
+        return (("png", self.png), ("txt", self.caption), (SYNTHETIC_SUFFIX.removeprefix("."), self.synthetic),
+                ("json", self.objects))
 
 
 def check(cfg: MakeShapesConf) -> None:
@@ -83,15 +89,17 @@ def check(cfg: MakeShapesConf) -> None:
 
 
 def encode(sample: Sample) -> Encoded:
-    """PNG, caption and objects of a sample, encoded once for all layouts."""
+    """PNG, captions and objects of a sample, encoded once for all layouts."""
     buffer = io.BytesIO()
     sample.image.save(buffer, format="PNG", compress_level=6)  # Pillow writes no time chunk: same pixels, same bytes
     objects = json.dumps(sample.objects, sort_keys=True).encode()
-    return Encoded(sample.key, buffer.getvalue(), sample.caption.encode("utf-8"), objects)
+    return Encoded(sample.key, buffer.getvalue(), sample.caption.encode("utf-8"),
+                   sample.synthetic_caption.encode("utf-8"), objects)
 
 
 def tar_bytes(samples: list[Encoded]) -> bytes:
-    """A WebDataset shard: `<key>.png`, `<key>.txt`, `<key>.json` for each key, in order, with fixed metadata."""
+    """A WebDataset shard: `<key>.png`, `<key>.txt`, `<key>.synthetic.txt`, `<key>.json` for each key, in order, with
+    fixed metadata."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for s in samples:
@@ -110,6 +118,7 @@ def parquet_table(samples: list[Encoded]) -> pa.Table:
         "key": [s.key for s in samples],
         "image": [{"bytes": s.png, "path": f"{s.key}.png"} for s in samples],
         "caption": [s.caption.decode("utf-8") for s in samples],
+        PARQUET_SYNTHETIC_COLUMN: [s.synthetic.decode("utf-8") for s in samples],
         "objects": [s.objects.decode("utf-8") for s in samples],
     }, schema=PARQUET_SCHEMA)
 

@@ -3,6 +3,7 @@ captions and CLIP-L / CLIP-G / T5 embeddings as Parquet, on Ray Data.
 
 read shards (tasks) -> decode + resize (tasks) -> caption, VAE, text encoders (autoscaling actor pools)
 -> write per shard and bucket (tasks) -> the driver writes a completion marker per finished shard.
+With `models.synthetic_captions=input` the synthetic captions are the input's own and no captioner runs.
 Runs unchanged on a laptop (a local Ray) and on a cluster (`RAY_ADDRESS`).
 """
 
@@ -44,7 +45,7 @@ class Plan:
     shards: list[Shard]
     limits: DecodeLimits
     repo: str  # diffusers SD3 layout: vae, text_encoder(_2, _3), tokenizer(_2, _3)
-    captioner: str
+    captioner: str | None  # None when no captioner runs (preference pairs, `models.synthetic_captions=input`)
     text: TextConditioningConfig
     duplicates: dict[int, str] = field(default_factory=dict)  # shard -> JSON {row: reason} of a dedup output
 
@@ -75,6 +76,8 @@ def plan(cfg: PreprocessConf) -> Plan:
         repo, captioner = tiny.repo, tiny.captioner
     else:
         repo, captioner = cfg.models.sd3_repo, cfg.models.captioner
+    if shards[0].format == "pairs" or cfg.models.synthetic_captions == "input":
+        captioner = None  # a pair's synthetic caption is its prompt; `input` reads them from the input
     try:
         text = text_dims(repo)
     except OSError as err:
@@ -120,7 +123,7 @@ def local_cpus(cfg: PreprocessConf, p: Plan) -> float:
     """Logical CPUs a local Ray needs so every actor pool and a read, a decode and a write task fit at once (else the
     pipeline waits forever on a machine with fewer cores)."""
     c = cfg.compute
-    pools = [c.vae, c.text] + ([] if p.shards[0].format == "pairs" else [c.caption])
+    pools = [c.vae, c.text] + ([c.caption] if p.captioner else [])
     pools += [c.filters] if cfg.filters.active() else []
     return sum(stage.num_cpus * stage.min_actors for stage in pools) + 3 * c.decode_num_cpus
 
@@ -132,10 +135,12 @@ def build_dataset(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> ray.dat
     c, m = cfg.compute, cfg.models
     items = [s.item(duplicates=p.duplicates.get(s.index, "")) for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.flat_map(read_rows, fn_kwargs={"endpoint_url": cfg.endpoint_url}, num_cpus=c.decode_num_cpus)
+    synthetic = m.synthetic_captions == "input"  # read and normalised with the caption, rejected where missing
+    ds = ds.flat_map(read_rows, fn_kwargs={"endpoint_url": cfg.endpoint_url, "synthetic": synthetic},
+                     num_cpus=c.decode_num_cpus)
     pairs = p.shards[0].format == "pairs"
-    ds = ds.map_batches(decode_batch, fn_kwargs={"limits": p.limits, "pairs": pairs}, batch_size=c.decode_batch_size,
-                        num_cpus=c.decode_num_cpus)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"limits": p.limits, "pairs": pairs, "synthetic": synthetic},
+                        batch_size=c.decode_batch_size, num_cpus=c.decode_num_cpus)
     filters = cfg.filters.active()
     if filters:  # before the encoders, so filtered images cost them nothing
         ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"filters": filters, "device": device,
@@ -143,7 +148,7 @@ def build_dataset(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> ray.dat
                             **_actor_args(c.filters, gpu))
     if pairs:  # a pair's caption is the prompt its images were judged against: no synthetic caption
         ds = ds.map_batches(copy_caption, batch_size=c.decode_batch_size, num_cpus=c.decode_num_cpus)
-    else:
+    elif p.captioner:
         ds = ds.map_batches(CaptionStage, fn_constructor_kwargs={
             "path": p.captioner, "device": device, "dtype": m.dtype, "max_new_tokens": m.caption_max_new_tokens,
             "threads": c.caption.torch_threads}, **_actor_args(c.caption, gpu))
@@ -177,7 +182,8 @@ def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict], last_
         "input": cfg.input, "output": cfg.output, "input_format": p.shards[0].format, "shards": len(p.shards),
         "dedup": cfg.dedup, "filters": {name: asdict(f) for name, f in cfg.filters.active().items()},
         "counts": counts, "rejected_by_stage": dict(rejects), "files": files, "schema": schemas,
-        "models": {"kind": cfg.models.kind, "sd3_repo": p.repo, "captioner": p.captioner, "dtype": cfg.models.dtype,
+        "models": {"kind": cfg.models.kind, "sd3_repo": p.repo, "captioner": p.captioner,
+                   "synthetic_captions": cfg.models.synthetic_captions, "dtype": cfg.models.dtype,
                    "text": asdict(p.text)},
         "resolution": cfg.resolution, "buckets": [f"{w}x{h}" for w, h in p.limits.buckets],
         "limits": asdict(p.limits), "code_version": code_version(), "last_run": last_run,

@@ -1,6 +1,10 @@
 """Input datasets: an image folder with same-named .txt captions, WebDataset tar shards, Parquet files with
 image bytes and a caption column, or preference pairs (`pairs`: Parquet in Pick-a-Pic v2's layout, `caption`,
-`jpg_0`, `jpg_1`, `label_0`). Inputs are cut into shards, the unit of parallelism and of resumption."""
+`jpg_0`, `jpg_1`, `label_0`). Inputs are cut into shards, the unit of parallelism and of resumption.
+
+A sample may bring its own synthetic caption (read for `models.synthetic_captions=input`): `<key>.synthetic.txt`
+beside `<key>.txt` in a folder, the member `<key>.synthetic.txt` in a tar, the column `caption_synthetic` in Parquet.
+So in a folder `<key>.synthetic.txt` belongs to `<key>`'s image, never to an image named `<key>.synthetic`."""
 
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "img", "image_bytes", "webp")
 PARQUET_CAPTION_COLUMNS = ("caption", "text", "TEXT", "prompt", "txt")
 PARQUET_ID_COLUMNS = ("key", "id", "__key__")
+# `models.synthetic_captions`: the captioner model writes each sample's synthetic caption, or the input brings it
+SYNTHETIC_CAPTIONS = ("model", "input")
+SYNTHETIC_SUFFIX, PARQUET_SYNTHETIC_COLUMN = ".synthetic.txt", "caption_synthetic"
 
 
 class InputError(ValueError):
@@ -42,7 +49,7 @@ class Shard:
 
 @dataclass
 class Record:
-    """One input sample before decoding. `image` or `caption` is None when the input lacks it."""
+    """One input sample before decoding. `image`, `caption` or `synthetic` is None when the input lacks it."""
 
     id: str
     source: str
@@ -50,6 +57,7 @@ class Record:
     caption: bytes | None
     loser: bytes | None = None  # a pair's loser
     tie: bool = False  # a pair without a preference (rejected at decode)
+    synthetic: bytes | None = None  # the input's own synthetic caption (a folder's only when asked for)
 
 
 def _stem(path: str) -> str:
@@ -101,10 +109,12 @@ def list_shards(uri: str, input_format: str = "auto", endpoint_url: str | None =
     return [Shard(i, fmt, paths, protocol + root) for i, paths in enumerate(chunks)]
 
 
-def read_shard(shard: Shard, endpoint_url: str | None = None) -> list[Record]:
-    """All records of a shard, in a deterministic order."""
-    reader = {"folder": _read_folder, "webdataset": _read_tar, "parquet": _read_parquet,
-              "pairs": _read_pairs}[shard.format]
+def read_shard(shard: Shard, endpoint_url: str | None = None, synthetic: bool = False) -> list[Record]:
+    """All records of a shard, in a deterministic order. With `synthetic`, a folder's records carry their synthetic
+    captions too (a read per sample, so only when asked; a tar or Parquet file holds them anyway)."""
+    if shard.format == "folder":
+        return _read_folder(shard, endpoint_url, synthetic)
+    reader = {"webdataset": _read_tar, "parquet": _read_parquet, "pairs": _read_pairs}[shard.format]
     return reader(shard, endpoint_url)
 
 
@@ -116,13 +126,14 @@ def _read_bytes(fs, path: str) -> bytes | None:
         return None
 
 
-def _read_folder(shard: Shard, endpoint_url: str | None) -> list[Record]:
+def _read_folder(shard: Shard, endpoint_url: str | None, synthetic: bool) -> list[Record]:
     records = []
     for uri in shard.paths:
         fs, path = filesystem(uri, endpoint_url)
-        caption_path = posixpath.splitext(path)[0] + ".txt"
+        stem = posixpath.splitext(path)[0]
         sample_id = posixpath.splitext(posixpath.relpath(uri, shard.root))[0]
-        records.append(Record(sample_id, uri, _read_bytes(fs, path), _read_bytes(fs, caption_path)))
+        records.append(Record(sample_id, uri, _read_bytes(fs, path), _read_bytes(fs, stem + ".txt"),
+                              synthetic=_read_bytes(fs, stem + SYNTHETIC_SUFFIX) if synthetic else None))
     return records
 
 
@@ -138,8 +149,9 @@ def _caption_from_json(data: bytes) -> bytes | None:
 
 
 def _read_tar(shard: Shard, endpoint_url: str | None) -> list[Record]:
-    """WebDataset convention: members `<key>.<ext>`; the image is any image extension, the caption `.txt`
-    (or `caption`/`text` in `.json`). A truncated tar yields the members before the damage."""
+    """WebDataset convention: members `<key>.<ext>` (the key ends at the name's first dot); the image is any image
+    extension, the caption `.txt` (or `caption`/`text` in `.json`), the synthetic caption `.synthetic.txt`. A
+    truncated tar yields the members before the damage."""
     uri = shard.paths[0]
     fs, path = filesystem(uri, endpoint_url)
     with fs.open(path, "rb") as f:
@@ -166,7 +178,7 @@ def _read_tar(shard: Shard, endpoint_url: str | None) -> list[Record]:
         caption = parts.get(".txt")
         if caption is None and ".json" in parts:
             caption = _caption_from_json(parts[".json"])
-        records.append(Record(key, f"{uri}#{key}", image, caption))
+        records.append(Record(key, f"{uri}#{key}", image, caption, synthetic=parts.get(SYNTHETIC_SUFFIX)))
     return records
 
 
@@ -188,16 +200,20 @@ def _read_parquet(shard: Shard, endpoint_url: str | None) -> list[Record]:
     caption_col = _pick(names, PARQUET_CAPTION_COLUMNS, "caption", uri)
     id_col = next((c for c in PARQUET_ID_COLUMNS if c in names), None)
     images = table.column(image_col).to_pylist()
-    captions = table.column(caption_col).to_pylist() if caption_col else [None] * len(images)
-    ids = table.column(id_col).to_pylist() if id_col else [None] * len(images)
+
+    def column(name: str | None) -> list:
+        return table.column(name).to_pylist() if name in names else [None] * len(images)
+
     records = []
-    for row, (image, caption, key) in enumerate(zip(images, captions, ids, strict=True)):
-        if isinstance(image, dict):  # Hugging Face datasets' Image layout: {bytes, path}
-            image = image.get("bytes")
-        if isinstance(caption, str):
-            caption = caption.encode()
-        records.append(Record(str(key) if key is not None else f"{_stem(path)}-{row}", f"{uri}#{row}", image, caption))
+    for row, (image, caption, synthetic, key) in enumerate(zip(
+            images, column(caption_col), column(PARQUET_SYNTHETIC_COLUMN), column(id_col), strict=True)):
+        records.append(Record(str(key) if key is not None else f"{_stem(path)}-{row}", f"{uri}#{row}",
+                              _bytes_of(image), _text(caption), synthetic=_text(synthetic)))
     return records
+
+
+def _text(value: str | bytes | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
 
 
 def _bytes_of(image) -> bytes | None:
@@ -221,7 +237,7 @@ def _read_pairs(shard: Shard, endpoint_url: str | None) -> list[Record]:
         first, second = _bytes_of(r["jpg_0"]), _bytes_of(r["jpg_1"])
         label = r["label_0"]
         winner, loser = (first, second) if label is not None and label > 0.5 else (second, first)
-        caption = r["caption"].encode() if isinstance(r["caption"], str) else r["caption"]
         key = str(r[id_col]) if id_col and r[id_col] is not None else f"{_stem(path)}-{row}"
-        records.append(Record(key, f"{uri}#{row}", winner, caption, loser, tie=label is None or label == 0.5))
+        records.append(Record(key, f"{uri}#{row}", winner, _text(r["caption"]), loser,
+                              tie=label is None or label == 0.5))
     return records

@@ -18,7 +18,7 @@ import torch
 from pipelines import schema
 from pipelines.decode import DecodeLimits, Rejected, decode_image, normalise_caption
 from pipelines.encoders import Captioner, TextEncoders, VAEEncoder
-from pipelines.sources import Shard, read_shard
+from pipelines.sources import PARQUET_SYNTHETIC_COLUMN, SYNTHETIC_SUFFIX, Shard, read_shard
 from pipelines.torchscript import load_torchscript
 
 if TYPE_CHECKING:
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 Batch = dict[str, np.ndarray]
 EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
+NO_SYNTHETIC_CAPTION = (f"no synthetic caption in the input, which models.synthetic_captions=input needs (a "
+                        f"<key>{SYNTHETIC_SUFFIX} file or tar member, or a Parquet column {PARQUET_SYNTHETIC_COLUMN})")
 
 
 def object_column(values: list) -> np.ndarray:
@@ -35,17 +37,19 @@ def object_column(values: list) -> np.ndarray:
     return out
 
 
-def read_rows(item: dict, endpoint_url: str | None) -> list[dict]:
-    """One shard -> its records as rows. An unreadable shard becomes one rejected row; an empty one a
-    placeholder (shard_rows=0) so the shard still completes; a known duplicate (the item's `duplicates`, JSON of
-    row -> reason: ids need not be unique, a.png and a.jpg are both `a`) a reject of stage 'dedup'."""
+def read_rows(item: dict, endpoint_url: str | None, synthetic: bool = False) -> list[dict]:
+    """One shard -> its records as rows (with `synthetic`, their synthetic captions read from the input too). An
+    unreadable shard becomes one rejected row; an empty one a placeholder (shard_rows=0) so the shard still completes;
+    a known duplicate (the item's `duplicates`, JSON of row -> reason: ids need not be unique, a.png and a.jpg are both
+    `a`) a reject of stage 'dedup'."""
     shard = Shard(item["index"], item["format"], tuple(item["paths"]), item["root"])
     # Missing values travel as empty bytes plus a flag: a block whose values are all None would otherwise be
     # typed null by Arrow and reach the next stage as NaN.
     base = {"shard": shard.index, "image": b"", "has_image": False, "caption_raw": b"", "has_caption": False,
-            "loser": b"", "has_loser": False, "tie": False, "stage": "", "reason": ""}
+            "synthetic_raw": b"", "has_synthetic": False, "loser": b"", "has_loser": False, "tie": False,
+            "stage": "", "reason": ""}
     try:
-        records = read_shard(shard, endpoint_url)
+        records = read_shard(shard, endpoint_url, synthetic)
     except Exception as err:
         return [{**base, "id": shard.paths[0], "source": shard.paths[0], "row": 0, "shard_rows": 1,
                  "stage": "read", "reason": f"cannot read shard: {type(err).__name__}: {err}"}]
@@ -55,22 +59,25 @@ def read_rows(item: dict, endpoint_url: str | None) -> list[dict]:
     return [{**base, "id": r.id, "source": r.source, "row": i, "shard_rows": len(records),
              "image": r.image or b"", "has_image": r.image is not None,
              "caption_raw": r.caption or b"", "has_caption": r.caption is not None,
+             "synthetic_raw": r.synthetic or b"", "has_synthetic": r.synthetic is not None,
              "loser": r.loser or b"", "has_loser": r.loser is not None, "tie": r.tie,
              **({"stage": schema.DEDUP_STAGE, "reason": duplicates[str(i)]} if str(i) in duplicates else {})}
             for i, r in enumerate(records)]
 
 
-def decode_batch(batch: Batch, limits: DecodeLimits, pairs: bool = False) -> Batch:
+def decode_batch(batch: Batch, limits: DecodeLimits, pairs: bool = False, synthetic: bool = False) -> Batch:
     """Decode and resize images, normalise captions; any failure becomes a reject of stage 'decode'. With `pairs`
-    the loser too (`pixels_loser`), at the winner's bucket; a tie is rejected."""
-    pixels, widths, heights, captions, losers = [], [], [], [], []
+    the loser too (`pixels_loser`), at the winner's bucket; a tie is rejected. With `synthetic` the input's synthetic
+    caption too (`caption_synthetic`, normalised like the caption); a row without one is rejected."""
+    pixels, widths, heights, captions, synthetics, losers = [], [], [], [], [], []
     stages, reasons = list(batch["stage"]), list(batch["reason"])
     for i in range(len(batch["id"])):
-        array, caption, loser = EMPTY_PIXELS, "", EMPTY_PIXELS
+        array, caption, synthetic_caption, loser = EMPTY_PIXELS, "", "", EMPTY_PIXELS
         if not stages[i] and batch["row"][i] >= 0:
             try:
-                raw = bytes(batch["caption_raw"][i]) if batch["has_caption"][i] else None
-                caption = normalise_caption(raw, limits.max_caption_chars)
+                caption = normalise_caption(_raw(batch, "caption", i), limits.max_caption_chars)
+                if synthetic:
+                    synthetic_caption = input_synthetic_caption(batch, i, limits)
                 array = decode_image(bytes(batch["image"][i]) if batch["has_image"][i] else None, limits)
                 if pairs:
                     loser = decode_pair_loser(batch, i, array, limits)
@@ -79,18 +86,36 @@ def decode_batch(batch: Batch, limits: DecodeLimits, pairs: bool = False) -> Bat
             except Exception as err:  # one bad sample must never stop the job
                 stages[i], reasons[i] = "decode", f"unexpected {type(err).__name__}: {err}"
         captions.append(caption)
+        synthetics.append(synthetic_caption)
         pixels.append(array)
         losers.append(loser)
         widths.append(array.shape[1])
         heights.append(array.shape[0])
-    out = {k: v for k, v in batch.items()
-           if k not in ("image", "has_image", "caption_raw", "has_caption", "loser", "has_loser", "tie")}
+    read = ("image", "has_image", "caption_raw", "has_caption", "synthetic_raw", "has_synthetic", "loser",
+            "has_loser", "tie")
+    out = {k: v for k, v in batch.items() if k not in read}
     out.update(caption=np.array(captions, dtype=object), pixels=object_column(pixels),
                width=np.array(widths, dtype=np.int32), height=np.array(heights, dtype=np.int32),
                stage=np.array(stages, dtype=object), reason=np.array(reasons, dtype=object))
+    if synthetic:
+        out["caption_synthetic"] = np.array(synthetics, dtype=object)
     if pairs:
         out["pixels_loser"] = object_column(losers)
     return out
+
+
+def _raw(batch: Batch, name: str, i: int) -> bytes | None:
+    """Row i's `<name>_raw` bytes, or None where the input had none."""
+    return bytes(batch[f"{name}_raw"][i]) if batch[f"has_{name}"][i] else None
+
+
+def input_synthetic_caption(batch: Batch, i: int, limits: DecodeLimits) -> str:
+    """Row i's synthetic caption from the input, normalised; raises Rejected when it is missing or blank (an empty
+    synthetic caption would train as the empty prompt)."""
+    text = normalise_caption(_raw(batch, "synthetic", i), limits.max_caption_chars)
+    if not text:
+        raise Rejected(NO_SYNTHETIC_CAPTION)
+    return text
 
 
 def decode_pair_loser(batch: Batch, i: int, winner: np.ndarray, limits: DecodeLimits) -> np.ndarray:

@@ -4,8 +4,9 @@ Each image holds one to four flat-coloured shapes on a light pastel background. 
 GenEval's six tasks (`pipelines.geneval`): a single object, two objects, a count ("a photo of three circles"), a
 colour, a position read off the drawn boxes by GenEval's own rule, or two coloured objects; so every caption is true
 of its image and a folder of samples is a GenEval ground truth. Objects whose colour the caption does not name get a
-random one. Sample `i` of a seed depends only on `(seed, i)`, so any sample can be regenerated alone and shards can
-be written in any order.
+random one. Each sample also has a synthetic caption, standing in for the paper's VLM (CogVLM) captions: every object
+with its colour, the count, and the relation of two objects (`synthetic_caption`). Sample `i` of a seed depends only
+on `(seed, i)`, so any sample can be regenerated alone and shards can be written in any order.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ _MIN_SIDE, _MAX_SIDE = 0.16, 0.30  # object side as a fraction of the canvas
 
 @dataclass
 class Sample:
-    """One image, its caption, and the objects drawn in it (in the order the caption names them)."""
+    """One image, its caption, its synthetic caption, and the objects drawn in it (in the order the caption names
+    them)."""
 
     key: str
     image: Image.Image
-    caption: str
+    caption: str  # a terse GenEval prompt
+    synthetic_caption: str  # every object described, as a captioning model would
     objects: list[dict]
     metadata: dict  # the caption's GenEval metadata
 
@@ -52,6 +55,24 @@ def relation(subject: dict, reference: dict) -> str | None:
     """The one GenEval relation of `subject` to `reference` by their boxes; None when there is none or two."""
     found = geneval.relative_position(subject["bbox"], reference["bbox"])
     return found.pop() if len(found) == 1 else None
+
+
+def synthetic_caption(objects: list[dict]) -> str:
+    """Every object with its colour, in the caption's order; the count when all are of one shape; for two objects the
+    `relation` of the first to the second when there is one. E.g. "a photo of a purple circle", "a photo of an orange
+    star left of a green cross", "a photo of three squares: a red square, a blue square and a red square"."""
+    named = [geneval.noun_phrase(o["shape"], o["color"]) for o in objects]
+    related = relation(objects[0], objects[1]) if len(objects) == 2 else None
+    scene = f"{named[0]} {related} {named[1]}" if related else _listing(named)
+    shapes = {o["shape"] for o in objects}
+    if len(objects) > 1 and len(shapes) == 1:
+        return f"a photo of {geneval.NUMBER_WORDS[len(objects)]} {geneval.plural(shapes.pop())}: {scene}"
+    return f"a photo of {scene}"
+
+
+def _listing(phrases: list[str]) -> str:
+    """Phrases as a list is read out: "x", "x and y", "x, y and z"."""
+    return phrases[0] if len(phrases) == 1 else f"{', '.join(phrases[:-1])} and {phrases[-1]}"
 
 
 def _star() -> list[tuple[float, float]]:
@@ -156,7 +177,8 @@ def make_sample(seed: int, index: int, size: int = 256) -> Sample:
     background = tuple(int(v) for v in rng.integers(215, 256, size=3))
     objects = _layout(_specs(tag, rng), tag, size, rng)
     meta = _metadata(tag, objects)
-    return Sample(sample_key(seed, index), draw(objects, background, size), meta["prompt"], objects, meta)
+    return Sample(sample_key(seed, index), draw(objects, background, size), meta["prompt"],
+                  synthetic_caption(objects), objects, meta)
 
 
 def generate(n: int, seed: int, size: int = 256) -> Iterator[Sample]:

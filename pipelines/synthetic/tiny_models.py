@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -52,11 +53,12 @@ from transformers import (
 
 from model.conditioning import TINY_TEXT
 from pipelines import geneval
-from pipelines.synthetic.shapes import COLORS, SHAPES
+from pipelines.synthetic.shapes import COLORS, MIN_SIZE, SHAPES, generate
 from pipelines.synthetic.shapes_vae import SHIPPED
 
 MARKER = "COMPLETE.json"
 TOKENS = 77
+CORPUS_SYNTHETIC_SAMPLES = 200  # shapes samples whose synthetic captions join the tokenizers' corpus
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,11 @@ class TinyModels:
 
 def caption_corpus() -> list[str]:
     """Shape and colour captions to train the tiny tokenizers on: every GenEval prompt over the shapes' classes and
-    colours (the shapes dataset's own captions, so each of their words is one token, as a real tokenizer has a token
-    for each common word), then a wider vocabulary of colours, shapes and relations."""
+    colours and the synthetic captions of a run of shapes samples (the shapes dataset's own captions, so each of their
+    words is one token, as a real tokenizer has a token for each common word), then a wider vocabulary of colours,
+    shapes and relations."""
     own = [m["prompt"] for tag in geneval.TAGS for m in geneval.distinct_prompts(tag, SHAPES, tuple(COLORS))]
+    own += [s.synthetic_caption for s in generate(CORPUS_SYNTHETIC_SAMPLES, seed=0, size=MIN_SIZE)]
     colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "pink", "brown", "cyan"]
     shapes = ["circle", "square", "triangle", "star", "hexagon", "cross", "ring", "diamond"]
     relations = ["to the left of", "to the right of", "above", "below", "next to", "on top of"]
@@ -104,10 +108,10 @@ def _clip_tokenizer(corpus: list[str]) -> CLIPTokenizer:
 
 def _t5_tokenizer(corpus: list[str]) -> T5Tokenizer:
     """A Unigram vocabulary in T5's class and ids (<pad> 0, </s> 1, <unk> 2): every word of the corpus as one
-    SentencePiece-style piece ("▁word", scored by its log frequency), then the printable ASCII characters and "▁"
-    at a lower score, so a known word is one token and any other text still tokenizes. (The `tokenizers` Unigram
-    trainer, on a corpus this small, kept no colour word whole.)"""
-    words = collections.Counter(word for line in corpus for word in line.split())
+    SentencePiece-style piece ("▁word", scored by its log frequency; punctuation is not part of a word), then the
+    printable ASCII characters and "▁" at a lower score, so a known word is one token and any other text still
+    tokenizes. (The `tokenizers` Unigram trainer, on a corpus this small, kept no colour word whole.)"""
+    words = collections.Counter(word for line in corpus for word in re.findall(r"\w+", line))
     total = sum(words.values())
     pieces = [(f"▁{w}", math.log(n / total)) for w, n in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))]
     floor = math.log(1 / total) - 10.0

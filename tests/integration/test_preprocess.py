@@ -3,9 +3,11 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from pipelines.make_shapes import run as make_shapes
 from pipelines.preprocess import run as preprocess
 from pipelines.sources import InputError
 from pipelines.storage import filesystem
-from pipelines.synthetic.shapes import SHAPES
+from pipelines.synthetic.shapes import SHAPES, make_sample
 
 ROOT = Path(__file__).resolve().parents[2]
 N_GOOD = 12
@@ -98,6 +100,14 @@ def read_output(output: str) -> dict[str, dict]:
     return rows
 
 
+def read_rejects(output: str) -> dict[str, dict]:
+    """All rejects rows by id, from the files the manifest lists."""
+    fs, root = filesystem(output)
+    manifest = json.loads(fs.cat_file(f"{root}/{schema.MANIFEST}"))
+    return {r[schema.ID]: r for path in manifest["files"] if f"/{schema.REJECTS_DIR}/" in path
+            for r in pq.read_table(pa.BufferReader(fs.cat_file(path))).to_pylist()}
+
+
 @pytest.fixture(scope="module")
 def folder_run(shapes, tiny_models_dir, ray_local, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("out-folder"))
@@ -112,6 +122,7 @@ def test_counts_rejects_and_manifest(folder_run):
     assert manifest["rejected_by_stage"] == {"decode": len(BAD)}
     assert manifest["input_format"] == "folder" and manifest["buckets"] == ["64x64"]
     assert manifest["models"]["kind"] == "tiny" and manifest["code_version"]
+    assert manifest["models"]["synthetic_captions"] == "model" and manifest["models"]["captioner"]
     fs, root = filesystem(output)
     rejects = {}
     for path in fs.find(f"{root}/{schema.REJECTS_DIR}"):
@@ -192,12 +203,46 @@ def test_killed_run_resumes_without_duplicates(folder_run, shapes, tiny_models_d
             assert np.allclose(resumed[key][column], row[column], rtol=2e-3, atol=2e-3), (key, column)
 
 
+def drop_first_synthetic_caption(layout: Path, copy: Path) -> str:
+    """A copy of a make_shapes WebDataset or Parquet layout whose first sample has no synthetic caption; its key."""
+    shutil.copytree(layout, copy)
+    first = sorted(copy.iterdir())[0]
+    if first.suffix == ".parquet":
+        table = pq.read_table(first)
+        column = table.column_names.index("caption_synthetic")
+        captions = table.column(column).to_pylist()
+        pq.write_table(table.set_column(column, "caption_synthetic", pa.array([None, *captions[1:]], pa.string())),
+                       first)
+        return table.column("key")[0].as_py()
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    key = members[0][0].name.split(".", 1)[0]
+    with tarfile.open(first, "w") as tar:
+        for member, data in members:
+            if member.name != f"{key}.synthetic.txt":
+                tar.addfile(member, io.BytesIO(data))
+    return key
+
+
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
-def test_other_input_formats(shapes, tiny_models_dir, ray_local, tmp_path, fmt):
-    manifest = preprocess(config(str(shapes / fmt), str(tmp_path / "out"), tiny_models_dir))
+def test_other_input_formats_with_their_own_synthetic_captions(shapes, tiny_models_dir, ray_local, tmp_path, fmt):
+    """`models.synthetic_captions=input`: every row keeps the synthetic caption its input holds (no captioner runs),
+    and a row that has none is a recorded reject."""
+    missing = drop_first_synthetic_caption(shapes / fmt, tmp_path / fmt)
+    cfg = config(str(tmp_path / fmt), str(tmp_path / "out"), tiny_models_dir)
+    cfg.models.synthetic_captions = "input"
+    manifest = preprocess(cfg)
     assert manifest["input_format"] == fmt
-    assert manifest["counts"] == {"read": N_GOOD, "written": N_GOOD, "rejected": 0}
-    assert len(read_output(str(tmp_path / "out"))) == N_GOOD
+    assert manifest["counts"] == {"read": N_GOOD, "written": N_GOOD - 1, "rejected": 1}
+    assert manifest["models"]["synthetic_captions"] == "input" and manifest["models"]["captioner"] is None
+    (reject,) = read_rejects(str(tmp_path / "out")).values()
+    assert reject[schema.ID] == missing and reject[schema.REJECT_STAGE] == "decode"
+    reason = reject[schema.REJECT_REASON]
+    assert "no synthetic caption in the input, which models.synthetic_captions=input needs" in reason, reason
+    samples = [make_sample(3, i, 96) for i in range(N_GOOD)]  # the `shapes` fixture's
+    rows = read_output(str(tmp_path / "out"))
+    assert {key: row[schema.SYNTHETIC_CAPTION] for key, row in rows.items()} == {
+        s.key: s.synthetic_caption for s in samples if s.key != missing}
 
 
 @pytest.mark.parametrize(
@@ -338,8 +383,5 @@ def test_preference_pairs_in_pick_a_pics_layout_become_winner_and_loser_latents(
     for column in (schema.LATENT, schema.LOSER_LATENT):  # the same pair either way round
         np.testing.assert_allclose(np.array(written["pair-1"][column], dtype=np.float32),
                                    np.array(written["pair-0"][column], dtype=np.float32), rtol=2e-3, atol=2e-3)
-    fs, _ = filesystem(out)
-    rejects = pa.concat_tables([pq.read_table(pa.BufferReader(fs.cat_file(f)))
-                                for f in manifest["files"] if f"/{schema.REJECTS_DIR}/" in f]).to_pylist()
-    reasons = {r[schema.ID]: r[schema.REJECT_REASON] for r in rejects}
+    reasons = {key: r[schema.REJECT_REASON] for key, r in read_rejects(out).items()}
     assert "a tie" in reasons["pair-3"] and reasons["pair-4"]

@@ -56,6 +56,7 @@ def test_generation_is_deterministic_per_seed_and_index():
     assert [s.key for s in first] == [f"0003-{i:06d}" for i in range(6)]
     for a, b in zip(first, again, strict=True):
         assert a.image.tobytes() == b.image.tobytes() and a.caption == b.caption and a.objects == b.objects
+        assert a.synthetic_caption == b.synthetic_caption
     assert [s.caption for s in first] != [s.caption for s in other]
     assert all(a.image.tobytes() != b.image.tobytes() for a, b in zip(first, other, strict=True))
     alone = make_sample(3, 5, size=SIZE)  # sample 5 does not depend on the samples before it
@@ -97,11 +98,13 @@ def test_job_writes_three_readable_layouts(local_run: tuple[Path, dict[str, int]
     keys = [s.key for s in expected]
 
     folder = out / "folder"
-    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{k}.{e}" for k in keys for e in ("png", "txt", "json"))
+    extensions = ("png", "txt", "synthetic.txt", "json")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{k}.{e}" for k in keys for e in extensions)
     for s in expected:
         with Image.open(folder / f"{s.key}.png") as image:
             assert image.format == "PNG" and image.convert("RGB").tobytes() == s.image.tobytes()
         assert (folder / f"{s.key}.txt").read_text(encoding="utf-8") == s.caption
+        assert (folder / f"{s.key}.synthetic.txt").read_text(encoding="utf-8") == s.synthetic_caption
         assert json.loads((folder / f"{s.key}.json").read_text()) == s.objects
 
     shards = sorted((out / "webdataset").iterdir())
@@ -112,9 +115,10 @@ def test_job_writes_three_readable_layouts(local_run: tuple[Path, dict[str, int]
             for info in tar.getmembers():
                 assert info.isfile() and info.mtime == 0 and info.uid == info.gid == 0
                 members.append((info.name.split(".", 1)[0], info.name.split(".", 1)[1], tar.extractfile(info).read()))
-    assert [m[0] for m in members] == [k for k in keys for _ in range(3)]  # a key's files are adjacent
-    assert [m[1] for m in members] == ["png", "txt", "json"] * N
+    assert [m[0] for m in members] == [k for k in keys for _ in extensions]  # a key's files are adjacent
+    assert [m[1] for m in members] == list(extensions) * N
     assert [m[2] for m in members if m[1] == "txt"] == [s.caption.encode() for s in expected]
+    assert [m[2] for m in members if m[1] == "synthetic.txt"] == [s.synthetic_caption.encode() for s in expected]
 
     parts = sorted((out / "parquet").iterdir())
     assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
@@ -122,8 +126,11 @@ def test_job_writes_three_readable_layouts(local_run: tuple[Path, dict[str, int]
     table = pq.read_table(out / "parquet")
     assert table.schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     assert table.schema.remove_metadata() == PARQUET_SCHEMA.remove_metadata()
+    features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    assert list(features) == table.column_names  # `datasets` knows every column
     rows = table.to_pylist()
     assert [r["key"] for r in rows] == keys and [r["caption"] for r in rows] == [s.caption for s in expected]
+    assert [r["caption_synthetic"] for r in rows] == [s.synthetic_caption for s in expected]
     for row, s in zip(rows, expected, strict=True):
         assert row["image"]["path"] == f"{s.key}.png"
         assert row["image"]["bytes"] == (folder / f"{s.key}.png").read_bytes()
@@ -183,7 +190,8 @@ def test_hydra_command_line(remote: bool, tmp_path: Path, request: pytest.Fixtur
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     tree = read_tree(out)
-    assert sorted(tree) == sorted([*(f"folder/0001-{i:06d}.{e}" for i in range(3) for e in ("png", "txt", "json")),
+    extensions = ("png", "txt", "synthetic.txt", "json")
+    assert sorted(tree) == sorted([*(f"folder/0001-{i:06d}.{e}" for i in range(3) for e in extensions),
                                    "parquet/part-00000.parquet", "shapes.json"])
     assert json.loads(tree["shapes.json"])["formats"] == ["folder", "parquet"]
 

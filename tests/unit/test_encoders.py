@@ -154,19 +154,26 @@ def test_text_outputs_match_the_models_own_layers(text):
 
 
 def test_every_word_of_the_shapes_captions_is_one_token(text):
-    """The tiny tokenizers have a token for each word the shapes' captions use (as a real tokenizer has for common
-    words), so the prompt's words reach the text encoders whole, not spelled out in characters."""
+    """The tiny tokenizers have a token for each word the shapes' captions and synthetic captions use (as a real
+    tokenizer has for common words), so the prompt's words reach the text encoders whole, not spelled out in
+    characters."""
+    import re
+
     from pipelines import geneval
-    from pipelines.synthetic.shapes import COLORS, SHAPES
+    from pipelines.synthetic.shapes import COLORS, SHAPES, generate
 
     captions = [m["prompt"] for tag in geneval.TAGS for m in geneval.distinct_prompts(tag, SHAPES, tuple(COLORS))]
-    words = sorted({w for c in captions for w in c.split()})
-    assert {"photo", "crosses", "purple", "left", "below", "four"} <= set(words)
+    synthetic = [s.synthetic_caption for s in generate(300, seed=7, size=64)]  # not the corpus' seed
+    words = sorted({w for c in captions + synthetic for w in re.findall(r"\w+", c)})
+    assert {"photo", "crosses", "purple", "left", "below", "four", "and"} <= set(words)
     for tokenizer in (text.tokenizer_l, text.tokenizer_g, text.tokenizer_t5):
         for word in words:
             assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, (type(tokenizer).__name__, word)
     caption = "a photo of a red circle and an orange square"
     assert len(text.tokenizer_t5(caption, add_special_tokens=False).input_ids) == len(caption.split())
+    listing = next(c for c in synthetic if c.count(",") == 2)  # four objects: a word or a mark per token
+    for tokenizer in (text.tokenizer_l, text.tokenizer_t5):
+        assert len(tokenizer(listing, add_special_tokens=False).input_ids) == len(re.findall(r"\w+|[,:]", listing))
 
 
 def test_long_caption_is_truncated(text):

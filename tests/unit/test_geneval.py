@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from pipelines import geneval
 from pipelines.geneval import distinct_prompts
-from pipelines.synthetic.shapes import COLORS, SHAPES, draw, generate
+from pipelines.synthetic.shapes import COLORS, SHAPES, draw, generate, make_sample
 from workloads.evaluate.detect import Detection, ShapesDetector
 from workloads.evaluate.prompts import prompt_set
 from workloads.evaluate.scoring import score_image, summarize
@@ -103,6 +104,30 @@ def test_generated_captions_are_true_of_their_objects():
             if "position" in want:
                 relations[want["position"][0]] += 1
     assert set(tags) == set(geneval.TAGS) and set(relations) == set(geneval.RELATIONS)
+
+
+def test_synthetic_captions_name_every_object_the_count_and_the_relation():
+    """The synthetic caption (the VLM's stand-in) names each drawn object's colour and shape in order, the count of a
+    scene of one shape, and for two objects the one relation GenEval's rule reads off their boxes (else "and")."""
+    phrase = rf"an? ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
+    forms, counted = Counter(), Counter()
+    samples = list(generate(300, seed=11, size=64))
+    for sample in samples:
+        text, objects, n = sample.synthetic_caption, sample.objects, len(sample.objects)
+        assert [tuple(m) for m in re.findall(phrase, text)] == [(o["color"], o["shape"]) for o in objects], text
+        one_shape = n > 1 and len({o["shape"] for o in objects}) == 1
+        head = f"{geneval.NUMBER_WORDS[n]} {geneval.plural(objects[0]['shape'])}: " if one_shape else ""
+        assert text.startswith(f"a photo of {head}"), text
+        found = geneval.relative_position(objects[0]["bbox"], objects[1]["bbox"]) if n == 2 else set()
+        listing = ", ".join(["X"] * (n - 1)) + " and X" if n > 1 else "X"
+        expected = f"X {found.pop()} X" if len(found) == 1 else listing
+        assert re.sub(phrase, "X", text.removeprefix(f"a photo of {head}")) == expected, text
+        forms[expected] += 1
+        counted[n] += one_shape
+    assert {"X", "X and X", "X, X and X", "X, X, X and X", *(f"X {r} X" for r in geneval.RELATIONS)} <= set(forms)
+    assert all(counted[n] for n in geneval.COUNTS), counted
+    again = make_sample(11, 7, size=64)  # a function of (seed, index) alone
+    assert again.synthetic_caption == samples[7].synthetic_caption != samples[7].caption
 
 
 @pytest.mark.parametrize(("size", "n"), [(64, 600), (128, 150)])

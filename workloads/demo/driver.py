@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from conf.checks import Objective, validate
 from conf.demo import DemoConf, register
@@ -87,7 +88,20 @@ def main_run_conf(cfg: DemoConf, at: Layout) -> TrainConf:
     return sweep_job.trial_train_conf(sweep, params)
 
 
-def pairs_conf(cfg: DemoConf, at: Layout, main: TrainConf) -> MakePairsConf:
+class PreferenceSettings(Protocol):
+    """The preference stage's settings, as `DemoConf` and `ReproduceConf` (which tunes its best run) both carry them."""
+
+    endpoint_url: str | None
+    geneval_guidance: float
+    pairs_prompts_per_task: int
+    pairs_images_per_prompt: int
+    pairs_sample_steps: int
+    dpo_steps: int
+    dpo_rank: int
+    dpo_geneval_images_per_prompt: int
+
+
+def pairs_conf(cfg: PreferenceSettings, at: Layout, main: TrainConf) -> MakePairsConf:
     """Preference pairs from the main run: its training prompts judged by GenEval-shapes, the demo's sampling."""
     return MakePairsConf(run=join(main.run.storage, main.run.name), data=at.data, out=join(at.storage, "pairs"),
                          endpoint_url=cfg.endpoint_url, prompts_per_task=cfg.pairs_prompts_per_task,
@@ -96,7 +110,7 @@ def pairs_conf(cfg: DemoConf, at: Layout, main: TrainConf) -> MakePairsConf:
                          guidance=cfg.geneval_guidance)
 
 
-def dpo_conf(cfg: DemoConf, at: Layout, main: TrainConf) -> TrainConf:
+def dpo_conf(cfg: PreferenceSettings, at: Layout, main: TrainConf) -> TrainConf:
     """The main run's training settings turned into `objective=dpo` on the pairs: LoRA adapters on the main run's
     weights, GenEval-shapes of the held-out prompts before the first step and after the last."""
     c = copy.deepcopy(main)
@@ -111,7 +125,7 @@ def dpo_conf(cfg: DemoConf, at: Layout, main: TrainConf) -> TrainConf:
     return c
 
 
-def preference_tune(cfg: DemoConf, at: Layout, main: TrainConf) -> demo_report.Preference:
+def preference_tune(cfg: PreferenceSettings, at: Layout, main: TrainConf) -> demo_report.Preference:
     """Pairs, then DPO (each kept when an earlier invocation finished it). A main run that drew no correct image of
     any training prompt gives no pairs: the stage is then skipped, and the report says why."""
     import json

@@ -1,0 +1,176 @@
+"""`make reproduce` end to end, shrunk far below its quick preset to fit the suite: the shapes at two resolutions
+(with synthetic captions from their ground truth) -> every study as a Ray Tune sweep of `workloads.sweep` on shared
+runs -> DPO -> report.md with a verdict per claim. Started from the command line, stopped (SIGTERM) after the first
+trial, then run again: the interrupted sweep resumes and nothing finished is redone."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conf.reproduce import ReproduceConf, reproduce_train
+from model.formulations import PAPER_GLOBAL_RANK, paper_global_rank
+from workloads.reproduce import driver as reproduce
+from workloads.reproduce import findings
+from workloads.train.runlog import EVENTS, read_records
+
+ROOT = Path(__file__).resolve().parents[2]
+FORMULATIONS = ["rf/lognorm(0.00,1.00)", "eps/linear"]
+SETTINGS = {"images": 48, "image_size": 64, "shard_size": 16, "resolution": 32, "high_resolution": 64,
+            "depths": [1, 2], "study_depth": 2, "sampling_steps": [2, 4], "sampling_shifts": [1.0, 3.0],
+            "geneval_prompts_per_task": 1, "geneval_images_per_prompt": 1, "geneval_steps": 2, "eval_samples": 8,
+            "dpo_steps": 2, "pairs_prompts_per_task": 1, "pairs_images_per_prompt": 2, "pairs_sample_steps": 2,
+            "dpo_geneval_images_per_prompt": 1}
+TRAIN = {"trainer.max_steps": 4, "trainer.batch_size": 8, "optim.warmup_steps": 1, "ema.decay": 0.9,
+         "validation.every": 4, "validation.samples": 8, "validation.grid_prompts": 1,
+         "validation.grid_per_prompt": 1, "validation.sample_steps": 2, "checkpoint.every": 4}
+
+
+def cli(out_dir: Path) -> list[str]:
+    args = [f"out_dir={out_dir}", "formulations=[" + ",".join(f"'{f}'" for f in FORMULATIONS) + "]"]
+    args += [f"{k}=[{','.join(map(str, v))}]" if isinstance(v, list) else f"{k}={v}" for k, v in SETTINGS.items()]
+    args += [f"train.{k}={v}" for k, v in TRAIN.items()]
+    return [sys.executable, "-m", "workloads.reproduce", *args]
+
+
+def conf(out_dir: Path) -> ReproduceConf:
+    train = reproduce_train()
+    for key, value in TRAIN.items():
+        section, name = key.split(".")
+        setattr(getattr(train, section), name, value)
+    return ReproduceConf(out_dir=str(out_dir), formulations=FORMULATIONS, train=train, **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def reproduced(ray_local, tmp_path_factory):
+    """The command line stopped after the formulation study's first trial, then the same `run` in this process. Both
+    join the session's Ray (RAY_ADDRESS), as a job submitted to a cluster does."""
+    import ray
+
+    out = tmp_path_factory.mktemp("reproduce") / "report"
+    cfg = conf(out)
+    trials = Path(reproduce.Layout.of(cfg).storage) / "formulation" / "trials"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = out.parent / "first.log"  # a file, not a pipe: Ray's output would fill a pipe and stall the job
+    with log.open("wb") as sink:
+        first = subprocess.Popen(cli(out), cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and first.poll() is None and not (trials.exists() and any(trials.iterdir())):
+        time.sleep(0.5)
+    assert first.poll() is None, log.read_text()[-3000:]
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=120)
+    interrupted = sorted(p.name for p in trials.glob("*.json"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        reproduce.run(cfg)
+    return cfg, out, interrupted, printed.getvalue()
+
+
+def trained_runs(cfg: ReproduceConf) -> dict[str, list[str]]:
+    runs = Path(reproduce.Layout.of(cfg).storage) / "runs"
+    return {p.name: [e["event"] for e in read_records(str(p), EVENTS)] for p in sorted(runs.iterdir())}
+
+
+def study(cfg: ReproduceConf, name: str) -> Path:
+    return Path(reproduce.Layout.of(cfg).storage) / name
+
+
+def test_every_claim_gets_a_verdict_beside_the_papers_figure(reproduced):
+    _, out, _, _ = reproduced
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert [v["finding"] for v in verdicts] == ["formulation", "depth", "depth", "shift", "shift", "steps",
+                                                "captions", "dpo"]
+    assert all(v["status"] in (findings.REPRODUCED, findings.NOT_REPRODUCED, findings.INCONCLUSIVE) and v["reason"]
+               for v in verdicts)
+    report = (out / "report.md").read_text()
+    assert report.count("| **") == len(verdicts)  # the verdict table: one row a claim
+    for figure in ("15.58", "4.30", "43.27", "49.78", "0.68 -> 0.71", "sqrt(m/n)"):
+        assert figure in report, figure
+    for plot in ("formulation-formulations.png", "depth-scaling.png", "steps-steps.png", "shift-32-shift.png",
+                 "shift-64-shift.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG" and f"]({plot})" in report
+
+
+def test_the_interrupted_command_resumes_and_each_run_trains_once(reproduced):
+    cfg, _, interrupted, printed = reproduced
+    assert len(interrupted) == 1 and "[sweep] resuming" in printed
+    runs = trained_runs(cfg)
+    # d1 and d2 (depth; d2 is also the formulation, steps, 32-px shift and original-captions run), eps/linear at
+    # d2, d2 at 64 px, the caption mix at d2; DPO too when the 4-step runs drew a correct and an incorrect image
+    flow = {name: events for name, events in runs.items() if not name.startswith("dpo-")}
+    assert len(flow) == 5 and all(events == ["started", "finished"] for events in flow.values())
+    names = ("formulation", "depth", "steps", "shift-32", "shift-64", "captions-original", "captions-mix")
+    runs_of = {name: set(pd.read_csv(study(cfg, name) / "results.csv")["run"]) for name in names}
+    assert runs_of["captions-original"] <= runs_of["formulation"] & runs_of["depth"] & runs_of["shift-32"]
+    assert runs_of["steps"] == runs_of["depth"] and runs_of["shift-64"].isdisjoint(runs_of["depth"])
+    (mix,) = runs_of["captions-mix"]
+    assert mix in flow and mix not in runs_of["formulation"] | runs_of["depth"]
+
+
+def test_the_formulation_tables_rank_the_trials_and_correlate_with_table_1(reproduced):
+    cfg, out, _, _ = reproduced
+    results = pd.read_csv(study(cfg, "formulation") / "results.csv")
+    assert sorted(results["formulation"]) == sorted(FORMULATIONS) and (results["val_loss"] > 0).all()
+    ranked = results.sort_values("val_loss")["formulation"].tolist()
+    paper = sorted(ranked, key=PAPER_GLOBAL_RANK.__getitem__)
+    d2 = sum((i - paper.index(f)) ** 2 for i, f in enumerate(ranked))
+    rho = 1 - 6 * d2 / (len(ranked) * (len(ranked) ** 2 - 1))  # Spearman's formula, no ties
+    # the sweep's own report: ranked by validation loss, each beside its Table 1 rank
+    sweep_report = (study(cfg, "formulation") / "report.md").read_text()
+    header, _, *rows = [line.strip("| ").split(" | ") for line in sweep_report.splitlines() if line.startswith("| ")]
+    assert header == ["rank", "formulation", "val_loss", "geneval", "geneval_rank", "paper_global_rank"]
+    assert [row[:2] for row in rows] == [[str(i), f] for i, f in enumerate(ranked, 1)]
+    assert [float(row[5]) for row in rows] == [PAPER_GLOBAL_RANK[f] for f in ranked]
+    assert f"ranked by validation loss: Spearman correlation with the paper's global ranking (Table 1) over 2 " \
+           f"formulations: {rho:.3f}" in sweep_report
+    # the reproduction's: both rankings and their combination
+    section = (out / "report.md").read_text().split("## 1. ")[1].split("## 2. ")[0]
+    header, _, *rows = [line.strip("| ").split(" | ") for line in section.splitlines() if line.startswith("| ")]
+    assert header == ["formulation", "val_loss", "loss_rank", "geneval", "geneval_rank", "combined_rank",
+                      "paper_global_rank"]
+    assert {row[0]: float(row[2]) for row in rows} == {f: float(i) for i, f in enumerate(ranked, 1)}
+    assert [float(row[6]) for row in rows] == [paper_global_rank(row[0]) for row in rows]
+    assert f"ranked by validation loss: Spearman correlation with Table 1's global ranks over 2 formulations: " \
+           f"{rho:.3f}" in section
+
+
+def test_depth_steps_and_shift_studies_write_their_tables(reproduced):
+    cfg, _, _, _ = reproduced
+    depth = pd.read_csv(study(cfg, "depth") / "results.csv").sort_values("depth")
+    assert depth["depth"].tolist() == [1, 2] and (depth["params"].diff().dropna() > 0).all()
+    assert (depth["train_flops"] > 0).all() and depth["geneval"].between(0, 1).all() and "geneval_counting" in depth
+    report = (study(cfg, "depth") / "report.md").read_text()
+    assert "2 of 2 trials finished" in report and "against C:" in report and "predicted final validation loss" in report
+    assert "validation loss against GenEval-shapes" in report and len(pd.read_parquet(
+        study(cfg, "depth") / "results.parquet")) == 2
+    steps = pd.read_csv(study(cfg, "steps") / "results.csv")
+    assert {"lfd@steps=2", "lfd@steps=4", "change@steps=2", "geneval@steps=2", "geneval@steps=4"} <= set(steps)
+    assert (steps["change@steps=4"] == 0).all() and (steps["change@steps=2"] > 0).all()
+    report = (study(cfg, "steps") / "report.md").read_text()
+    assert "LFD +% at 2" in report and "GenEval at 4" in report
+    for resolution in (32, 64):
+        shift = pd.read_csv(study(cfg, f"shift-{resolution}") / "results.csv")
+        assert {"lfd@shift=1", "lfd@shift=3", "geneval@shift=1", "geneval@shift=3"} <= set(shift)
+        report = (study(cfg, f"shift-{resolution}") / "report.md").read_text()
+        assert "best sampling shift for 'LFD, trained at shift 1'" in report
+        assert "best sampling shift for 'GenEval, trained at shift 1'" in report
+
+
+def test_a_bad_setting_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="study_depth=3"):
+        ReproduceConf(out_dir=str(tmp_path), study_depth=3, depths=[1, 2])
+    cmd = [sys.executable, "-m", "workloads.reproduce", f"out_dir={tmp_path}", "high_resolution=32"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: ") and "Traceback" not in done.stderr
+    assert "high_resolution" in done.stderr and not (tmp_path / "work").exists()

@@ -1,0 +1,1 @@
+"""`python -m workloads.reproduce`: the paper's findings reproduced as studies on the shapes data."""

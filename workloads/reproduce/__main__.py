@@ -1,0 +1,3 @@
+from workloads.reproduce.driver import main
+
+main()

@@ -1,0 +1,199 @@
+"""`make reproduce` (`python -m workloads.reproduce preset=quick|default|cluster`): the paper's findings as studies.
+
+On a local Ray cluster (or the one in RAY_ADDRESS): draw the shapes dataset with terse GenEval captions and rich
+synthetic captions from its ground truth, preprocess it at two resolutions, then run the studies as Ray Tune
+sweeps of `workloads.sweep` on the same storage — formulations (Table 1), depths (Fig. 8), sampling steps (Table 6),
+sampling shift at both resolutions (the sqrt(m/n) rule), original against mixed captions (Table 4) — and Diffusion-DPO
+of the best run (Table 5). Runs are keyed by their training config, so the studies share them (the study-depth run
+is trained once). `<out_dir>/report.md` sets each result beside the paper's figures with a verdict per finding.
+Running the same command again resumes: finished data, runs and trials are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from conf.checks import SyntheticCaptions, validate
+from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
+from conf.reproduce import Finding, ReproduceConf, register
+from conf.sweep import Study, SweepConf
+from conf.train import TrainConf
+from pipelines.make_shapes import MakeShapesConf
+from pipelines.storage import join, require_bucket
+from workloads.demo import driver as demo
+from workloads.reproduce import findings as analysis
+from workloads.reproduce import report
+from workloads.runtime import cli, ensure_ray, logger
+from workloads.sweep import driver as sweep_job
+from workloads.sweep import studies
+from workloads.train import driver as train_job
+
+LOG = logger("reproduce")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """`<storage>/shapes`, the two preprocessed datasets, `runs/` (every study's trials) and one folder per study."""
+
+    storage: str
+    shapes: str
+    data: str  # at `resolution`: every study
+    data_high: str  # at `high_resolution`: the shift study's second resolution
+
+    @classmethod
+    def of(cls, cfg: ReproduceConf) -> Layout:
+        storage = cfg.storage or str(Path(cfg.out_dir).resolve() / "work")
+        return cls(storage, join(storage, "shapes"), join(storage, f"data-{cfg.resolution}"),
+                   join(storage, f"data-{cfg.high_resolution}"))
+
+
+def shapes_conf(cfg: ReproduceConf, at: Layout) -> MakeShapesConf:
+    return MakeShapesConf(out=at.shapes, n=cfg.images, seed=cfg.seed, size=cfg.image_size,
+                          shard_size=cfg.shard_size, formats=["folder"], endpoint_url=cfg.endpoint_url)
+
+
+def preprocess_conf(cfg: ReproduceConf, at: Layout, resolution: int) -> PreprocessConf:
+    """The shapes at one resolution, the synthetic captions read from the input (no captioner model)."""
+    stage = StageConf(batch_size=32, num_cpus=0.5)
+    return PreprocessConf(
+        input=join(at.shapes, "folder"), output=at.data if resolution == cfg.resolution else at.data_high,
+        input_format="folder", endpoint_url=cfg.endpoint_url, resolution=resolution,
+        folder_shard_size=cfg.shard_size,
+        models=ModelsConf(kind="tiny", synthetic_captions=SyntheticCaptions.input),
+        compute=ComputeConf(use_gpu=cfg.train.trainer.use_gpu or None, decode_num_cpus=0.25, decode_batch_size=32,
+                            write_batch_size=32, vae=stage, caption=stage, text=stage))
+
+
+def study_train(cfg: ReproduceConf, caption_mix: float = 0.0) -> TrainConf:
+    """The training settings every study's runs share; DPO's held-out GenEval prompts are the studies' own."""
+    c = copy.deepcopy(cfg.train)
+    c.objective.synthetic_caption_prob = caption_mix
+    c.validation.geneval_prompts_per_task = cfg.geneval_prompts_per_task
+    return c
+
+
+def sweep_conf(cfg: ReproduceConf, at: Layout, name: str, study: Study, **axes) -> SweepConf:
+    """One study as a `workloads.sweep` config on the reproduction's storage (its runs under `<storage>/runs`)."""
+    fields = {"depths": list(cfg.depths), "study_depth": cfg.study_depth, "formulations": list(cfg.formulations),
+              "training_shifts": [cfg.train.objective.shift], "sampling_shifts": list(cfg.sampling_shifts),
+              "sampling_steps": list(cfg.sampling_steps), "data": at.data, "train": study_train(cfg)} | axes
+    return SweepConf(study=study, preset=cfg.preset, name=name, storage=at.storage, endpoint_url=cfg.endpoint_url,
+                     eval_samples=cfg.eval_samples, eval_sample_steps=cfg.geneval_steps,
+                     geneval_prompts_per_task=cfg.geneval_prompts_per_task,
+                     geneval_images_per_prompt=cfg.geneval_images_per_prompt, geneval_guidance=cfg.geneval_guidance,
+                     **fields)
+
+
+def sweeps(cfg: ReproduceConf, at: Layout) -> dict[str, SweepConf]:
+    """Every sweep of the chosen findings, by name (each name is also its folder under `storage`)."""
+    wanted, out = set(cfg.findings), {}
+    if Finding.formulation in wanted:
+        out["formulation"] = sweep_conf(cfg, at, "formulation", Study.formulation)
+    if Finding.depth in wanted:
+        out["depth"] = sweep_conf(cfg, at, "depth", Study.depth)
+    if Finding.steps in wanted:
+        out["steps"] = sweep_conf(cfg, at, "steps", Study.steps)
+    if Finding.shift in wanted:
+        out[f"shift-{cfg.resolution}"] = sweep_conf(cfg, at, f"shift-{cfg.resolution}", Study.shift)
+        out[f"shift-{cfg.high_resolution}"] = sweep_conf(cfg, at, f"shift-{cfg.high_resolution}", Study.shift,
+                                                         data=at.data_high)
+    if Finding.captions in wanted or Finding.dpo in wanted:  # the original-captions run is DPO's fallback base
+        out["captions-original"] = sweep_conf(cfg, at, "captions-original", Study.depth, depths=[cfg.study_depth])
+    if Finding.captions in wanted:
+        out["captions-mix"] = sweep_conf(cfg, at, "captions-mix", Study.depth, depths=[cfg.study_depth],
+                                         train=study_train(cfg, cfg.caption_mix))
+    return out
+
+
+def dpo_base(cfg: ReproduceConf, at: Layout, results: dict[str, pd.DataFrame]) -> TrainConf:
+    """The run DPO tunes: the formulation study's best by GenEval-shapes when it ran, else the study-depth run."""
+    table = results.get("formulation")
+    name = "formulation" if table is not None and not table.empty else "captions-original"
+    table = results[name]
+    best = table.sort_values(["geneval", "val_loss"], ascending=[False, True]).iloc[0]
+    sweep = sweeps(cfg, at)[name]
+    (params,) = [p for p in studies.trial_params(sweep) if p["formulation"] == best["formulation"]
+                 and p["depth"] == best["depth"]]
+    return sweep_job.trial_train_conf(sweep, params)
+
+
+def check(cfg: ReproduceConf) -> None:
+    """Every job's config checked before any work: numbers, the shapes, each study's trials, DPO, the bucket."""
+    validate(cfg)
+    at = Layout.of(cfg)
+    from pipelines.make_shapes import check as check_shapes
+
+    check_shapes(shapes_conf(cfg, at))
+    for resolution in (cfg.resolution, cfg.high_resolution):
+        validate(preprocess_conf(cfg, at, resolution))
+    every = sweeps(cfg, at)
+    for sweep in every.values():
+        validate(sweep)
+        for params in studies.trial_params(sweep):
+            train_job.check(sweep_job.trial_train_conf(sweep, params))
+    if Finding.dpo in cfg.findings and cfg.dpo_steps:
+        original = every["captions-original"]
+        demo.dpo_conf(cfg, demo_layout(at), sweep_job.trial_train_conf(original, studies.trial_params(original)[0]))
+    require_bucket(at.storage, "storage", cfg.endpoint_url)
+
+
+def demo_layout(at: Layout) -> demo.Layout:
+    """The preference stage's paths (`make demo`'s): pairs under `<storage>/pairs`, sampled with the study data."""
+    return demo.Layout(at.storage, at.shapes, at.data)
+
+
+@contextlib.contextmanager
+def step(what: str, timings: dict[str, float], name: str) -> Iterator[None]:
+    LOG.info(what)
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    LOG.info(f"{name} done in {timings[name]:.0f} s")
+
+
+def run(cfg: ReproduceConf) -> Path:
+    check(cfg)
+    start, at, timings = time.perf_counter(), Layout.of(cfg), {}
+    t = cfg.train.trainer
+    ensure_ray(min_cpus=t.num_workers * t.cpus_per_worker + 2)
+    from pipelines import make_shapes, preprocess
+
+    with step(f"shapes: {cfg.images} images ({cfg.image_size} px) in {at.shapes}", timings, "shapes"):
+        make_shapes.run(shapes_conf(cfg, at))
+    needed = [cfg.resolution] + ([cfg.high_resolution] if Finding.shift in cfg.findings else [])
+    with step(f"preprocessing at {' and '.join(f'{r} px' for r in needed)}", timings, "preprocess"):
+        for resolution in needed:
+            preprocess.run(preprocess_conf(cfg, at, resolution))
+    results: dict[str, pd.DataFrame] = {}
+    for name, sweep in sweeps(cfg, at).items():
+        with step(f"study {name}: {len(studies.trial_params(sweep))} trial(s)", timings, name):
+            results[name] = sweep_job.run(sweep)
+    preference = None
+    if Finding.dpo in cfg.findings and cfg.dpo_steps:
+        base = dpo_base(cfg, at, results)
+        with step(f"DPO of {base.run.name}", timings, "dpo"):
+            preference = demo.preference_tune(cfg, demo_layout(at), base)
+    out = Path(cfg.out_dir).resolve()
+    sections = analysis.analyze(cfg, results, preference, sweeps(cfg, at))
+    text = report.write(out, cfg, at.storage, sections, timings, time.perf_counter() - start)
+    LOG.info("report.md:\n" + text)
+    LOG.info(f"finished in {time.perf_counter() - start:.0f} s; report {out / 'report.md'}")
+    return out
+
+
+register()
+
+
+def main() -> None:
+    cli("reproduce", run, doc=__doc__)
+
+
+if __name__ == "__main__":
+    main()
