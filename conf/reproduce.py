@@ -33,12 +33,12 @@ def reproduce_train() -> TrainConf:
     study's mix run sets `objective.synthetic_caption_prob`); scored by the studies after training, not during it."""
     return TrainConf(
         objective=ObjectiveConf(synthetic_caption_prob=0.0),
-        trainer=TrainerConf(num_workers=1, max_steps=1500, batch_size=32),
+        trainer=TrainerConf(num_workers=1, max_steps=500, batch_size=32),
         optim=OptimConf(lr=1e-3, warmup_steps=100),  # the paper's 1e-4 / 1000 are for billion-parameter models
         ema=EMAConf(decay=0.999),
-        validation=ValidationConf(every=500, samples=64, grid_prompts=2, grid_per_prompt=2, sample_steps=20,
+        validation=ValidationConf(every=250, samples=64, grid_prompts=2, grid_per_prompt=2, sample_steps=20,
                                   guidance=4.0, text_gap=False),
-        checkpoint=CheckpointConf(every=500, keep=1))
+        checkpoint=CheckpointConf(every=250, keep=1))
 
 
 @dataclass
@@ -70,7 +70,7 @@ class ReproduceConf:
     # Sample metrics of every run's EMA export: GenEval-shapes over `geneval_prompts_per_task` prompts of each task,
     # `geneval_images_per_prompt` images each (Euler, `geneval_steps`, guidance), and the latent Fréchet distance
     # over `eval_samples` held-out rows (shift and steps studies).
-    geneval_prompts_per_task: int = 10
+    geneval_prompts_per_task: int = 8
     geneval_images_per_prompt: int = 2
     geneval_steps: int = 20
     geneval_guidance: float = 4.0
@@ -128,7 +128,8 @@ PRESETS: dict[str, dict] = {
               "train": {"trainer": {"max_steps": 150, "batch_size": 16}, "optim": {"warmup_steps": 20},
                         "ema": {"decay": 0.99}, "validation": {"every": 150, "samples": 32},
                         "checkpoint": {"every": 150}}},
-    # the 2-core default: about 90 minutes (README: as measured)
+    # the 2-core default, sized from measured step times (1 thread, batch 32, 64 px: 25, 202, 677, 1235 and 2351 ms at
+    # depths 1-5) to about 90 minutes; see the README for what a run measured
     "default": {"preset": "default"},
     # a GPU cluster: 8 workers a run, longer runs, GenEval's full prompt set at 4 images
     "cluster": {"preset": "cluster", "images": 200_000, "shard_size": 1024, "depths": [2, 4, 6, 8, 10, 12],
