@@ -55,8 +55,11 @@ def correlation_verdict(rho: float, p: float, agree: str, points: int) -> tuple[
                           "separate it from chance")
 
 
-def images_per_trial(cfg: ReproduceConf) -> int:
-    return len(geneval.TAGS) * cfg.geneval_prompts_per_task * cfg.geneval_images_per_prompt
+def images_per_trial(cfg: ReproduceConf, images_per_prompt: int | None = None) -> int:
+    """GenEval-shapes images behind one score: every task's prompts, `images_per_prompt` (the studies' by default)
+    images each."""
+    per_prompt = cfg.geneval_images_per_prompt if images_per_prompt is None else images_per_prompt
+    return len(geneval.TAGS) * cfg.geneval_prompts_per_task * per_prompt
 
 
 def formulation(cfg: ReproduceConf, results: pd.DataFrame, sweep: SweepConf) -> Section:
@@ -222,7 +225,7 @@ def dpo(cfg: ReproduceConf, preference) -> Section:
         return Section(Finding.dpo, "Preference tuning (Table 5)", f"- skipped: {why}",
                        [Verdict(claim, says, "n/a", INCONCLUSIVE, why)])
     s = preference.summary
-    images = len(geneval.TAGS) * cfg.geneval_prompts_per_task * cfg.dpo_geneval_images_per_prompt
+    images = images_per_trial(cfg, cfg.dpo_geneval_images_per_prompt)
     table, verdict = geneval_comparison(claim, says, ("before DPO", s["geneval_before"], s["geneval_tasks_before"]),
                                         ("after DPO", s["geneval_after"], s["geneval_tasks_after"]), images)
     pairs = preference.pairs["counts"]["written"] if preference.pairs else 0

@@ -42,8 +42,10 @@ class ValGroup:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def tensors(self, rows: np.ndarray | slice) -> dict[str, torch.Tensor]:
-        return {c: torch.from_numpy(np.ascontiguousarray(v[rows])) for c, v in self.columns.items()}
+    def tensors(self, rows: np.ndarray | slice, columns: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The rows' tensor columns (`columns`, or all)."""
+        names = self.columns if columns is None else columns
+        return {c: torch.from_numpy(np.ascontiguousarray(self.columns[c][rows])) for c in names}
 
 
 def read_val_set(data: Location, files: dict[str, list[str]], samples: int, world_size: int,
@@ -93,11 +95,12 @@ def distributed_val_loss(network, groups: list[ValGroup], text: TextConditioning
     for group in groups:
         mine = np.arange(rank, len(group), world)
         text_of = np.roll(np.arange(len(group)), 1)  # with shuffle_text: row i reads row i-1's text
+        text_columns = [c for c in group.columns if c != schema.LATENT]
         for start in range(0, len(mine), batch_size):
             rows = mine[start:start + batch_size]
             batch = group.tensors(rows)
             if shuffle_text:
-                batch |= {c: v for c, v in group.tensors(text_of[rows]).items() if c != schema.LATENT}
+                batch |= group.tensors(text_of[rows], text_columns)
             batch = {k: v.to(device) for k, v in batch.items()}
             x0, context, pooled = to_model_inputs(batch, text, synthetic_prob=0.0, drop_prob=0.0, dtype=dtype)
             losses = validation_loss(network, x0, context, pooled, torch.from_numpy(group.ids[rows]),
