@@ -66,6 +66,10 @@ class ReproduceConf:
     formulations: list[str] = field(default_factory=lambda: list(TABLE_1))
     sampling_steps: list[int] = field(default_factory=lambda: [5, 10, 20, 50])  # the last is the reference
     sampling_shifts: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    # Trials of a study trained side by side (Tune's max_concurrent_trials); None: as many as the cluster holds. Each
+    # Train worker runs one thread per CPU it holds: on 2 cores, two one-thread trials of depth 4 measured 2.1x one's
+    # steps per second, one trial on two threads 1.5x (`make reproduce`'s README section).
+    concurrent_trials: int | None = 2
     caption_mix: float = 0.5  # the caption study's `objective.synthetic_caption_prob` (the paper's 50/50)
     # Sample metrics of every run's EMA export: GenEval-shapes over `geneval_prompts_per_task` prompts of each task,
     # `geneval_images_per_prompt` images each (Euler, `geneval_steps`, guidance), and the latent Fréchet distance
@@ -108,6 +112,8 @@ class ReproduceConf:
                 raise ValueError(f"sampling_shifts needs at least 2 positive shifts, got {list(self.sampling_shifts)}")
         if Finding.steps in findings and len(set(self.sampling_steps)) < 2:
             raise ValueError("sampling_steps needs at least two values (the largest is the reference)")
+        if self.concurrent_trials is not None and self.concurrent_trials < 1:
+            raise ValueError(f"concurrent_trials must be >= 1 or None (as many as fit), got {self.concurrent_trials}")
         if not 0 < self.caption_mix <= 1:
             raise ValueError(f"caption_mix must be in (0, 1], got {self.caption_mix}")
         if self.pairs_images_per_prompt < 2:
@@ -134,7 +140,8 @@ PRESETS: dict[str, dict] = {
     # a GPU cluster: 8 workers a run, longer runs, GenEval's full prompt set at 4 images
     "cluster": {"preset": "cluster", "images": 200_000, "shard_size": 1024, "depths": [2, 4, 6, 8, 10, 12],
                 "study_depth": 4, "geneval_prompts_per_task": 100, "geneval_images_per_prompt": 4,
-                "geneval_steps": 28, "eval_samples": 1024, "dpo_steps": 1000, "pairs_prompts_per_task": 64,
+                "geneval_steps": 28, "eval_samples": 1024, "concurrent_trials": None, "dpo_steps": 1000,
+                "pairs_prompts_per_task": 64,
                 "train": {"trainer": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8, "max_steps": 50_000,
                                       "batch_size": 256},
                           "optim": {"lr": 1e-4, "warmup_steps": 1000}, "ema": {"decay": 0.9999},

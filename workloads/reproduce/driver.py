@@ -88,7 +88,7 @@ def sweep_conf(cfg: ReproduceConf, at: Layout, name: str, study: Study, **axes) 
                      eval_samples=cfg.eval_samples, eval_sample_steps=cfg.geneval_steps,
                      geneval_prompts_per_task=cfg.geneval_prompts_per_task,
                      geneval_images_per_prompt=cfg.geneval_images_per_prompt, geneval_guidance=cfg.geneval_guidance,
-                     **fields)
+                     max_concurrent_trials=cfg.concurrent_trials, **fields)
 
 
 def sweeps(cfg: ReproduceConf, at: Layout) -> dict[str, SweepConf]:
@@ -161,8 +161,8 @@ def step(what: str, timings: dict[str, float], name: str) -> Iterator[None]:
 def run(cfg: ReproduceConf) -> Path:
     check(cfg)
     start, at, timings = time.perf_counter(), Layout.of(cfg), {}
-    t = cfg.train.trainer
-    ensure_ray(min_cpus=t.num_workers * t.cpus_per_worker + 2)
+    # room for `concurrent_trials` trials at once (logical CPUs: the OS shares the cores between them)
+    ensure_ray(min_cpus=(cfg.concurrent_trials or 1) * sweep_job.trial_cpus(cfg.train.trainer))
     from pipelines import make_shapes, preprocess
 
     with step(f"shapes: {cfg.images} images ({cfg.image_size} px) in {at.shapes}", timings, "shapes"):

@@ -24,11 +24,11 @@ import pandas as pd
 from conf.checks import validate
 from conf.model import ModelConf
 from conf.sweep import SweepConf, register
-from conf.train import TrainConf
+from conf.train import TrainConf, TrainerConf
 from pipelines import schema
 from pipelines.storage import Location, join
 from workloads.runtime import cli, ensure_ray, logger
-from workloads.sweep import studies
+from workloads.sweep import scores, studies
 from workloads.train import driver as train
 from workloads.train.runlog import SUMMARY
 
@@ -76,7 +76,8 @@ def finished(c: TrainConf) -> dict | None:
 def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]],
              geneval_at: list[tuple[int, float]]) -> dict:
     """Sampling metrics of a finished run's EMA export (in a Ray task with a GPU when trials use GPUs): the latent
-    metric at `settings` and GenEval-shapes at `geneval_at`, as the trial row's columns."""
+    metric at `settings` and GenEval-shapes at `geneval_at`, as the trial row's columns. GenEval scores the run
+    already has at a setting (another study's) are read from its folder, not sampled again."""
     import tempfile
 
     import torch
@@ -88,33 +89,50 @@ def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]],
     from workloads.train.streaming import split_files
     from workloads.train.validation import read_val_set
 
-    device = resolve_device("cuda" if c.trainer.use_gpu else "cpu")
-    spec = read_spec(Location.of(c.data, c.endpoint_url))
-    check_spec(spec, c.model.build())
-    val_spec = read_spec(Location.of(c.val_data, c.endpoint_url)) if c.val_data else None
-    split = split_files(spec, val_spec, c.loader.val_fraction)
-    groups = read_val_set(split.val_data, split.val, cfg.eval_samples, 1, holdout=split.holdout)
-    export = train.run_location(c).child("export")
-    with tempfile.TemporaryDirectory() as tmp:
-        export.fs.get(export.root + "/", tmp + "/", recursive=True)
-        network = load_diffusers(tmp).to(device).eval()
+    run = train.run_location(c)
+    setting = {at: geneval_setting(cfg, c, *at) for at in geneval_at}
+    summaries = {at: scores.read(run, s) for at, s in setting.items()}
+    missing = [at for at, summary in summaries.items() if summary is None]
     out = {}
-    metrics = sample_metrics(network, groups[0], spec.text, settings, c.objective.formulation, c.trainer.seed,
-                             device) if settings else {}
-    for (steps, shift), values in metrics.items():
-        out[studies.metric_column(cfg, "lfd", steps, shift)] = values["lfd"]
-        out[studies.metric_column(cfg, "change", steps, shift)] = values["change"]
-    if geneval_at:
-        out |= geneval_columns(cfg, c, network, spec, tuple(groups[0].columns[schema.LATENT].shape[1:]), geneval_at,
-                               device)
-    del network
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if settings or missing:
+        device = resolve_device("cuda" if c.trainer.use_gpu else "cpu")
+        spec = read_spec(Location.of(c.data, c.endpoint_url))
+        check_spec(spec, c.model.build())
+        val_spec = read_spec(Location.of(c.val_data, c.endpoint_url)) if c.val_data else None
+        split = split_files(spec, val_spec, c.loader.val_fraction)
+        groups = read_val_set(split.val_data, split.val, cfg.eval_samples, 1, holdout=split.holdout)
+        export = run.child("export")
+        with tempfile.TemporaryDirectory() as tmp:
+            export.fs.get(export.root + "/", tmp + "/", recursive=True)
+            network = load_diffusers(tmp).to(device).eval()
+        metrics = sample_metrics(network, groups[0], spec.text, settings, c.objective.formulation, c.trainer.seed,
+                                 device) if settings else {}
+        for (steps, shift), values in metrics.items():
+            out[studies.metric_column(cfg, "lfd", steps, shift)] = values["lfd"]
+            out[studies.metric_column(cfg, "change", steps, shift)] = values["change"]
+        if missing:
+            latent_shape = tuple(groups[0].columns[schema.LATENT].shape[1:])
+            for at, summary in geneval_summaries(cfg, c, network, spec, latent_shape, missing, device).items():
+                scores.write(run, setting[at], summary)
+                summaries[at] = summary
+        del network
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    for (steps, shift), summary in summaries.items():
+        column = studies.metric_column(cfg, "geneval", steps, shift)
+        out[column] = summary["overall"]
+        if len(summaries) == 1:
+            out |= {f"{column}_{t}": v for t, v in summary["tasks"].items()}
     return out
 
 
-def geneval_columns(cfg: SweepConf, c: TrainConf, network, spec, latent_shape: tuple[int, ...],
-                    settings: list[tuple[int, float]], device) -> dict:
-    """GenEval-shapes overall at each sampling setting (and per task in the one-setting studies)."""
+def geneval_setting(cfg: SweepConf, c: TrainConf, steps: int, shift: float) -> scores.GenEvalSetting:
+    return scores.GenEvalSetting(steps, shift, cfg.geneval_guidance, cfg.geneval_prompts_per_task,
+                                 cfg.geneval_images_per_prompt, c.trainer.seed)
+
+
+def geneval_summaries(cfg: SweepConf, c: TrainConf, network, spec, latent_shape: tuple[int, ...],
+                      settings: list[tuple[int, float]], device) -> dict[tuple[int, float], dict]:
+    """GenEval-shapes (overall and per task) of the network's samples at each (steps, shift)."""
     from workloads.evaluate.inline import Sampling, encode_prompt_set, geneval_summary, sample_prompt_set, to_uint8
     from workloads.train.validation import LatentDecoder
 
@@ -129,11 +147,7 @@ def geneval_columns(cfg: SweepConf, c: TrainConf, network, spec, latent_shape: t
     for steps, shift in settings:
         how = Sampling(steps, cfg.geneval_guidance, shift, "euler", c.objective.formulation, c.trainer.seed)
         latents = sample_prompt_set(network, prompts, spec.text, latent_shape, how, device)
-        summary = geneval_summary(to_uint8(decoder(latents.to(device))), prompts)
-        column = studies.metric_column(cfg, "geneval", steps, shift)
-        out[column] = summary["overall"]
-        if len(settings) == 1:
-            out |= {f"{column}_{t}": v for t, v in summary["tasks"].items()}
+        out[(steps, shift)] = geneval_summary(to_uint8(decoder(latents.to(device))), prompts)
     return out
 
 
@@ -221,6 +235,11 @@ def check(cfg: SweepConf) -> list[TrainConf]:
     return confs
 
 
+def trial_cpus(t: TrainerConf) -> float:
+    """The CPUs one trial holds while it trains: its own process, its Train workers and a reader of their data."""
+    return TRIAL_DRIVER_CPUS + t.num_workers * t.cpus_per_worker + 1
+
+
 def concurrency(cfg: SweepConf) -> int:
     """Trials that fit the cluster at once (its CPUs, and GPUs when trials use them), or the configured cap."""
     import ray
@@ -229,8 +248,7 @@ def concurrency(cfg: SweepConf) -> int:
         return cfg.max_concurrent_trials
     resources = ray.cluster_resources()
     t = cfg.train.trainer
-    cpus = TRIAL_DRIVER_CPUS + t.num_workers * t.cpus_per_worker + 1  # + a reader's CPU
-    fits = resources.get("CPU", 1) / cpus
+    fits = resources.get("CPU", 1) / trial_cpus(t)
     if t.use_gpu:
         fits = min(fits, resources.get("GPU", 0) / t.num_workers)
     return max(1, math.floor(fits))
@@ -271,7 +289,9 @@ def run(cfg: SweepConf) -> pd.DataFrame:
 def param_space(cfg: SweepConf) -> dict:
     import ray.tune
 
-    return {"sweep": cfg, "params": ray.tune.grid_search(studies.trial_params(cfg))}
+    # deepest first: with trials side by side, the longest run starts at once rather than last
+    params = sorted(studies.trial_params(cfg), key=lambda p: -int(p["depth"]))
+    return {"sweep": cfg, "params": ray.tune.grid_search(params)}
 
 
 register()

@@ -1,0 +1,40 @@
+"""GenEval-shapes scores of a finished run, kept in the run's folder under the sampling settings that made them, so
+the studies that score one run at the same setting sample it once: the depth, formulation, caption, steps and shift
+studies all score the study-depth run at its training shift and the sweep's sampling steps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from pipelines.storage import Location
+
+
+@dataclass(frozen=True)
+class GenEvalSetting:
+    """Everything besides the run's weights that decides a GenEval-shapes score."""
+
+    steps: int
+    shift: float
+    guidance: float
+    prompts_per_task: int
+    images_per_prompt: int
+    seed: int
+
+    def path(self) -> str:
+        text = json.dumps(self.__dict__, sort_keys=True)
+        return f"scores/geneval-{hashlib.sha1(text.encode()).hexdigest()[:12]}.json"
+
+
+def read(run: Location, setting: GenEvalSetting) -> dict | None:
+    """The stored summary ({"overall", "tasks"}) of the run at `setting`, or None when it was never scored."""
+    run = run.refreshed()
+    if not run.exists(setting.path()):
+        return None
+    return json.loads(run.read_bytes(setting.path()))["summary"]
+
+
+def write(run: Location, setting: GenEvalSetting, summary: dict) -> None:
+    record = {"setting": setting.__dict__, "summary": {"overall": summary["overall"], "tasks": summary["tasks"]}}
+    run.write_bytes(setting.path(), json.dumps(record, indent=1).encode())
