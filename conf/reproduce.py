@@ -134,8 +134,7 @@ PRESETS: dict[str, dict] = {
               "train": {"trainer": {"max_steps": 150, "batch_size": 16}, "optim": {"warmup_steps": 20},
                         "ema": {"decay": 0.99}, "validation": {"every": 150, "samples": 32},
                         "checkpoint": {"every": 150}}},
-    # the 2-core default, sized from in-process step times (1 thread, batch 32, 64 px: 25, 202, 677, 1235 and 2351 ms at
-    # depths 1-5) to about 90 minutes, but its depth study alone measured 58 (README): still to be resized
+    # the 2-core default: 89.9 minutes end to end, two trials at a time (README)
     "default": {"preset": "default"},
     # a GPU cluster: 8 workers a run, longer runs, GenEval's full prompt set at 4 images
     "cluster": {"preset": "cluster", "images": 200_000, "shard_size": 1024, "depths": [2, 4, 6, 8, 10, 12],

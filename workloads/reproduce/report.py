@@ -23,10 +23,13 @@ def write(out: Path, cfg: ReproduceConf, storage: str, sections: list[Section], 
     """Writes report.md, verdicts.json and the plots into `out`; returns the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
     t = cfg.train.trainer
+    at_a_time = (f"{cfg.concurrent_trials} trial(s) of a study at a time" if cfg.concurrent_trials
+                 else "as many trials at a time as the cluster holds")
     lines = [f"# The paper in miniature ({cfg.preset} preset)", "",
              f"{cfg.images} shapes images, studies at {cfg.resolution} px ({cfg.high_resolution} px too, for the "
              "shift); "
-             f"every run {t.max_steps} steps of batch {t.batch_size} on {t.num_workers} worker(s), width 64 x depth; "
+             f"every run {t.max_steps} steps of batch {t.batch_size} on {t.num_workers} worker(s), width 64 x depth, "
+             f"{at_a_time}; "
              f"GenEval-shapes over {cfg.geneval_prompts_per_task} prompts per task x {cfg.geneval_images_per_prompt} "
              f"image(s), {cfg.geneval_steps} Euler steps, guidance {cfg.geneval_guidance:g}. Data, runs and studies "
              f"under `{storage}`. {total_s / 60:.1f} minutes this invocation "
