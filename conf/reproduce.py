@@ -67,8 +67,9 @@ class ReproduceConf:
     sampling_steps: list[int] = field(default_factory=lambda: [5, 10, 20, 50])  # the last is the reference
     sampling_shifts: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
     # Trials of a study trained side by side (Tune's max_concurrent_trials); None: as many as the cluster holds. Each
-    # Train worker runs one thread per CPU it holds: on 2 cores, two one-thread trials of depth 4 measured 2.1x one's
-    # steps per second, one trial on two threads 1.5x (`make reproduce`'s README section).
+    # Train worker runs one thread per CPU it holds. On 2 cores, two one-thread depth-4 training loops in separate
+    # processes ran 2.1x one's steps per second (one loop on two threads: 1.5x); inside the job, with Ray's actors
+    # beside them, two at a time made the default's depth study 1.4x faster (README).
     concurrent_trials: int | None = 2
     caption_mix: float = 0.5  # the caption study's `objective.synthetic_caption_prob` (the paper's 50/50)
     # Sample metrics of every run's EMA export: GenEval-shapes over `geneval_prompts_per_task` prompts of each task,

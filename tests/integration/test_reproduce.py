@@ -130,8 +130,8 @@ def test_a_run_scored_by_several_studies_is_sampled_once_per_setting(reproduced)
     score = lambda name, column="geneval": rows[name].set_index("run").loc[run, column]  # noqa: E731
     assert score("formulation") == score("depth") == score("captions-original") == score("steps", "geneval@steps=2") \
         == score("shift-32", "geneval@shift=1")
-    stored = {json.loads(f.read_text())["setting"]["steps"]: json.loads(f.read_text())["summary"]["overall"]
-              for f in scored if json.loads(f.read_text())["setting"]["shift"] == 1.0}
+    records = [json.loads(f.read_text()) for f in scored]
+    stored = {r["setting"]["steps"]: r["summary"]["overall"] for r in records if r["setting"]["shift"] == 1.0}
     assert stored == {2: score("depth"), 4: score("steps", "geneval@steps=4")}
 
 
