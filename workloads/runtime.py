@@ -142,6 +142,19 @@ def local_ray_system_config(num_cpus: int) -> dict[str, int]:
     return {"num_workers_soft_limit": 3 * num_cpus, "idle_worker_killing_time_threshold_ms": 600_000}
 
 
+def local_train_environment(health_check_s: float = 0.5) -> None:
+    """Ray Train's settings for a run on a local cluster, as environment variables that Ray Train hands from the
+    driver to its controller and workers (a variable already set wins).
+
+    - The controller polls its few workers often: each `ray.train.report` (a checkpoint) waits for that poll, 2 s by
+      default, which clusters keep.
+    - No preemption watcher: it is one more actor process a run, started after the worker group (seconds of CPU on
+      2 cores), and watches for spot nodes being taken away, which a single machine has none of.
+    """
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(health_check_s))
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def ensure_ray(min_cpus: float = 0) -> None:
     """Start a new local Ray unless one is running in this process or RAY_ADDRESS names a cluster
     (`RAY_ADDRESS=auto` joins a cluster started on this machine with `ray start`).
@@ -158,9 +171,7 @@ def ensure_ray(min_cpus: float = 0) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
         return
-    # A local cluster's Ray Train controller can poll its few workers often: each `ray.train.report` (a checkpoint)
-    # waits for that poll, 2 s by default, which clusters keep.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    local_train_environment()
     num_cpus = max(os.cpu_count() or 1, int(-(-min_cpus // 1)))
     ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
              _system_config=local_ray_system_config(num_cpus))

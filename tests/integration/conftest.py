@@ -65,10 +65,9 @@ def ray_local(s3: S3Server) -> Iterator[None]:
     """
     import ray
 
-    # Ray Train's controller takes reports and notices the end of a run on this poll: every `ray.train.report` waited
-    # up to its 2 s default, seconds per run. Ray Train hands RAY_TRAIN_* variables to its controller and workers.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    from workloads.runtime import local_ray_system_config
+    from workloads.runtime import local_ray_system_config, local_train_environment
+
+    local_train_environment(health_check_s=0.2)  # the controller notices a report or a run's end sooner still
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
              _system_config=local_ray_system_config(4))

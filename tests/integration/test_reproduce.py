@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conf.reproduce import ReproduceConf, reproduce_train
+from conf.reproduce import ReproduceConf
 from model.formulations import PAPER_GLOBAL_RANK, paper_global_rank
+from workloads import runtime
 from workloads.reproduce import driver as reproduce
 from workloads.reproduce import findings
 from workloads.train.runlog import EVENTS, read_records
@@ -36,19 +37,20 @@ TRAIN = {"trainer.max_steps": 4, "trainer.batch_size": 8, "optim.warmup_steps": 
          "validation.grid_per_prompt": 1, "validation.sample_steps": 2, "checkpoint.every": 4}
 
 
-def cli(out_dir: Path) -> list[str]:
-    args = [f"out_dir={out_dir}", "formulations=[" + ",".join(f"'{f}'" for f in FORMULATIONS) + "]"]
+def overrides(out_dir: Path) -> list[str]:
+    """The quick preset (`make reproduce preset=quick`), shrunk by overrides to fit the suite."""
+    args = ["preset=quick", f"out_dir={out_dir}", "formulations=[" + ",".join(f"'{f}'" for f in FORMULATIONS) + "]"]
     args += [f"{k}=[{','.join(map(str, v))}]" if isinstance(v, list) else f"{k}={v}" for k, v in SETTINGS.items()]
-    args += [f"train.{k}={v}" for k, v in TRAIN.items()]
-    return [sys.executable, "-m", "workloads.reproduce", *args]
+    return args + [f"train.{k}={v}" for k, v in TRAIN.items()]
+
+
+def cli(out_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "workloads.reproduce", *overrides(out_dir)]
 
 
 def conf(out_dir: Path) -> ReproduceConf:
-    train = reproduce_train()
-    for key, value in TRAIN.items():
-        section, name = key.split(".")
-        setattr(getattr(train, section), name, value)
-    return ReproduceConf(out_dir=str(out_dir), formulations=FORMULATIONS, train=train, **SETTINGS)
+    """The command line's config, composed in this process from the same overrides."""
+    return runtime.compose("reproduce", overrides(out_dir))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The demo's config checks, the model and training benchmarks and their Hydra configs."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,21 @@ def test_demo_config_checks(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         demo.check(DemoConf(out_dir=str(tmp_path / "out"), **overrides()))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_local_cluster_runs_without_the_preemption_watcher_unless_the_user_asks(monkeypatch):
+    from ray.train.v2._internal.constants import ENABLE_PREEMPTION_WATCHER_ENV_VAR, ENV_VARS_TO_PROPAGATE
+
+    from workloads.runtime import local_train_environment
+
+    monkeypatch.setenv(ENABLE_PREEMPTION_WATCHER_ENV_VAR, "unset")  # so the teardown restores the original
+    monkeypatch.delenv(ENABLE_PREEMPTION_WATCHER_ENV_VAR)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    local_train_environment()
+    # Ray Train hands the variable from the driver to its controller, which starts the watcher
+    assert ENABLE_PREEMPTION_WATCHER_ENV_VAR in ENV_VARS_TO_PROPAGATE
+    assert os.environ[ENABLE_PREEMPTION_WATCHER_ENV_VAR] == "0"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.1"  # a variable already set wins
+    monkeypatch.setenv(ENABLE_PREEMPTION_WATCHER_ENV_VAR, "1")
+    local_train_environment()
+    assert os.environ[ENABLE_PREEMPTION_WATCHER_ENV_VAR] == "1"
