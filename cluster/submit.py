@@ -46,6 +46,7 @@ JOBS: dict[str, Job] = {
     "train": Job("workloads.train", "train", "conf.train:register"),
     "sweep": Job("workloads.sweep", "sweep", "conf.sweep:register"),
     "demo": Job("workloads.demo", "demo", "conf.demo:register"),
+    "reproduce": Job("workloads.reproduce", "reproduce", "conf.reproduce:register"),
     "bench_train": Job("workloads.bench.train", "bench_train", "conf.bench:register_train"),
 }
 COMMANDS = ("status", "logs", "stop", "list")

@@ -45,7 +45,7 @@ def reproduce_train() -> TrainConf:
 class ReproduceConf:
     SECTION = "reproduce"
     preset: str = "default"  # set by the preset group
-    out_dir: str = "reproduce"  # the report folder: report.md and its plots (always local)
+    out_dir: str = "reproduce"  # the report folder: report.md and its plots (local; also <storage>/report on s3://)
     # where the data, runs and studies live: a local folder or s3://bucket/prefix; None: <out_dir>/work
     storage: str | None = None
     endpoint_url: str | None = None
@@ -66,7 +66,8 @@ class ReproduceConf:
     formulations: list[str] = field(default_factory=lambda: list(TABLE_1))
     sampling_steps: list[int] = field(default_factory=lambda: [5, 10, 20, 50])  # the last is the reference
     sampling_shifts: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-    # Trials of a study trained side by side (Tune's max_concurrent_trials); None: as many as the cluster holds. Each
+    # Trials of a study trained side by side (Tune's max_concurrent_trials); None: as many as the cluster holds when
+    # the study starts (an autoscaling cluster at rest has no GPU nodes yet, so that is one). Each
     # Train worker runs one thread per CPU it holds. On 2 cores, two one-thread depth-4 training loops in separate
     # processes ran 2.1x one's steps per second (one loop on two threads: 1.5x); inside the job, with Ray's actors
     # beside them, two at a time made the default's depth study 1.4x faster (README).
@@ -137,10 +138,11 @@ PRESETS: dict[str, dict] = {
                         "checkpoint": {"every": 150}}},
     # the 2-core default: 89.9 minutes end to end, two trials at a time (README)
     "default": {"preset": "default"},
-    # a GPU cluster: 8 workers a run, longer runs, GenEval's full prompt set at 4 images
+    # a GPU cluster: 8 workers a run, longer runs, GenEval's full prompt set at 4 images; 8 runs at a time fill the
+    # project's RayCluster (its GPU group: 8 nodes of 8 GPUs), which the autoscaler starts as the trials ask
     "cluster": {"preset": "cluster", "images": 200_000, "shard_size": 1024, "depths": [2, 4, 6, 8, 10, 12],
                 "study_depth": 4, "geneval_prompts_per_task": 100, "geneval_images_per_prompt": 4,
-                "geneval_steps": 28, "eval_samples": 1024, "concurrent_trials": None, "dpo_steps": 1000,
+                "geneval_steps": 28, "eval_samples": 1024, "concurrent_trials": 8, "dpo_steps": 1000,
                 "pairs_prompts_per_task": 64,
                 "train": {"trainer": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8, "max_steps": 50_000,
                                       "batch_size": 256},

@@ -215,6 +215,16 @@ def check_sweep(cfg) -> None:
         train.check(sweep.trial_train_conf(cfg, params))
 
 
+def check_reproduce(cfg) -> None:
+    """Every check of `workloads.reproduce` but the bucket's existence (that needs the store)."""
+    from unittest import mock
+
+    from workloads.reproduce import driver as reproduce
+
+    with mock.patch.object(reproduce, "require_bucket"):
+        reproduce.check(cfg)
+
+
 def check_preprocess(cfg) -> None:
     from conf.checks import validate
     from pipelines.decode import parse_buckets
@@ -233,6 +243,7 @@ def check_dedup(cfg) -> None:
 JOBS: dict[str, tuple[str, Callable[[Any], None]]] = {
     "workloads.train": ("train", check_train),
     "workloads.sweep": ("sweep", check_sweep),
+    "workloads.reproduce": ("reproduce", check_reproduce),
     "pipelines.preprocess": ("preprocess", check_preprocess),
     "pipelines.dedup": ("dedup", check_dedup),
 }
@@ -266,6 +277,9 @@ def gpu_demand(module: str, cfg: Any) -> tuple[int, float]:
     if module == "workloads.sweep":
         t = cfg.train.trainer
         return (t.num_workers * (cfg.max_concurrent_trials or 1) if t.use_gpu else 0), t.cpus_per_worker
+    if module == "workloads.reproduce":
+        t = cfg.train.trainer
+        return (t.num_workers * (cfg.concurrent_trials or 1) if t.use_gpu else 0), t.cpus_per_worker
     if module == "pipelines.dedup":
         return (cfg.embedder.stage.max_actors if cfg.use_gpu else 0), cfg.embedder.stage.num_cpus
     stages = (cfg.compute.caption, cfg.compute.vae, cfg.compute.text)
@@ -313,6 +327,8 @@ def test_rayjob_fits_the_gpu_nodes(path, raycluster, ray_up):
     cfg = compose_job(module, overrides)
     if module == "workloads.sweep":
         assert cfg.max_concurrent_trials, "the default concurrency counts the GPUs present at start: none"
+    if module == "workloads.reproduce":
+        assert cfg.concurrent_trials, "the default concurrency counts the GPUs present at start: none"
     want, cpus_per_gpu = gpu_demand(module, cfg)
     assert want > 0, f"{path.name}: set use_gpu=true; a cluster at rest has no GPUs to detect"
     _, group = kuberay_groups(raycluster)

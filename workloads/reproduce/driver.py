@@ -26,7 +26,7 @@ from conf.reproduce import Finding, ReproduceConf, register
 from conf.sweep import Study, SweepConf
 from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
-from pipelines.storage import join, require_bucket
+from pipelines.storage import Location, is_remote, join, require_bucket
 from workloads.demo import driver as demo
 from workloads.reproduce import findings as analysis
 from workloads.reproduce import report
@@ -184,6 +184,9 @@ def run(cfg: ReproduceConf) -> Path:
     sections = analysis.analyze(cfg, results, preference, sweeps(cfg, at))
     text = report.write(out, cfg, at.storage, sections, timings, time.perf_counter() - start)
     LOG.info("report.md:\n" + text)
+    if is_remote(at.storage):
+        report.publish(out, Location.of(join(at.storage, "report"), cfg.endpoint_url))
+        LOG.info(f"report also in {join(at.storage, 'report')}")
     LOG.info(f"finished in {time.perf_counter() - start:.0f} s; report {out / 'report.md'}")
     return out
 

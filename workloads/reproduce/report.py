@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from conf.reproduce import ReproduceConf
+from pipelines.storage import Location
 from workloads.reproduce.findings import Section
 
 
@@ -45,3 +46,11 @@ def write(out: Path, cfg: ReproduceConf, storage: str, sections: list[Section], 
     verdicts = [{"finding": s.finding.value, **asdict(v)} for s in sections for v in s.verdicts]
     (out / "verdicts.json").write_text(json.dumps(verdicts, indent=1) + "\n")
     return text
+
+
+def publish(out: Path, to: Location) -> None:
+    """Copies the report folder's files (report.md, verdicts.json, the plots) to `to`: a job on a cluster writes
+    `out_dir` on a head node that goes away, so its report is also kept beside the data and runs it describes."""
+    for file in sorted(out.iterdir()):
+        if file.is_file():
+            to.write_bytes(file.name, file.read_bytes())
