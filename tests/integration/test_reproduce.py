@@ -193,3 +193,16 @@ def test_a_bad_setting_fails_before_any_work(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().startswith("error: ") and "Traceback" not in done.stderr
     assert "high_resolution" in done.stderr and not (tmp_path / "work").exists()
+
+
+def test_the_report_folder_is_kept_on_object_storage(s3, tmp_path):
+    from pipelines.storage import Location
+    from workloads.reproduce import report
+
+    files = {"report.md": b"# report\n", "verdicts.json": b"[]\n", "depth-scaling.png": b"\x89PNG"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    report.publish(tmp_path, Location.of(s3.uri("reproduce/report")))
+    back = Location.of(s3.uri("reproduce/report"))
+    assert sorted(p.rsplit("/", 1)[-1] for p in back.fs.ls(back.root)) == sorted(files)
+    assert all(back.read_bytes(name) == data for name, data in files.items())
