@@ -202,6 +202,7 @@ def test_the_report_folder_is_kept_on_object_storage(s3, tmp_path):
     files = {"report.md": b"# report\n", "verdicts.json": b"[]\n", "depth-scaling.png": b"\x89PNG"}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
+    (tmp_path / "work").mkdir()  # a local run's data folder is not the report's
     report.publish(tmp_path, Location.of(s3.uri("reproduce/report")))
     back = Location.of(s3.uri("reproduce/report"))
     assert sorted(p.rsplit("/", 1)[-1] for p in back.fs.ls(back.root)) == sorted(files)

@@ -118,17 +118,3 @@ def test_captions_and_dpo_verdicts_compare_against_the_sampling_error():
 def test_every_finding_has_an_analysis():
     assert {s.value for s in Finding} == {"formulation", "depth", "shift", "steps", "captions", "dpo"}
 
-
-def test_the_report_folder_is_published_beside_the_data(tmp_path):
-    from pipelines.storage import Location
-    from workloads.reproduce import report
-
-    out = tmp_path / "report"
-    out.mkdir()
-    files = {"report.md": b"# report\n", "verdicts.json": b"[]\n", "depth-scaling.png": b"\x89PNG"}
-    for name, data in files.items():
-        (out / name).write_bytes(data)
-    (out / "work").mkdir()  # a local run's data folder stays where it is
-    report.publish(out, Location.of(str(tmp_path / "storage" / "report")))
-    published = tmp_path / "storage" / "report"
-    assert {p.name: p.read_bytes() for p in published.iterdir()} == files

@@ -185,8 +185,9 @@ def run(cfg: ReproduceConf) -> Path:
     text = report.write(out, cfg, at.storage, sections, timings, time.perf_counter() - start)
     LOG.info("report.md:\n" + text)
     if is_remote(at.storage):
-        report.publish(out, Location.of(join(at.storage, "report"), cfg.endpoint_url))
-        LOG.info(f"report also in {join(at.storage, 'report')}")
+        published = Location.of(join(at.storage, "report"), cfg.endpoint_url)
+        report.publish(out, published)
+        LOG.info(f"report also in {published}")
     LOG.info(f"finished in {time.perf_counter() - start:.0f} s; report {out / 'report.md'}")
     return out
 
