@@ -8,10 +8,13 @@ training can drop encoders independently and pick either caption per sample.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 
-from model.conditioning import TextConditioningConfig
+if TYPE_CHECKING:  # torch-free at run time: Ray Data's read tasks and coordinators import this module
+    from model.conditioning import TextConditioningConfig
 
 ID, SOURCE, CAPTION, SYNTHETIC_CAPTION = "id", "source", "caption", "caption_synthetic"
 WIDTH, HEIGHT, LATENT = "width", "height", "latent"

@@ -15,7 +15,7 @@ import pytest
 from conf.train import TrainConf
 from pipelines import schema
 from workloads.train.driver import plan
-from workloads.train.streaming import held_out
+from workloads.train.holdout import held_out
 
 
 def test_data_that_does_not_fit_the_model_fails_at_start_up(train_dataset):

@@ -14,7 +14,8 @@ from model import FLAVORS, get_flavor
 from model.conditioning import TINY_TEXT, TextEmbeddings, assemble_conditioning
 from pipelines import schema
 from workloads.train.data import TENSOR_COLUMNS, check_compatible, check_spec, read_spec, to_model_inputs
-from workloads.train.streaming import Split, drop_held_out, held_out, holdout_threshold, split_files, training_rows
+from workloads.train.holdout import drop_held_out, held_out, holdout_threshold
+from workloads.train.streaming import Split, split_files, training_rows
 from workloads.train.validation import read_val_set
 
 LATENT_SHAPE = (16, 4, 6)
@@ -128,6 +129,18 @@ def test_held_out_rows_are_chosen_by_id_alone():
     assert np.array_equal(held_out(ids[::-1], 0.1), held[::-1])
     assert not held_out(ids, 0.0).any() and np.all(held_out(ids, 0.2)[held])
     assert held_out([], 0.1).shape == (0,)
+
+
+def test_the_hold_out_filter_imports_no_torch():
+    """`drop_held_out` runs in Ray Data's read tasks and each run's split coordinators, which import its module in
+    fresh processes: it and the data schema import neither torch nor the model (seconds of CPU per process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, workloads.train.holdout, pipelines.schema; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.split('.')[0] == 'model'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize(("n", "fraction", "min_rows", "expected"), [

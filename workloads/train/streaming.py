@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -28,6 +27,7 @@ import torch
 from pipelines import schema
 from pipelines.storage import Location
 from workloads.train.data import TENSOR_COLUMNS, DataSpec
+from workloads.train.holdout import drop_held_out, held_out, holdout_threshold
 
 
 @dataclass(frozen=True)
@@ -41,29 +41,6 @@ class Split:
     val: dict[str, list[str]]
     val_source: str  # "val_data", "held-out rows" or "training rows"
     holdout: float = 0.0  # > 0: rows `held_out` picks validate and are left out of training
-
-
-def id_hashes(ids: Sequence[str]) -> np.ndarray:
-    """(n,) float64 in [0, 1): crc32 of each sample id, the key of the row-level validation split."""
-    return np.fromiter((zlib.crc32(i.encode()) for i in ids), dtype=np.float64, count=len(ids)) / 2.0**32
-
-
-def held_out(ids: Sequence[str], threshold: float) -> np.ndarray:
-    """(n,) bool, the validation rows: those whose id hash is below `threshold` (`Split.holdout`). A row's side
-    depends on its id and the threshold alone: the same in every run, restart and worker count."""
-    return id_hashes(ids) < threshold
-
-
-def holdout_threshold(ids: Sequence[str], fraction: float, min_rows: int = 1) -> float:
-    """The hash threshold that holds out round(fraction * n) of the n rows, at least `min_rows` and at most n - 1:
-    the rows with the smallest id hashes, so even a tiny dataset validates, and added rows move few others."""
-    if len(ids) <= min_rows:
-        raise ValueError(f"loader.val_fraction={fraction} needs more than {min_rows} rows to hold out {min_rows}, "
-                         f"the dataset has {len(ids)}: set val_data= or loader.val_fraction=0 (validate on training "
-                         "rows)")
-    hashes = np.sort(id_hashes(ids))
-    k = min(len(ids) - 1, max(min_rows, round(fraction * len(ids))))
-    return float((hashes[k - 1] + hashes[k]) / 2)
 
 
 def split_files(spec: DataSpec, val_spec: DataSpec | None, fraction: float, min_rows: int = 1) -> Split:
@@ -173,12 +150,6 @@ def ordered_ingest():
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     return ray.train.DataConfig(execution_options=options)
-
-
-def drop_held_out(batch: pa.Table, holdout: float) -> pa.Table:
-    """The batch's training rows (those `held_out` does not pick), without the id column."""
-    keep = ~held_out(batch.column(schema.ID).to_pylist(), holdout)
-    return batch.filter(pa.array(keep)).drop_columns([schema.ID])
 
 
 def bucket_datasets(data: Location, files: dict[str, list[str]], seed: int, materialize: bool = False,

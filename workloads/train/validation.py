@@ -25,7 +25,7 @@ from workloads.evaluate.scoring import summarize
 from workloads.plots import latents_to_rgb, sample_grid
 from workloads.runtime import logger
 from workloads.train.data import TENSOR_COLUMNS, to_model_inputs
-from workloads.train.streaming import held_out
+from workloads.train.holdout import held_out
 
 LOG = logger("train")
 
