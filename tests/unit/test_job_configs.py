@@ -80,7 +80,7 @@ def test_a_sweep_rejects_data_set_inside_its_train_section():
 
 
 @pytest.mark.parametrize(("override", "named"), [
-    ("deepspeed.stage=4", "[0, 1, 2, 3]"), ("validation.sampler=ddim", "[euler, heun]"),
+    ("deepspeed.stage=4", "[0, 1, 2, 3]"), ("validation.sampler=ddim", "[euler, heun, dpmpp_2m]"),
     ("trainer.dtype=int8", "bfloat16"), ("trainer.max_steps=0", "trainer.max_steps"),
     ("objective.formulation=nope", "nope"), ("ema.decay=1.5", "ema.decay"), ("loader.val_fraction=1", "val_fraction"),
     ("model=d99", "d99"), ("trainer.batch_size=3", "divisible"),
