@@ -100,7 +100,8 @@ def dpmpp_2m_sample(velocity: VelocityFn, noise: torch.Tensor, timesteps: torch.
 
 INTEGRATORS: dict[str, Callable[[VelocityFn, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "euler": euler_sample, "heun": heun_sample, "dpmpp_2m": dpmpp_2m_sample}
-SAMPLERS = tuple(INTEGRATORS)  # the `sampler=` choices of validation, evaluation, pairs and the studies
+# The `sampler=` choices of validation, evaluation and pairs (the studies sample with Euler).
+SAMPLERS = tuple(INTEGRATORS)
 
 
 def sample(network: Network, noise: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, steps: int = 28,
