@@ -51,3 +51,31 @@ class BenchTrainConf:
 
 def register_train() -> None:
     ConfigStore.instance().store(name="bench_train", node=BenchTrainConf)
+
+
+COMPILE_MODES = {"auto": None, "dynamic": True, "static": False}  # mode -> trainer.compile_dynamic
+
+
+@dataclass
+class BenchCompileConf:
+    """Per-block torch.compile against eager across resolution buckets (`workloads.bench.compile`)."""
+
+    model: ModelConf = field(default_factory=ModelConf)
+    batch_size: int = 4
+    latent_sizes: list[int] = field(default_factory=lambda: [32, 48, 64, 32])  # buckets in the order they arrive
+    steps: int = 4  # timed steps per bucket after its first (compiling) step
+    modes: list[str] = field(default_factory=lambda: ["auto", "dynamic", "static"])  # compile_dynamic None/True/False
+    backend: str = "inductor"
+    activation_checkpointing: bool = False
+    device: str = "auto"
+    dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        unknown = set(self.modes) - set(COMPILE_MODES)
+        if unknown:
+            raise ValueError(f"modes must be among {list(COMPILE_MODES)}, got {sorted(unknown)}")
+
+
+
+def register_compile() -> None:
+    ConfigStore.instance().store(name="bench_compile", node=BenchCompileConf)

@@ -1,5 +1,6 @@
 """Checks shared by the job configs: choice fields as enums (a bad value fails at override time naming the allowed
-ones), range checks that name the field, and `validate` for configs made or changed in code.
+ones), range checks that name the field, the sampling jobs' skip-layer guidance fields, and `validate` for configs
+made or changed in code.
 
 Each enum is built from the tuple its component owns (one place per fact); members are strings (or ints), so they
 compare equal to the plain values the components take.
@@ -8,9 +9,10 @@ compare equal to the plain values the components take.
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
+from typing import Any
 
 from model.precision import DTYPES
-from model.sampling import SAMPLERS
+from model.sampling import SAMPLERS, SkipLayerGuidance
 from pipelines.dedup.embedders import EMBEDDERS
 from pipelines.sources import FORMATS, SYNTHETIC_CAPTIONS
 
@@ -26,6 +28,9 @@ ModelsKind = _choices("ModelsKind", ("tiny", "sd3"))
 SyntheticCaptions = _choices("SyntheticCaptions", SYNTHETIC_CAPTIONS)  # preprocessing's: the captioner's or the input's
 EmbedderKind = _choices("EmbedderKind", EMBEDDERS)  # the deduplication job's image embedding
 Device = _choices("Device", ("auto", "cpu", "cuda"))
+# torch.compile's backend for the training job's blocks: inductor (the fast one), or aot_eager / eager to debug (and
+# for tests: the same graph capture without code generation)
+CompileBackend = _choices("CompileBackend", ("inductor", "aot_eager", "eager"))
 # What a training run optimises: the flow objective of `objective.formulation`, or Diffusion-DPO on preference pairs.
 Objective = _choices("Objective", ("flow", "dpo"))
 
@@ -49,6 +54,24 @@ def in_unit_interval(owner: object, *names: str, open_right: bool = False) -> No
         value = getattr(owner, name)
         if not (0.0 <= value < 1.0 if open_right else 0.0 <= value <= 1.0):
             raise ValueError(f"{section}.{name} must be in [0, 1{')' if open_right else ']'}, got {value}")
+
+
+def skip_layer_guidance_of(owner: Any) -> SkipLayerGuidance | None:
+    """The skip-layer guidance of a sampling job's `skip_layers`, `skip_layer_scale`, `skip_layer_start` and
+    `skip_layer_stop` fields, None while `skip_layers` is empty; a bad value raises naming `<section>.<field>`.
+    Indices past the network's last block are caught where the depth is known (training's config, the forward)."""
+    section = getattr(owner, "SECTION", type(owner).__name__)
+    layers = tuple(owner.skip_layers)
+    if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"{section}.skip_layers must be distinct block indices >= 0 ([] turns skip-layer guidance "
+                         f"off), got {list(layers)}")
+    at_least(owner, 0, "skip_layer_scale")
+    in_unit_interval(owner, "skip_layer_start", "skip_layer_stop")
+    start, stop = owner.skip_layer_start, owner.skip_layer_stop
+    if start >= stop:
+        raise ValueError(f"{section}.skip_layer_start must be below {section}.skip_layer_stop (fractions of the "
+                         f"steps), got {start} and {stop}")
+    return SkipLayerGuidance(layers, owner.skip_layer_scale, start, stop) if layers else None
 
 
 def validate(config: object) -> None:

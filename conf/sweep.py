@@ -9,9 +9,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from conf.checks import at_least
+from conf.checks import Sampler, at_least, skip_layer_guidance_of
 from conf.optim import OptimConf
 from conf.train import CheckpointConf, EMAConf, TrainConf, TrainerConf, ValidationConf
+from model.sampling import SD35_MEDIUM_SLG, SkipLayerGuidance
 
 
 class Study(StrEnum):
@@ -40,7 +41,9 @@ class SweepConf:
     val_data: str | None = None
     endpoint_url: str | None = None
     storage: str = "sweeps"  # local folder or s3:// URI: <storage>/<name>/ holds results; <storage>/runs/ the trials
-    name: str | None = None  # default <study>-<preset>; the same storage and name resume the sweep
+    # default <study>-<preset>, then -<sampler> unless euler and -slg with skip_layers; the same storage and name
+    # resume the sweep
+    name: str | None = None
     # The trial axes. Depth trials take `train.model.flavor`'s text widths, patch size and QK-norm at each depth with
     # the paper's width rule (hidden 64*d, d heads).
     depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
@@ -58,6 +61,13 @@ class SweepConf:
     geneval_prompts_per_task: int = 4
     geneval_images_per_prompt: int = 1
     geneval_guidance: float = 4.0
+    # The studies' sampler (latent metric and GenEval; the trial runs' own validation samples with
+    # train.validation's), and skip-layer guidance of the GenEval samples as `workloads.evaluate`'s ([]: off).
+    sampler: Sampler = Sampler.euler
+    skip_layers: list[int] = field(default_factory=list)
+    skip_layer_scale: float = SD35_MEDIUM_SLG.scale
+    skip_layer_start: float = SD35_MEDIUM_SLG.start
+    skip_layer_stop: float = SD35_MEDIUM_SLG.stop
     # The training schema itself: every trial's run is this config with the trial's axis set (depth and width,
     # training shift or formulation), `data`/`val_data`/`endpoint_url` from above and `run` from the trial's key.
     train: TrainConf = field(default_factory=toy_train)
@@ -73,6 +83,11 @@ class SweepConf:
             raise ValueError("the steps study needs at least two sampling_steps (the largest is the reference)")
         if self.train.data or self.train.val_data:
             raise ValueError("set data= and val_data= at the sweep level (they feed every trial), not in train")
+        skip_layer_guidance_of(self)
+
+    @property
+    def skip_layer_guidance(self) -> SkipLayerGuidance | None:
+        return skip_layer_guidance_of(self)
 
 
 PRESETS: dict[str, dict] = {

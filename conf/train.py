@@ -8,13 +8,24 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from conf.checks import Dtype, Objective, Sampler, ZeroStage, at_least, in_unit_interval
+from conf.checks import (
+    CompileBackend,
+    Dtype,
+    Objective,
+    Sampler,
+    ZeroStage,
+    at_least,
+    in_unit_interval,
+    skip_layer_guidance_of,
+)
 from conf.evaluate import ImageMetricsConf
 from conf.model import ModelConf
 from conf.optim import OptimConf
 from model import FLAVORS
 from model.conditioning import PAPER_DROP_PROB
 from model.formulations import get_formulation
+from model.mmdit import check_skip_layers
+from model.sampling import SD35_MEDIUM_SLG, SkipLayerGuidance
 
 
 @dataclass
@@ -30,6 +41,14 @@ class TrainerConf:
     dtype: Dtype = Dtype.auto  # auto: bf16 on GPU, fp32 on CPU (float16 is refused: no loss scaling)
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     max_nonfinite: int = 10  # consecutive NaN/Inf losses (each step skipped) before the run stops
+    # torch.compile each MM-DiT block (torchtitan's unit; names, checkpoints and exports unchanged); None: on GPU, off
+    # on CPU, where compiling takes longer than a short run saves
+    compile: bool | None = None
+    compile_backend: CompileBackend = CompileBackend.inductor
+    # None: PyTorch's automatic dynamic shapes (static first; the first other bucket or batch size recompiles once with
+    # that dimension dynamic, then no more); True: dynamic from the start (one compile for every bucket); False: one
+    # compile per shape (each bucket's own kernels; more compiles)
+    compile_dynamic: bool | None = None
 
     def __post_init__(self) -> None:
         at_least(self, 1, "num_workers", "max_steps", "batch_size", "max_nonfinite")
@@ -164,6 +183,10 @@ class ValidationConf:
     sampler: Sampler = Sampler.euler
     guidance: float = 5.0
     shift: float | None = None  # sampling shift; None: the training shift
+    skip_layers: list[int] = field(default_factory=list)  # skip-layer guidance as `workloads.evaluate`'s; []: off
+    skip_layer_scale: float = SD35_MEDIUM_SLG.scale
+    skip_layer_start: float = SD35_MEDIUM_SLG.start
+    skip_layer_stop: float = SD35_MEDIUM_SLG.stop
     # GenEval on shapes (`workloads.evaluate`) of the EMA weights every `geneval_every` steps and at the end, with
     # the sampling settings above; 0: off. Logs `geneval` and `geneval_<task>` to metrics.jsonl and TensorBoard.
     geneval_every: int = 0
@@ -185,6 +208,11 @@ class ValidationConf:
         at_least(self, 0, "geneval_every")
         if self.shift is not None and self.shift <= 0:
             raise ValueError(f"validation.shift must be positive, got {self.shift}")
+        skip_layer_guidance_of(self)
+
+    @property
+    def skip_layer_guidance(self) -> SkipLayerGuidance | None:
+        return skip_layer_guidance_of(self)
 
 
 @dataclass
@@ -252,6 +280,10 @@ class TrainConf:
         if self.lora.enabled and not self.init_from:
             raise ValueError(f"lora.rank={self.lora.rank} trains adapters on frozen base weights: set "
                              "init_from=<a run folder or a diffusers SD3Transformer2DModel folder>")
+        try:
+            check_skip_layers(self.validation.skip_layers, self.model.build().depth)
+        except ValueError as error:
+            raise ValueError(f"validation.{error}") from None
 
 
 @dataclass

@@ -6,6 +6,8 @@ S = L + N joint sequence, D hidden size, K heads, E head dim, P patch size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from einops import rearrange
 from torch import nn
@@ -20,6 +22,13 @@ from model.layers import (
     sincos_pos_embed_2d,
     timestep_embedding,
 )
+
+
+def check_skip_layers(skip_layers: Sequence[int], depth: int) -> None:
+    """Raise a ValueError unless every index names one of `depth` blocks."""
+    if any(not isinstance(i, int) or not 0 <= i < depth for i in skip_layers):
+        raise ValueError(f"skip_layers must be block indices in [0, {depth - 1}] (depth {depth}), "
+                         f"got {list(skip_layers)}")
 
 
 class StreamBlock(nn.Module):
@@ -47,7 +56,9 @@ class StreamBlock(nn.Module):
         mods = self.mod(y)
         qkv = self.qkv(mods[0].apply(x))  # (B, T, 3D)
         q, k, v = rearrange(qkv, "b t (n k e) -> n b k t e", n=3, k=self.num_heads)  # 3 x (B, K, T, E)
-        return (self.q_norm(q), self.k_norm(k), v), mods
+        # A pre-only stream's queries are never used: its query norm is not run, so that weight takes no part in the
+        # graph (a compiled block would otherwise hand the optimizer a None gradient for it) and costs nothing.
+        return (q if self.pre_only else self.q_norm(q), self.k_norm(k), v), mods
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor, mods: list[Modulation]) -> torch.Tensor:
         """Gated residuals of attention output and MLP: (B, T, D) -> (B, T, D)."""
@@ -178,9 +189,15 @@ class MMDiT(nn.Module):
         if pooled.shape != (b, c.pooled_dim):
             raise ValueError(f"pooled must have shape ({b}, {c.pooled_dim}), got {tuple(pooled.shape)}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) latents, (B,) t in [0, 1], (B, L, context_dim), (B, pooled_dim) -> (B, C, H, W) velocity."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                skip_layers: Sequence[int] = ()) -> torch.Tensor:
+        """(B, C, H, W) latents, (B,) t in [0, 1], (B, L, context_dim), (B, pooled_dim) -> (B, C, H, W) velocity.
+
+        The blocks in `skip_layers` are left out, both streams passing them unchanged (skip-layer guidance's
+        degraded branch, as SD3.5's reference code and diffusers' `skip_layers` skip). Skipping the last block
+        leaves the image stream at the previous block's output: its text stream only lends keys and values."""
         self.check_inputs(x, t, context, pooled)
+        check_skip_layers(skip_layers, self.config.depth)
         p = self.config.patch_size
         grid_h, grid_w = x.shape[2] // p, x.shape[3] // p
         img = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)  # (B, N, C*P*P)
@@ -188,7 +205,8 @@ class MMDiT(nn.Module):
         txt = self.txt_in(context)  # (B, L, D)
         t_features = timestep_embedding(t).to(pooled.dtype)  # (B, 256)
         y = self.time_in(t_features) + self.vec_in(pooled)  # (B, D)
-        for block in self.blocks:
-            img, txt = block(img, txt, y)  # (B, N, D), (B, L, D) or None after the last block
+        for i, block in enumerate(self.blocks):
+            if i not in skip_layers:
+                img, txt = block(img, txt, y)  # (B, N, D), (B, L, D) or None after the last block
         out = self.final(img, y)  # (B, N, P*P*C)
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=grid_h, w=grid_w, p=p, q=p)  # (B, C, H, W)

@@ -23,6 +23,14 @@ def random_batch(seed: int = 0, n: int = 4, latent_size: int = 8) -> dict[str, t
     return out
 
 
+def random_step_batch(seed: int = 0, n: int = 4, latent_size: int = 8) -> dict[str, torch.Tensor]:
+    """A training step's batch: `random_batch`'s latents and one caption's embeddings a row, as the training stream
+    hands them over (`workloads.train.streaming.CaptionCollate`)."""
+    from workloads.train.data import choose_captions
+
+    return choose_captions(random_batch(seed, n, latent_size), synthetic=bool(seed % 2))
+
+
 @contextmanager
 def offline(who: str) -> Iterator[None]:
     """No hub access and no connection off the machine inside: `who` names the test in the error.

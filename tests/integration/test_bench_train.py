@@ -1,7 +1,9 @@
 """The training benchmark on the session's local Ray with two workers: streaming overhead and each rank's ZeRO
-state bytes are reported, and ZeRO-3 holds half of the weights per rank."""
+state bytes are reported, ZeRO-3 holds half of the weights per rank, and a sample moves one caption's embeddings."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -24,3 +26,11 @@ def test_bench_train_reports_overhead_and_zero_bytes(ray_local, capsys):
         assert zero2 - zero3 == pytest.approx(weight_bytes / 2, rel=0.02)  # ZeRO-3: half the weights per rank
     printed = capsys.readouterr().out
     assert "overhead" in printed and "2 workers" in printed
+    from model.conditioning import TINY_TEXT
+    from pipelines import schema
+
+    caption = 2 * sum(math.prod(shape) for shape in schema.embedding_shapes(TINY_TEXT).values())  # fp16 on storage
+    latent = 2 * 16 * cfg.latent_size**2
+    assert figures["all_columns_bytes"] == latent + 2 * caption  # before: both captions went to the device
+    assert figures["one_caption_bytes"] == latent + caption
+    assert figures["one_caption_h2d_s"] is None and "none on a CPU run" in printed

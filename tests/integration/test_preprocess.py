@@ -325,14 +325,16 @@ def test_output_feeds_the_model(folder_run):
 
     from model import FLAVORS, MMDiT
     from model.objective import training_loss
-    from workloads.train.data import TENSOR_COLUMNS, check_spec, read_spec, to_model_inputs
+    from workloads.train.data import TENSOR_COLUMNS, check_spec, choose_captions, read_spec, to_model_inputs
 
     output, _ = folder_run
     spec = read_spec(output)
     check_spec(spec, FLAVORS["debug"])
     (files,) = spec.files_by_bucket.values()
     table = pa.concat_tables(pq.read_table(f) for f in files)
-    batch = {c: torch.from_numpy(table.column(c).combine_chunks().to_numpy_ndarray()) for c in TENSOR_COLUMNS}
+    columns = {c: table.column(c).combine_chunks().to_numpy_ndarray() for c in TENSOR_COLUMNS}
+    synthetic = np.arange(table.num_rows) % 2 == 1  # both captions' embeddings train
+    batch = {k: torch.from_numpy(v) for k, v in choose_captions(columns, synthetic).items()}
     torch.manual_seed(0)
     net = MMDiT(FLAVORS["debug"])
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)

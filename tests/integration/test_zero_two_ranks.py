@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from support import random_batch
+from support import random_step_batch
 
 from conf.train import TrainConf
 from model import FLAVORS, MMDiT
@@ -35,7 +35,7 @@ def conf(stage: int) -> TrainConf:
 
 
 def batch(seed: int = 0, n: int = 2) -> dict[str, torch.Tensor]:
-    return random_batch(seed, n)
+    return random_step_batch(seed, n)
 
 
 def trainer(stage: int):

@@ -13,9 +13,18 @@ import torch
 from model import FLAVORS, get_flavor
 from model.conditioning import TINY_TEXT, TextEmbeddings, assemble_conditioning
 from pipelines import schema
-from workloads.train.data import TENSOR_COLUMNS, check_compatible, check_spec, read_spec, to_model_inputs
+from workloads.train.data import (
+    TENSOR_COLUMNS,
+    check_compatible,
+    check_spec,
+    choose_captions,
+    read_spec,
+    synthetic_rows,
+    to_model_inputs,
+    training_columns,
+)
 from workloads.train.holdout import drop_held_out, held_out, holdout_threshold
-from workloads.train.streaming import Split, split_files, training_rows
+from workloads.train.streaming import CaptionCollate, Split, split_files, training_rows
 from workloads.train.validation import read_val_set
 
 LATENT_SHAPE = (16, 4, 6)
@@ -86,34 +95,72 @@ def test_missing_column_is_named(dataset):
         check_compatible(table.schema, FLAVORS["debug"])
 
 
-def _batch(n: int = 8) -> dict[str, torch.Tensor]:
+def _columns(n: int = 8) -> dict[str, np.ndarray]:
+    """A batch as Ray's numpy format hands it to the collate function: the id and every tensor column."""
     table = _table(n, np.random.default_rng(1))
-    return {c: torch.from_numpy(table.column(c).combine_chunks().to_numpy_ndarray()) for c in
-            (schema.LATENT, *schema.EMBEDDING_COLUMNS)}
+    return {schema.ID: np.array(table.column(schema.ID).to_pylist(), dtype=object)} | {
+        c: table.column(c).combine_chunks().to_numpy_ndarray() for c in TENSOR_COLUMNS}
 
 
-def _assembled(batch, kind):
-    emb = TextEmbeddings(**{o: batch[schema.embedding_column(kind, o)].float() for o in schema.ENCODER_OUTPUTS})
+def _assembled(columns, kind):
+    emb = TextEmbeddings(**{o: torch.from_numpy(columns[schema.embedding_column(kind, o)]).float()
+                            for o in schema.ENCODER_OUTPUTS})
     return assemble_conditioning(emb, TINY_TEXT)
 
 
 @pytest.mark.parametrize("kind", ["original", "synthetic"])
 def test_caption_choice_and_layout(kind):
-    batch = _batch()
-    x0, context, pooled = to_model_inputs(batch, TINY_TEXT, synthetic_prob=float(kind == "synthetic"), drop_prob=0.0)
+    columns = _columns()
+    batch = CaptionCollate(seed=0, epoch=0, synthetic_prob=float(kind == "synthetic"))(columns)
+    assert set(batch) == {schema.LATENT, *schema.ENCODER_OUTPUTS}  # one caption's embeddings, no id
+    x0, context, pooled = to_model_inputs(batch, TINY_TEXT, drop_prob=0.0)
     assert x0.shape == (8, *LATENT_SHAPE) and x0.dtype == torch.float32
-    want_context, want_pooled = _assembled(batch, kind)
+    want_context, want_pooled = _assembled(columns, kind)
     assert torch.equal(context, want_context) and torch.equal(pooled, want_pooled)
     assert context.shape == (8, 154, 64) and pooled.shape == (8, 64)
 
 
-def test_half_mix_and_dropout_are_per_sample():
-    batch = _batch(400)
+def test_half_mix_is_per_row_and_only_the_chosen_caption_leaves_the_host():
+    columns = _columns(400)
+    batch = CaptionCollate(seed=0, epoch=0, synthetic_prob=0.5)(columns)
+    _, context, _ = to_model_inputs(batch, TINY_TEXT, drop_prob=0.0)
+    (synthetic_context, _), (original_context, _) = _assembled(columns, "synthetic"), _assembled(columns, "original")
+    took_synthetic = (context == synthetic_context).flatten(1).all(dim=1)
+    took_original = (context == original_context).flatten(1).all(dim=1)
+    assert bool((took_synthetic ^ took_original).all())  # every row is one caption, whole
+    assert 0.4 < took_synthetic.float().mean().item() < 0.6
+    text_bytes = sum(v.nbytes for k, v in columns.items() if k in schema.EMBEDDING_COLUMNS)
+    assert sum(batch[o].nbytes for o in schema.ENCODER_OUTPUTS) == text_bytes // 2
+
+
+def test_caption_draws_depend_on_id_seed_and_epoch_alone():
+    """A resumed run, another worker count or another shuffle order draws the same captions; each epoch redraws."""
+    ids = [f"s{i}" for i in range(1000)]
+    draws = synthetic_rows(ids, seed=0, epoch=3, synthetic_prob=0.5)
+    shuffled = np.random.default_rng(0).permutation(1000)
+    assert np.array_equal(synthetic_rows([ids[i] for i in shuffled], 0, 3, 0.5), draws[shuffled])
+    assert np.array_equal(synthetic_rows(ids[:10], 0, 3, 0.5), draws[:10])  # a row's draw ignores its batch
+    assert 0.45 < (draws != synthetic_rows(ids, 0, 4, 0.5)).mean() < 0.55  # another epoch: about half change
+    assert 0.45 < (draws != synthetic_rows(ids, 1, 3, 0.5)).mean() < 0.55  # another seed
+    assert not synthetic_rows(ids, 0, 3, 0.0).any() and synthetic_rows(ids, 0, 3, 1.0).all()
+
+
+def test_training_reads_only_the_caption_kinds_it_can_draw():
+    both = training_columns(0.5)
+    assert both == TENSOR_COLUMNS
+    assert training_columns(0.0) == (schema.LATENT, *(f"original_{o}" for o in schema.ENCODER_OUTPUTS))
+    assert training_columns(1.0, pairs=True) == (schema.LATENT, schema.LOSER_LATENT,
+                                                 *(f"synthetic_{o}" for o in schema.ENCODER_OUTPUTS))
+    originals_only = {k: v for k, v in _columns().items() if not k.startswith("synthetic_")}
+    batch = CaptionCollate(0, 0, synthetic_prob=0.0)(originals_only)  # a stream that read no synthetic column
+    assert torch.equal(batch["t5"], torch.from_numpy(originals_only["original_t5"]))
+    with pytest.raises(ValueError, match="synthetic_clip_l"):
+        choose_captions(originals_only, np.ones(8, dtype=bool))
+
+
+def test_encoder_dropout_is_per_sample():
+    batch = CaptionCollate(0, 0, 0.0)(_columns(400))
     gen = torch.Generator().manual_seed(0)
-    _, context, pooled = to_model_inputs(batch, TINY_TEXT, synthetic_prob=0.5, drop_prob=0.0, generator=gen)
-    synthetic_context, _ = _assembled(batch, "synthetic")
-    chose_synthetic = (context == synthetic_context).flatten(1).all(dim=1).float().mean().item()
-    assert 0.4 < chose_synthetic < 0.6
     _, context, pooled = to_model_inputs(batch, TINY_TEXT, drop_prob=1.0, generator=gen)
     assert torch.count_nonzero(context) == 0 and torch.count_nonzero(pooled) == 0
     _, context, _ = to_model_inputs(batch, TINY_TEXT, drop_prob=0.463, generator=gen)
@@ -195,8 +242,8 @@ def test_val_fraction_splits_one_data_file_into_training_and_validation_rows(tmp
     assert np.array_equal(group.columns[schema.LATENT], latents[held])  # the held-out rows, in file order
     (two,) = read_val_set(split.val_data, split.val, samples=100, world_size=2, holdout=split.holdout)
     assert np.array_equal(two.columns[schema.LATENT], latents[held][: held.sum() // 2 * 2])
-    kept = drop_held_out(table, split.holdout)  # what each training read task keeps
-    assert schema.ID not in kept.column_names and set(TENSOR_COLUMNS) <= set(kept.column_names)
+    kept = drop_held_out(table, split.holdout)  # what each training read task keeps (the id: the caption draw)
+    assert kept.column(schema.ID).to_pylist() == [i for i, h in zip(ids, held, strict=True) if not h]
     assert np.array_equal(kept.column(schema.LATENT).combine_chunks().to_numpy_ndarray(), latents[~held])
 
 

@@ -88,6 +88,34 @@ def test_output_depends_on_every_input():
         assert not torch.allclose(net(*changed), base)
 
 
+@pytest.mark.parametrize("skip", [(0,), (1, 2), (3,), (0, 3), (0, 1, 2, 3)])
+def test_skipping_layers_equals_diffusers_skip_layers(skip):
+    """Both streams pass a skipped block unchanged, as `SD3Transformer2DModel(skip_layers=...)` does; block 3 is
+    the last, whose text stream is pre-only."""
+    from diffusers import SD3Transformer2DModel
+
+    c = model.MMDiTConfig.from_depth(4, hidden_size=48, num_heads=3, context_dim=40, pooled_dim=24,
+                                     pos_embed_max_size=12, sample_size=8, in_channels=4, qk_norm="rms")
+    ours = model.MMDiT(c).eval()
+    _randomize(ours)
+    theirs = SD3Transformer2DModel(**model.interop.diffusers_config(c)).eval()
+    theirs.load_state_dict(model.interop.to_diffusers(ours.state_dict(), c))
+    x, t, ctx, pooled = _inputs(c)
+    with torch.no_grad():
+        skipped = ours(x, t, ctx, pooled, skip_layers=skip)
+        expected = theirs(hidden_states=x, timestep=t * 1000, encoder_hidden_states=ctx, pooled_projections=pooled,
+                          skip_layers=list(skip)).sample
+        torch.testing.assert_close(skipped, expected, rtol=1e-5, atol=1e-5)
+        assert (skipped - ours(x, t, ctx, pooled)).abs().max() > 1e-3  # the skip changed the output
+
+
+@pytest.mark.parametrize("skip", [(2,), (-1,), (0, 5)])
+def test_skip_layers_outside_the_blocks_name_the_allowed_range(skip):
+    c = model.FLAVORS["debug"]
+    with pytest.raises(ValueError, match=r"skip_layers must be block indices in \[0, 1\]"):
+        model.MMDiT(c)(*_inputs(c), skip_layers=skip)
+
+
 def test_position_embedding_is_centre_cropped():
     c = model.FLAVORS["debug"]
     net = model.MMDiT(c)

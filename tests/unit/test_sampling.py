@@ -3,15 +3,31 @@ against diffusers' flow scheduler), guidance, and sampling models trained in ano
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from model import MMDiT, MMDiTConfig
 from model.flow import shift_timesteps
 from model.formulations import Formulation, get_formulation
-from model.sampling import dpmpp_2m_sample, euler_sample, guided_velocity, heun_sample, sample, sampling_schedule
+from model.interop import diffusers_config, to_diffusers
+from model.sampling import (
+    INTEGRATORS,
+    SD35_MEDIUM_SLG,
+    SkipLayerGuidance,
+    Step,
+    dpmpp_2m_sample,
+    euler_sample,
+    guided_velocity,
+    heun_sample,
+    sample,
+    sampling_schedule,
+)
 
 B, C, H, W = 3, 2, 4, 4
 MU, STD = 1.5, 2.0  # toy data distribution N(MU, STD^2 I)
+FIRST = Step(0, 1)  # a step where no skip-layer guidance applies
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -156,29 +172,37 @@ def test_dpm_solver_2m_matches_diffusers_flow_scheduler(shift: float):
     context, pooled = _text()
     velocity = guided_velocity(text_network, context, pooled)
     z = theirs = _noise(7, torch.float32)
-    for timestep, sigma in zip(scheduler.timesteps, scheduler.sigmas[:-1].tolist(), strict=True):
-        v = velocity(theirs, torch.full((B,), sigma))
+    for i, (timestep, sigma) in enumerate(zip(scheduler.timesteps, scheduler.sigmas[:-1].tolist(), strict=True)):
+        v = velocity(theirs, torch.full((B,), sigma), Step(i, 8))
         theirs = scheduler.step(v, timestep, theirs).prev_sample
     ours = dpmpp_2m_sample(velocity, z, scheduler.sigmas.to(torch.float32))
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_integrators_take_the_given_timesteps():
+def test_integrators_take_the_given_timesteps_and_name_the_step():
     seen: list[float] = []
+    steps: list[Step] = []
 
-    def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def velocity(z: torch.Tensor, t: torch.Tensor, step: Step) -> torch.Tensor:
         assert t.shape == (z.shape[0],)
         seen.append(t[0].item())
+        steps.append(step)
         return torch.ones_like(z)
 
     timesteps = torch.tensor([1.0, 0.7, 0.2, 0.0])
     z = euler_sample(velocity, torch.zeros(2, 1, 2, 2), timesteps)
     assert seen == pytest.approx([1.0, 0.7, 0.2])
+    assert steps == [Step(0, 3), Step(1, 3), Step(2, 3)]
     torch.testing.assert_close(z, torch.full((2, 1, 2, 2), -1.0))  # a constant unit velocity over [1, 0]
     seen.clear()
+    steps.clear()
     z = heun_sample(velocity, torch.zeros(2, 1, 2, 2), timesteps)
     assert seen == pytest.approx([1.0, 0.7, 0.7, 0.2, 0.2])  # no evaluation at t = 0
+    assert [s.index for s in steps] == [0, 0, 1, 1, 2]  # both calls of a step are that step's
     torch.testing.assert_close(z, torch.full((2, 1, 2, 2), -1.0))
+    steps.clear()
+    dpmpp_2m_sample(velocity, torch.zeros(2, 1, 2, 2), timesteps)
+    assert steps == [Step(0, 3), Step(1, 3), Step(2, 3)]
 
 
 # --- guidance ------------------------------------------------------------------------------------------------
@@ -203,14 +227,14 @@ def test_guided_velocity_is_classifier_free_guidance(guidance: float):
     v_cond = text_network(z, t, context, pooled)
     v_uncond = text_network(z, t, torch.zeros_like(context), torch.zeros_like(pooled))
     assert not torch.allclose(v_cond, v_uncond)
-    guided = guided_velocity(text_network, context, pooled, guidance)(z, t)
+    guided = guided_velocity(text_network, context, pooled, guidance)(z, t, FIRST)
     torch.testing.assert_close(guided, v_uncond + guidance * (v_cond - v_uncond))
 
 
 def test_guidance_one_is_the_conditional_velocity():
     context, pooled = _text()
     z, t = _noise(5, torch.float32), torch.tensor([0.9, 0.5, 0.1])
-    torch.testing.assert_close(guided_velocity(text_network, context, pooled, 1.0)(z, t),
+    torch.testing.assert_close(guided_velocity(text_network, context, pooled, 1.0)(z, t, FIRST),
                                text_network(z, t, context, pooled))
 
 
@@ -279,3 +303,228 @@ def test_clamped_formulations_sample_close_to_rf(name: str, tolerance: float):
     form = get_formulation(name)
     converted = sample(gaussian_oracle(form), noise, *_null_text(), steps=20, method="heun", formulation=form)
     assert (converted - reference).abs().max() < tolerance
+
+
+# --- skip-layer guidance -------------------------------------------------------------------------------------
+
+# Depth 10: SD3.5 Medium's blocks 7, 8 and 9 exist, the last (pre-only text) block among them.
+SLG_NET = MMDiTConfig.from_depth(10, hidden_size=32, num_heads=2, context_dim=16, pooled_dim=8, pos_embed_max_size=8,
+                                 sample_size=8, in_channels=4)
+
+
+@pytest.fixture(scope="module")
+def twins() -> tuple[MMDiT, torch.nn.Module]:
+    """Our MM-DiT and diffusers' SD3Transformer2DModel with the same random weights (adaLN-Zero's zeros perturbed,
+    else both output zero whatever is skipped)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    ours = MMDiT(SLG_NET).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    theirs = SD3Transformer2DModel(**diffusers_config(SLG_NET)).eval()
+    theirs.load_state_dict(to_diffusers(ours.state_dict(), SLG_NET))
+    return ours, theirs
+
+
+def diffusers_sd3_sample(transformer, scheduler, noise: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                         steps: int, guidance: float, slg: SkipLayerGuidance,
+                         sigmas: list[float] | None) -> tuple[torch.Tensor, list[tuple[float, bool]]]:
+    """diffusers' StableDiffusion3Pipeline with skip-layer guidance, embeddings in and latents out (no text encoders
+    or VAE), and its transformer calls as (t, with skipped layers)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    calls: list[tuple[float, bool]] = []
+    hook = transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((kwargs["timestep"][0].item() / 1000,
+                                                   kwargs.get("skip_layers") is not None)), with_kwargs=True)
+    null_context, null_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+    side = noise.shape[-1] * pipe.vae_scale_factor
+    try:
+        latents = pipe(prompt_embeds=context, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_context,
+                       negative_pooled_prompt_embeds=null_pooled, latents=noise, num_inference_steps=steps,
+                       sigmas=sigmas, guidance_scale=guidance, skip_guidance_layers=list(slg.layers),
+                       skip_layer_guidance_scale=slg.scale, skip_layer_guidance_start=slg.start,
+                       skip_layer_guidance_stop=slg.stop, output_type="latent", height=side, width=side).images
+    finally:
+        hook.remove()
+    return latents, calls
+
+
+def exact_flow_dpm_solver():
+    """diffusers' DPM-Solver++(2M) for flow matching, handing the network its exact sigmas (times 1000) where
+    diffusers' own rounds them to whole timesteps (our sampler does not round)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    class ExactDPMSolver(DPMSolverMultistepScheduler):
+        def set_timesteps(self, *args, **kwargs) -> None:
+            super().set_timesteps(*args, **kwargs)
+            self.timesteps = self.sigmas[:-1] * self.config.num_train_timesteps
+
+    return ExactDPMSolver(use_flow_sigmas=True, prediction_type="flow_prediction", algorithm_type="dpmsolver++",
+                          solver_order=2, final_sigmas_type="zero")
+
+
+def recording(network: MMDiT, calls: list[tuple[float, bool]]):
+    """`network`, noting each call as (t, with skipped layers)."""
+
+    def call(x, t, context, pooled, **kwargs):
+        calls.append((t[0].item(), "skip_layers" in kwargs))
+        return network(x, t, context, pooled, **kwargs)
+
+    return call
+
+
+@pytest.mark.parametrize(("method", "steps", "slg"), [
+    ("euler", 28, SD35_MEDIUM_SLG),  # steps 1 to 5
+    ("euler", 20, SkipLayerGuidance((0, 9), 3.0, 0.05, 0.25)),  # 20 * 0.05 and 20 * 0.25 are whole: steps 2 to 4
+    ("dpmpp_2m", 12, SkipLayerGuidance((4,), 2.0, 0.0, 0.5)),  # start 0 still leaves out step 0: steps 1 to 5
+])
+def test_sampling_with_slg_matches_diffusers_sd3_pipeline_step_for_step(twins, method: str, steps: int,
+                                                                        slg: SkipLayerGuidance):
+    """The same network calls (the skip branch at the same steps, with the same times) and the same samples as
+    diffusers' pipeline on the same weights: Euler through `FlowMatchEulerDiscreteScheduler` given our schedule,
+    DPM-Solver++(2M) on `DPMSolverMultistepScheduler`'s flow sigmas."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ours, theirs = twins
+    gen = _gen(11)
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+    context, pooled = torch.randn(2, 5, 16, generator=gen), torch.randn(2, 8, generator=gen)
+    if method == "euler":
+        scheduler, timesteps = FlowMatchEulerDiscreteScheduler(), sampling_schedule(steps)
+        sigmas = timesteps[:-1].tolist()
+    else:
+        scheduler = exact_flow_dpm_solver()
+        scheduler.set_timesteps(steps)
+        timesteps, sigmas = scheduler.sigmas.to(torch.float32), None
+    expected, their_calls = diffusers_sd3_sample(theirs, scheduler, noise, context, pooled, steps, 4.0, slg, sigmas)
+    our_calls: list[tuple[float, bool]] = []
+    velocity = guided_velocity(recording(ours, our_calls), context, pooled, 4.0, slg=slg)
+    got = INTEGRATORS[method](velocity, noise, timesteps)
+    assert [skip for _, skip in our_calls] == [skip for _, skip in their_calls]
+    assert [t for t, _ in our_calls] == pytest.approx([t for t, _ in their_calls], abs=1e-6)
+    assert any(skip for _, skip in our_calls), "the case must reach the skip branch"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    plain = INTEGRATORS[method](guided_velocity(ours, context, pooled, 4.0), noise, timesteps)
+    assert (got - plain).abs().max() > 1e-3  # skip-layer guidance changed the sample
+
+
+@pytest.mark.parametrize(("steps", "start", "stop", "applied"), [
+    (28, 0.01, 0.2, [1, 2, 3, 4, 5]), (10, 0.01, 0.2, [1]), (100, 0.01, 0.2, list(range(2, 20))),
+    (20, 0.05, 0.25, [2, 3, 4]), (4, 0.0, 1.0, [1, 2, 3]), (5, 0.1, 0.2, []),
+])
+def test_slg_applies_at_diffusers_step_indices(steps: int, start: float, stop: float, applied: list[int]):
+    """diffusers' rule, `i > n * start and i < n * stop`, both strict, by step index."""
+    slg = SkipLayerGuidance((0,), 1.0, start, stop)
+    assert [i for i in range(steps) if slg.applies(Step(i, steps))] == applied
+
+
+def skip_aware_network(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                       skip_layers: tuple[int, ...] = ()) -> torch.Tensor:
+    """`text_network`, degraded differently by each skipped block."""
+    return text_network(x, t, context, pooled) * (1 - 0.1 * len(skip_layers)) + 0.05 * sum(skip_layers)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_slg_velocity_adds_scale_times_conditional_minus_skipped(guidance: float):
+    context, pooled = _text()
+    z, t = _noise(5, torch.float32), torch.tensor([0.9, 0.5, 0.1])
+    slg = SkipLayerGuidance((1, 2), 2.5, 0.1, 0.5)
+    v_cond = skip_aware_network(z, t, context, pooled)
+    v_uncond = skip_aware_network(z, t, torch.zeros_like(context), torch.zeros_like(pooled))
+    v_skip = skip_aware_network(z, t, context, pooled, skip_layers=(1, 2))
+    assert not torch.allclose(v_cond, v_skip)
+    velocity = guided_velocity(skip_aware_network, context, pooled, guidance, slg=slg)
+    cfg = v_uncond + guidance * (v_cond - v_uncond)
+    torch.testing.assert_close(velocity(z, t, Step(2, 10)), cfg + 2.5 * (v_cond - v_skip))
+    for outside in (Step(1, 10), Step(5, 10)):  # 10 * 0.1 and 10 * 0.5: both bounds strict
+        torch.testing.assert_close(velocity(z, t, outside), cfg)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m"])
+def test_slg_scale_zero_is_plain_cfg_and_a_positive_scale_changes_the_sample(method: str):
+    context, pooled = _text()
+    noise = _noise(6, torch.float32)
+    plain = sample(skip_aware_network, noise, context, pooled, steps=10, guidance=4.0, method=method)
+    off = SkipLayerGuidance((1,), 0.0, 0.0, 1.0)
+    torch.testing.assert_close(sample(skip_aware_network, noise, context, pooled, steps=10, guidance=4.0,
+                                      method=method, slg=off), plain, rtol=0, atol=0)
+    on = SkipLayerGuidance((1,), 2.5, 0.0, 1.0)
+    guided = sample(skip_aware_network, noise, context, pooled, steps=10, guidance=4.0, method=method, slg=on)
+    assert (guided - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(("method", "skip_calls"), [("euler", 4), ("heun", 8), ("dpmpp_2m", 4)])
+def test_the_skip_branch_is_conditional_only_and_on_every_call_of_its_steps(method: str, skip_calls: int):
+    """10 steps from 0.01 to 0.5: steps 1 to 4; Heun's second call of a step skips as its first did."""
+    context, pooled = _text()
+    seen: list[tuple[int, tuple[int, ...]]] = []
+
+    def network(x, t, c, p, **kwargs):
+        if "skip_layers" in kwargs:
+            torch.testing.assert_close(c, context)  # the conditional branch alone
+        seen.append((x.shape[0], tuple(kwargs.get("skip_layers", ()))))
+        return skip_aware_network(x, t, c, p, **kwargs)
+
+    sample(network, _noise(6, torch.float32), context, pooled, steps=10, guidance=4.0, method=method,
+           slg=SkipLayerGuidance((3, 5), 2.5, 0.01, 0.5))
+    assert [s for s in seen if s[1]] == [(B, (3, 5))] * skip_calls
+    assert all(batch == 2 * B for batch, layers in seen if not layers)
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"layers": ()}, "layers"), ({"layers": (-1,)}, "layers"), ({"layers": (2, 2)}, "layers"),
+    ({"scale": -1.0}, "scale"), ({"start": 0.3, "stop": 0.2}, "start < stop"), ({"stop": 1.5}, "stop <= 1"),
+])
+def test_skip_layer_guidance_rejects_bad_settings_naming_them(kwargs: dict, named: str):
+    with pytest.raises(ValueError, match=named):
+        dataclasses.replace(SD35_MEDIUM_SLG, **kwargs)
+
+
+def compose(job: str, args: list[str]):
+    """A job's config as its command line composes it, its schema registered as its driver does."""
+    from conf import evaluate, pairs, sweep, train  # noqa: F401  (evaluate registers on import)
+    from workloads import runtime
+
+    for module in (pairs, sweep, train):
+        module.register()
+    return runtime.compose(job, args)
+
+
+@pytest.mark.parametrize(("job", "args", "field"), [
+    ("evaluate", ["run=runs/x", "data=d", "out=o"], "skip_layers"),
+    ("make_pairs", ["run=runs/x", "data=d", "out=o"], "skip_layers"),
+    ("train", ["data=d", "model=d15"], "validation.skip_layers"),
+    ("sweep", ["data=d"], "skip_layers"),
+])
+def test_jobs_take_skip_layer_guidance_from_the_command_line(job: str, args: list[str], field: str):
+    def section(cfg):
+        return cfg.validation if field.startswith("validation.") else cfg
+
+    assert section(compose(job, args)).skip_layer_guidance is None  # off by default
+    slg = section(compose(job, [*args, f"{field}=[7,8,9]"])).skip_layer_guidance
+    assert slg == SD35_MEDIUM_SLG  # the other fields' defaults are SD3.5 Medium's
+
+
+@pytest.mark.parametrize(("job", "required", "override", "named"), [
+    ("evaluate", ["run=runs/x", "data=d", "out=o"], "skip_layers=[-1]", "evaluate.skip_layers"),
+    ("evaluate", ["run=runs/x", "data=d", "out=o"], "skip_layer_scale=-1", "evaluate.skip_layer_scale"),
+    ("evaluate", ["run=runs/x", "data=d", "out=o"], "skip_layer_start=0.5", "evaluate.skip_layer_start"),
+    ("make_pairs", ["run=runs/x", "data=d", "out=o"], "skip_layer_stop=1.5", "skip_layer_stop"),
+    ("train", ["data=d"], "validation.skip_layers=[1,1]", "validation.skip_layers"),
+    ("train", ["data=d"], "validation.skip_layers=[2]", "validation.skip_layers must be block indices in [0, 1]"),
+    ("sweep", ["data=d"], "skip_layer_scale=-2", "sweep.skip_layer_scale"),
+])
+def test_bad_skip_layer_settings_fail_naming_the_field(job: str, required: list[str], override: str, named: str):
+    from workloads import runtime
+
+    with pytest.raises(Exception) as error:
+        compose(job, [*required, override])
+    assert runtime.is_user_error(error.value)
+    assert named in runtime.one_line(error.value)

@@ -7,6 +7,9 @@
    the ZeRO paper's expectation for AdamW (`workloads.train.distribute.expected_state_bytes`); gradients are not
    counted.
 3. Throughput: samples/s and, on GPUs with a known or configured peak, MFU from `model.train_flops`.
+4. Input bytes: the bytes a sample moves to the device and the host-to-device time a step, with every tensor column
+   (the layout before the caption was chosen on the host) and with one caption's embeddings (`CaptionCollate`, what
+   training moves); target: at most 55% of the bytes. On a CPU run there is no copy to time.
 
 Input: `data=` (a preprocessed dataset), else random rows in the same layout written to a temporary folder.
 """
@@ -14,6 +17,7 @@ Input: `data=` (a preprocessed dataset), else random rows in the same layout wri
 from __future__ import annotations
 
 import functools
+import itertools
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +61,33 @@ def _pull(source: Iterator[dict], kept: list, _index: int) -> dict:
     return kept[-1]
 
 
+def transfer_figures(shards: dict, local_batch: int, device: torch.device, batches: int = 8,
+                     synthetic_prob: float = 0.5) -> dict[str, float | None]:
+    """Bytes per sample and host-to-device seconds per batch (None on a CPU run) of the first `batches` batches of
+    the first shard, for every tensor column and for one caption's; each pass drains its epoch (the split's other
+    ranks wait for it)."""
+    shard = next(iter(shards.values()))
+    cuda = device.type == "cuda"
+    figures: dict[str, float | None] = {}
+    for layout, collate in (("all_columns", streaming.AllColumns()),
+                            ("one_caption", streaming.CaptionCollate(0, 0, synthetic_prob))):
+        iterator = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, collate_fn=collate,
+                                                 device="cpu", pin_memory=cuda))
+        nbytes, seconds, count = 0, 0.0, 0
+        for batch in itertools.islice(iterator, batches):
+            tick = time.perf_counter()
+            moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - tick
+            nbytes, count = nbytes + sum(v.nbytes for v in moved.values()), count + 1
+        for _ in iterator:
+            pass
+        figures[f"{layout}_bytes"] = nbytes / (count * local_batch)
+        figures[f"{layout}_h2d_s"] = seconds / count if cuda else None
+    return figures
+
+
 def bench_worker(config: dict) -> dict:
     import ray.train
     from ray.train.torch import get_device
@@ -72,7 +103,8 @@ def bench_worker(config: dict) -> dict:
     init_distributed(device)
     local = cfg.batch_size // world
     shards = {b: ray.train.get_dataset_shard(streaming.dataset_name(b)) for b in config["batches"]}
-    stream = streaming.EpochStream(shards, config["batches"], local, seed=0, rank=rank)
+    input_figures = transfer_figures(shards, local, device)
+    stream = streaming.EpochStream(shards, config["batches"], local, seed=0, rank=rank, pin_memory=cfg.use_gpu)
 
     def batches():
         epoch = 0
@@ -95,7 +127,7 @@ def bench_worker(config: dict) -> dict:
         memory_s, step = memory_s + elapsed, step + cfg.steps
     samples_per_s = 2 * cfg.steps * cfg.batch_size / stream_s
     figures = {"stream_s": stream_s, "memory_s": memory_s, "overhead": stream_s / memory_s - 1,
-               "data_wait": wait_s / stream_s, "samples_per_s": samples_per_s}
+               "data_wait": wait_s / stream_s, "samples_per_s": samples_per_s} | input_figures
     peak = peak_tflops(device, cfg.peak_tflops)
     if peak is not None:
         figures["mfu"] = mfu(config["flops"], samples_per_s / world, peak)
@@ -122,6 +154,12 @@ def report(cfg: BenchTrainConf, figures: dict, params: int) -> str:
              f"overhead {figures['overhead']:+.1%} (target < 5%); data wait {figures['data_wait']:.1%} of streaming "
              f"steps; {figures['samples_per_s']:.1f} samples/s"
              + (f"; MFU {figures['mfu']:.1%}" if "mfu" in figures else "")]
+    before, after = figures["all_columns_bytes"], figures["one_caption_bytes"]
+    copy = figures["one_caption_h2d_s"]
+    lines.append(f"  input to the device per sample: {after / 2**10:.1f} KiB with the caption chosen on the host, "
+                 f"{before / 2**10:.1f} KiB with every column ({after / before:.1%} of it, target <= 55%); "
+                 + (f"host-to-device {1e3 * copy:.2f} ms a batch against {1e3 * figures['all_columns_h2d_s']:.2f} ms"
+                    if copy is not None else "host-to-device time: none on a CPU run"))
     for stage in cfg.memory_stages:
         got, want = figures[f"zero{stage}_bytes"], figures[f"zero{stage}_expected"]
         lines.append(f"  ZeRO-{stage}: {got / 2**20:9.2f} MiB weights+optimizer per rank, expected "

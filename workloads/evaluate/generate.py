@@ -14,7 +14,7 @@ from PIL import Image
 
 from model.conditioning import TextEmbeddings, assemble_conditioning
 from model.interop import load_diffusers
-from model.sampling import sample
+from model.sampling import SkipLayerGuidance, sample
 from pipelines.storage import Location
 from workloads.evaluate.inline import fixed_noise, to_uint8
 
@@ -24,7 +24,8 @@ class Generator:
     (and with `keep_latents` the sampled latents too, fp16, in the training data's latent space)."""
 
     def __init__(self, export: str, models: str, resolution: int, steps: int, guidance: float, shift: float,
-                 sampler: str, seed: int, use_gpu: bool, threads: int = 0, keep_latents: bool = False) -> None:
+                 sampler: str, seed: int, use_gpu: bool, threads: int = 0, keep_latents: bool = False,
+                 slg: SkipLayerGuidance | None = None) -> None:
         from pipelines.encoders import TextEncoders
         from workloads.train.validation import LatentDecoder
 
@@ -43,6 +44,7 @@ class Generator:
         factor = 2 ** (len(self.decoder.vae.config.block_out_channels) - 1)
         self.latent_side = resolution // factor
         self.steps, self.guidance, self.shift, self.sampler, self.seed = steps, guidance, shift, sampler, seed
+        self.slg = slg
         self.keep_latents = keep_latents
 
     @torch.no_grad()
@@ -54,7 +56,7 @@ class Generator:
         noise = fixed_noise(batch["prompt_index"], batch["k"], (c, self.latent_side, self.latent_side),
                             self.seed).to(self.device)
         latents = sample(self.network, noise, context, pooled, steps=self.steps, guidance=self.guidance,
-                         shift=self.shift, method=self.sampler)
+                         shift=self.shift, method=self.sampler, slg=self.slg)
         pixels = to_uint8(self.decoder(latents))  # (B, H, W, 3)
         pngs = []
         for image in pixels:

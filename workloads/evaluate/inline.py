@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from model.conditioning import TextConditioningConfig, TextEmbeddings, assemble_conditioning
-from model.sampling import sample
+from model.sampling import SkipLayerGuidance, sample
 from pipelines import geneval
 from workloads.evaluate.detect import ShapesDetector
 from workloads.evaluate.scoring import score_image, summarize
@@ -77,6 +77,7 @@ class Sampling:
     method: str = "euler"
     formulation: str = "rf"
     seed: int = 0
+    slg: SkipLayerGuidance | None = None  # skip-layer guidance; None: off
 
 
 @torch.no_grad()
@@ -100,7 +101,7 @@ def sample_prompt_set(network, prompts: PromptSet, text: TextConditioningConfig,
         noise = fixed_noise(index[rows], k[rows], latent_shape, how.seed).to(device)
         chunks.append(sample(network, noise.to(dtype), context.to(dtype), pooled.to(dtype), steps=how.steps,
                              guidance=how.guidance, shift=how.shift, method=how.method,
-                             formulation=how.formulation).float())
+                             formulation=how.formulation, slg=how.slg).float())
     latents = torch.cat(chunks)  # (share, C, h, w)
     if world > 1:
         gathered = torch.empty((world * share, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)

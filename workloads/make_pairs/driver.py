@@ -12,6 +12,7 @@ The manifest (`kind: pairs`) counts prompts, images and pairs per task; `pairs.p
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tempfile
@@ -103,6 +104,7 @@ def sample_and_judge(cfg: MakePairsConf, prompts: list[dict], models: str, resol
         export = local_export(Location.of(cfg.run, cfg.endpoint_url), scratch)
         generator = {"export": export, "models": models, "resolution": resolution, "steps": cfg.steps,
                      "guidance": cfg.guidance, "shift": cfg.shift, "sampler": str(cfg.sampler), "seed": cfg.seed,
+                     "slg": cfg.skip_layer_guidance,
                      "use_gpu": use_gpu, "threads": 0 if use_gpu else 1, "keep_latents": True}
         dataset = ray.data.from_items(rows).map_batches(
             Generator, fn_constructor_kwargs=generator, batch_size=cfg.batch_size,
@@ -205,6 +207,7 @@ def write_pairs(cfg: MakePairsConf, spec, prompts: list[dict], samples: list[dic
         sheet.save(image, format="PNG")
         out.write_bytes("pairs.png", image.getvalue())
     data_manifest = json.loads(spec.location.read_bytes(schema.MANIFEST))
+    slg = cfg.skip_layer_guidance
     manifest = {"kind": schema.PAIRS_KIND, "output": out.uri, "files": [file],
                 "counts": {"read": len(samples), "written": len(pairs), "rejected": 0},
                 "models": data_manifest["models"], "resolution": resolution, "buckets": [f"{resolution}x{resolution}"],
@@ -212,7 +215,8 @@ def write_pairs(cfg: MakePairsConf, spec, prompts: list[dict], samples: list[dic
                 "settings": {"images_per_prompt": cfg.images_per_prompt, "pairs_per_prompt": cfg.pairs_per_prompt,
                              "held_out_prompts_per_task": cfg.held_out_prompts_per_task,
                              "prompt_seed": cfg.prompt_seed, "steps": cfg.steps, "guidance": cfg.guidance,
-                             "shift": cfg.shift, "sampler": str(cfg.sampler), "seed": cfg.seed}}
+                             "shift": cfg.shift, "sampler": str(cfg.sampler), "seed": cfg.seed,
+                             "skip_layer_guidance": None if slg is None else dataclasses.asdict(slg)}}
     out.write_bytes(schema.MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())  # last: the dataset is done
     per_task = ", ".join(f"{t} {n}" for t, n in stats["pairs"].items())
     LOG.info(f"{len(pairs)} pairs from {len(samples)} images ({sum(stats['correct'].values())} correct): {per_task}; "

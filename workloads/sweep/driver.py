@@ -18,6 +18,7 @@ import io
 import json
 import math
 import re
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -25,6 +26,7 @@ from conf.checks import validate
 from conf.model import ModelConf
 from conf.sweep import SweepConf, register
 from conf.train import TrainConf, TrainerConf
+from model.mmdit import check_skip_layers
 from pipelines import schema
 from pipelines.storage import Location, join
 from workloads.runtime import cli, ensure_ray, logger
@@ -32,13 +34,21 @@ from workloads.sweep import scores, studies
 from workloads.train import driver as train
 from workloads.train.runlog import SUMMARY
 
+if TYPE_CHECKING:  # the sampling modules are imported where a trial samples
+    from workloads.evaluate.inline import Sampling
+
 LOG = logger("sweep")
 
 TRIAL_DRIVER_CPUS = 0.25  # the trial's own process mostly waits on its Train workers
 
 
 def sweep_name(cfg: SweepConf) -> str:
-    return cfg.name or f"{cfg.study}-{cfg.preset}"
+    """`name`, or one from the study, the preset and how it samples: a sweep sampling otherwise is another sweep
+    (under the same name, Tune would resume the first one and keep its finished trials)."""
+    if cfg.name:
+        return cfg.name
+    sampler = "" if cfg.sampler == "euler" else f"-{cfg.sampler}"
+    return f"{cfg.study}-{cfg.preset}{sampler}{'-slg' if cfg.skip_layers else ''}"
 
 
 def trial_train_conf(cfg: SweepConf, params: dict) -> TrainConf:
@@ -106,7 +116,7 @@ def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]],
             export.fs.get(export.root + "/", tmp + "/", recursive=True)
             network = load_diffusers(tmp).to(device).eval()
         metrics = sample_metrics(network, groups[0], spec.text, settings, c.objective.formulation, c.trainer.seed,
-                                 device) if settings else {}
+                                 device, method=str(cfg.sampler)) if settings else {}
         for (steps, shift), values in metrics.items():
             out[studies.metric_column(cfg, "lfd", steps, shift)] = values["lfd"]
             out[studies.metric_column(cfg, "change", steps, shift)] = values["change"]
@@ -125,15 +135,26 @@ def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]],
     return out
 
 
+def geneval_sampling(cfg: SweepConf, c: TrainConf, steps: int, shift: float) -> Sampling:
+    """How a trial's GenEval samples at (steps, shift): the sweep's guidance, sampler and skip-layer guidance, the
+    run's formulation and seed."""
+    from workloads.evaluate.inline import Sampling
+
+    return Sampling(steps, cfg.geneval_guidance, shift, str(cfg.sampler), c.objective.formulation, c.trainer.seed,
+                    cfg.skip_layer_guidance)
+
+
 def geneval_setting(cfg: SweepConf, c: TrainConf, steps: int, shift: float) -> scores.GenEvalSetting:
-    return scores.GenEvalSetting(steps, shift, cfg.geneval_guidance, cfg.geneval_prompts_per_task,
-                                 cfg.geneval_images_per_prompt, c.trainer.seed)
+    """The key of a trial's stored GenEval score at (steps, shift), made from the sampling that scores it."""
+    how = geneval_sampling(cfg, c, steps, shift)
+    return scores.GenEvalSetting(how.steps, how.shift, how.guidance, cfg.geneval_prompts_per_task,
+                                 cfg.geneval_images_per_prompt, how.seed, how.method, how.slg)
 
 
 def geneval_summaries(cfg: SweepConf, c: TrainConf, network, spec, latent_shape: tuple[int, ...],
                       settings: list[tuple[int, float]], device) -> dict[tuple[int, float], dict]:
     """GenEval-shapes (overall and per task) of the network's samples at each (steps, shift)."""
-    from workloads.evaluate.inline import Sampling, encode_prompt_set, geneval_summary, sample_prompt_set, to_uint8
+    from workloads.evaluate.inline import encode_prompt_set, geneval_summary, sample_prompt_set, to_uint8
     from workloads.train.validation import LatentDecoder
 
     if not spec.vae:
@@ -145,8 +166,8 @@ def geneval_summaries(cfg: SweepConf, c: TrainConf, network, spec, latent_shape:
     decoder.for_scoring("geneval_prompts_per_task (0 turns it off)").to(device)
     out = {}
     for steps, shift in settings:
-        how = Sampling(steps, cfg.geneval_guidance, shift, "euler", c.objective.formulation, c.trainer.seed)
-        latents = sample_prompt_set(network, prompts, spec.text, latent_shape, how, device)
+        latents = sample_prompt_set(network, prompts, spec.text, latent_shape, geneval_sampling(cfg, c, steps, shift),
+                                    device)
         out[(steps, shift)] = geneval_summary(to_uint8(decoder(latents.to(device))), prompts)
     return out
 
@@ -230,6 +251,10 @@ def check(cfg: SweepConf) -> list[TrainConf]:
         raise ValueError(f"the {cfg.study} study has no trials: check depths / training_shifts / formulations")
     for c in confs:
         train.check(c)
+        try:
+            check_skip_layers(cfg.skip_layers, c.model.build().depth)
+        except ValueError as error:
+            raise ValueError(f"sweep.{error}, in trial {c.run.name}") from None
     largest = max(confs, key=lambda c: c.model.depth)
     train.plan(largest)
     return confs

@@ -14,7 +14,7 @@ import torch
 from model.conditioning import TextConditioningConfig
 from model.sampling import sample
 from pipelines import schema
-from workloads.train.data import to_model_inputs
+from workloads.train.data import choose_captions, to_model_inputs
 from workloads.train.validation import ValGroup
 
 
@@ -40,18 +40,19 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.no_grad()
 def sample_metrics(network, group: ValGroup, text: TextConditioningConfig, settings: list[tuple[int, float]],
-                   formulation: str, seed: int, device: torch.device, batch_size: int = 64) -> dict:
-    """For each (steps, shift): the LFD of samples for the group's captions (fixed noise, no guidance) against the
-    group's latents, and `change` = mean squared distance to the samples of the first setting, relative to their
-    mean square (how far fewer steps land from the reference)."""
+                   formulation: str, seed: int, device: torch.device, batch_size: int = 64,
+                   method: str = "euler") -> dict:
+    """For each (steps, shift): the LFD of `method`'s samples for the group's captions (fixed noise, no guidance)
+    against the group's latents, and `change` = mean squared distance to the samples of the first setting, relative
+    to their mean square (how far fewer steps land from the reference)."""
     real = torch.from_numpy(group.columns[schema.LATENT]).float()
     batch = {k: v.to(device) for k, v in group.tensors(np.arange(len(group))).items()}
-    _, context, pooled = to_model_inputs(batch, text, synthetic_prob=0.0, drop_prob=0.0)
+    _, context, pooled = to_model_inputs(choose_captions(batch, False), text, drop_prob=0.0)
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     out, reference = {}, None
     for steps, shift in settings:
         chunks = [sample(network, noise[i:i + batch_size], context[i:i + batch_size], pooled[i:i + batch_size],
-                         steps=steps, shift=shift, formulation=formulation).float().cpu()
+                         steps=steps, shift=shift, method=method, formulation=formulation).float().cpu()
                   for i in range(0, len(real), batch_size)]
         latents = torch.cat(chunks)
         reference = latents if reference is None else reference

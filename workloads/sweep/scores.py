@@ -4,10 +4,12 @@ studies all score the study-depth run at its training shift and the sweep's samp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 
+from model.sampling import SkipLayerGuidance
 from pipelines.storage import Location
 
 
@@ -21,9 +23,21 @@ class GenEvalSetting:
     prompts_per_task: int
     images_per_prompt: int
     seed: int
+    sampler: str = "euler"
+    slg: SkipLayerGuidance | None = None
+
+    def key(self) -> dict:
+        """What the score's file name hashes. Scores stored before the sampler and skip-layer guidance joined the
+        key were all Euler without it: such a setting leaves them out, so it finds those files again."""
+        key = dataclasses.asdict(self)
+        if self.sampler == "euler":
+            del key["sampler"]
+        if self.slg is None:
+            del key["slg"]
+        return key
 
     def path(self) -> str:
-        text = json.dumps(self.__dict__, sort_keys=True)
+        text = json.dumps(self.key(), sort_keys=True)
         return f"scores/geneval-{hashlib.sha1(text.encode()).hexdigest()[:12]}.json"
 
 
@@ -36,5 +50,6 @@ def read(run: Location, setting: GenEvalSetting) -> dict | None:
 
 
 def write(run: Location, setting: GenEvalSetting, summary: dict) -> None:
-    record = {"setting": setting.__dict__, "summary": {"overall": summary["overall"], "tasks": summary["tasks"]}}
+    record = {"setting": dataclasses.asdict(setting),
+              "summary": {"overall": summary["overall"], "tasks": summary["tasks"]}}
     run.write_bytes(setting.path(), json.dumps(record, indent=1).encode())

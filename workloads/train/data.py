@@ -1,13 +1,18 @@
 """Training input from the preprocessed dataset (layout in `pipelines/schema.py`): the manifest's files by
-bucket, a start-up check that the data fits the model, and a batch's columns -> MM-DiT inputs with the
-per-sample caption choice (original or synthetic) and per-encoder text dropout."""
+bucket, a start-up check that the data fits the model, the per-sample caption choice (original or synthetic, made on
+the host so only the chosen caption's embeddings reach the device), and a batch -> MM-DiT inputs with per-encoder
+text dropout."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -114,25 +119,55 @@ def check_spec(spec: DataSpec, model: MMDiTConfig) -> None:
         check_compatible(file_schema(spec.location, files[0]), model, f"{bucket} ({files[0]})")
 
 
-def to_model_inputs(batch: dict[str, torch.Tensor], text: TextConditioningConfig, synthetic_prob: float = 0.5,
+def training_columns(synthetic_prob: float, pairs: bool = False) -> tuple[str, ...]:
+    """The columns a training step reads: the latents (and a pair's loser) and the embeddings of each caption kind
+    it can draw (both for a mix; one when `synthetic_prob` is 0 or 1, so the other is never read)."""
+    kinds = [kind for kind, p in zip(schema.CAPTION_KINDS, (1.0 - synthetic_prob, synthetic_prob), strict=True) if p]
+    latents = (schema.LATENT, schema.LOSER_LATENT) if pairs else (schema.LATENT,)
+    return (*latents, *(schema.embedding_column(k, o) for k in kinds for o in schema.ENCODER_OUTPUTS))
+
+
+def synthetic_rows(ids: Sequence[str], seed: int, epoch: int, synthetic_prob: float) -> np.ndarray:
+    """(B,) bool: the rows that take their synthetic caption in this epoch (the paper's 50/50 mix at 0.5). A function
+    of the sample id, seed and epoch alone, so a resumed run, a restarted worker group and any worker count or batch
+    order draw the same captions, and a sample draws afresh each epoch."""
+    salt = f"captions/{seed}/{epoch}/".encode()
+    # blake2b, not the hold-out's crc32: crc32 is affine in its input, so two epochs' salts would flip the same bits
+    # of every id's hash and the draws of one epoch would predict the next
+    draws = [int.from_bytes(hashlib.blake2b(salt + i.encode(), digest_size=8).digest(), "big") for i in ids]
+    return np.array(draws, dtype=np.float64).reshape(len(ids)) / 2.0**64 < synthetic_prob
+
+
+def choose_captions(columns: Mapping[str, Any], synthetic: np.ndarray | bool) -> dict[str, Any]:
+    """One caption's embeddings per row, keyed by encoder output (`schema.ENCODER_OUTPUTS`), with the latent columns
+    passed through. `synthetic`: a (B,) bool array (numpy columns; the rows are copied once) or one kind for all rows
+    (numpy or torch columns; nothing is copied). Either kind's columns may be absent when no row takes it."""
+    out = {c: columns[c] for c in (schema.LATENT, schema.LOSER_LATENT) if c in columns}
+    if isinstance(synthetic, bool | np.bool_):
+        uniform, kinds = True, [bool(synthetic)]
+    else:
+        uniform = bool(synthetic.all() or not synthetic.any())
+        kinds = [bool(synthetic.any())] if uniform else [False, True]
+    for output in schema.ENCODER_OUTPUTS:
+        names = [schema.embedding_column(schema.CAPTION_KINDS[k], output) for k in kinds]
+        if missing := [n for n in names if n not in columns]:
+            raise ValueError(f"the batch has no column {missing[0]!r} for the captions drawn (columns: "
+                             f"{sorted(columns)})")
+        if uniform:
+            out[output] = columns[names[0]]
+        else:
+            original, chosen = (columns[n] for n in names)
+            out[output] = np.where(synthetic.reshape(-1, *[1] * (original.ndim - 1)), chosen, original)
+    return out
+
+
+def to_model_inputs(batch: Mapping[str, torch.Tensor], text: TextConditioningConfig,
                     drop_prob: float = PAPER_DROP_PROB, generator: torch.Generator | None = None,
                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x0 (B, C, h, w), context (B, 154, D_ctx), pooled (B, D_pool)) from a batch of tensor columns.
-
-    Each sample takes the synthetic caption's embeddings with `synthetic_prob` (the paper's 50/50 mix), then each
-    encoder is dropped independently with `drop_prob`.
-    """
+    """(x0 (B, C, h, w), context (B, 154, D_ctx), pooled (B, D_pool)) from a batch of one caption's embeddings per
+    row (`choose_captions`), each encoder dropped independently with `drop_prob` (on the device: a multiply)."""
     x0 = batch[schema.LATENT].to(dtype)
-    b, device = x0.shape[0], x0.device
-    synthetic = torch.rand(b, generator=generator, device=device) < synthetic_prob  # (B,)
-
-    def pick(output: str) -> torch.Tensor:
-        original = batch[schema.embedding_column("original", output)].to(dtype)
-        chosen = batch[schema.embedding_column("synthetic", output)].to(dtype)
-        mask = synthetic.view(-1, *([1] * (original.ndim - 1)))
-        return torch.where(mask, chosen, original)
-
-    embeddings = TextEmbeddings(**{output: pick(output) for output in schema.ENCODER_OUTPUTS})
-    keep = sample_encoder_keep(b, drop_prob, generator, device)
+    embeddings = TextEmbeddings(**{output: batch[output].to(dtype) for output in schema.ENCODER_OUTPUTS})
+    keep = sample_encoder_keep(x0.shape[0], drop_prob, generator, x0.device)
     context, pooled = assemble_conditioning(embeddings, text, keep)
     return x0, context, pooled

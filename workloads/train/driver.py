@@ -23,7 +23,7 @@ from pipelines.storage import Location, join
 from workloads.evaluate.inline import PromptSet, encode_prompt_set
 from workloads.runtime import cli, ensure_ray, logger
 from workloads.train import streaming
-from workloads.train.data import TENSOR_COLUMNS, check_spec, latent_shape, read_spec
+from workloads.train.data import TENSOR_COLUMNS, check_spec, latent_shape, read_spec, training_columns
 from workloads.train.initialize import init_source
 from workloads.train.runlog import SUMMARY
 from workloads.train.validation import ValGroup, read_val_set
@@ -51,7 +51,8 @@ class Plan:
     holdout: float = 0.0  # `Split.holdout`: the training stream drops the rows held out for validation
     # with validation.geneval_every: the prompt set encoded, or the ObjectRef of its encoding task (`geneval_prompts`)
     geneval: PromptSet | object | None = None
-    tensor_columns: tuple[str, ...] = TENSOR_COLUMNS  # what the training stream reads (DPO: the loser too)
+    # what the training stream reads: the captions it can draw (`data.training_columns`), DPO's loser too
+    tensor_columns: tuple[str, ...] = TENSOR_COLUMNS
 
 
 def check(cfg: TrainConf) -> None:
@@ -116,7 +117,7 @@ def plan(cfg: TrainConf) -> Plan:
              f"({split.val_source})")
     return Plan(run_location(cfg), spec.text, spec.location, split.train, batches, val, split.val_source, spec.vae,
                 flops, count_params(config), split.holdout,
-                tensor_columns=spec.tensor_columns if dpo else TENSOR_COLUMNS)
+                tensor_columns=training_columns(cfg.objective.synthetic_caption_prob, pairs=dpo))
 
 
 def geneval_prompts(cfg: TrainConf, models: str):

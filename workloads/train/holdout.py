@@ -40,6 +40,6 @@ def holdout_threshold(ids: Sequence[str], fraction: float, min_rows: int = 1) ->
 
 
 def drop_held_out(batch: pa.Table, holdout: float) -> pa.Table:
-    """The batch's training rows (those `held_out` does not pick), without the id column."""
+    """The batch's training rows (those `held_out` does not pick); the id stays, for the caption choice."""
     keep = ~held_out(batch.column(schema.ID).to_pylist(), holdout)
-    return batch.filter(pa.array(keep)).drop_columns([schema.ID])
+    return batch.filter(pa.array(keep))

@@ -8,25 +8,30 @@ the same rows.
 
 Worker side: an epoch is a seeded interleaving of the buckets' batches, the same on every rank, so each step's
 batch shares one bucket across the whole job. Rows are shuffled per epoch in each worker's local buffer (seed from
-seed, epoch and rank). Resuming mid-epoch replays the epoch's stream and drops the batches already trained on.
+seed, epoch and rank). Each row's caption (original or synthetic) is chosen on the host, in Ray's prefetch threads
+(`CaptionCollate`), so one caption's embeddings a sample are pinned and copied to the device. Resuming mid-epoch
+replays the epoch's stream and drops the batches already trained on.
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipelines import schema
 from pipelines.storage import Location
-from workloads.train.data import TENSOR_COLUMNS, DataSpec
+from workloads.train.data import TENSOR_COLUMNS, DataSpec, choose_captions, synthetic_rows
 from workloads.train.holdout import drop_held_out, held_out, holdout_threshold
 
 
@@ -154,8 +159,9 @@ def ordered_ingest():
 
 def bucket_datasets(data: Location, files: dict[str, list[str]], seed: int, materialize: bool = False,
                     holdout: float = 0.0, tensor_columns: Sequence[str] = TENSOR_COLUMNS) -> dict:
-    """One Ray dataset per bucket with the `tensor_columns` only, files in a seeded order, rows `held_out` picks
-    with `holdout` filtered out; read into the object store once with `materialize`, else streamed every epoch."""
+    """One Ray dataset per bucket with the sample id and the `tensor_columns` only, files in a seeded order, rows
+    `held_out` picks with `holdout` filtered out; read into the object store once with `materialize`, else streamed
+    every epoch."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -165,7 +171,7 @@ def bucket_datasets(data: Location, files: dict[str, list[str]], seed: int, mate
     for bucket, paths in sorted(files.items()):
         order = sorted(paths)  # names sort the same wherever the dataset lives
         random.Random(f"{seed}/{bucket}").shuffle(order)
-        columns = [schema.ID, *tensor_columns] if holdout else list(tensor_columns)
+        columns = [schema.ID, *tensor_columns]  # the id: the hold-out and each epoch's caption choice
         with parquet_v1(context):
             dataset = ray.data.read_parquet([fs_path(data, p) for p in order], filesystem=arrow_filesystem(data),
                                             columns=columns)
@@ -207,6 +213,35 @@ def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     return zlib.crc32(f"{seed}/{epoch}/{rank}".encode())
 
 
+def host_tensors(columns: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Tensors over the arrays without a copy. Arrays read from Arrow are read-only; nothing writes to a batch (it is
+    pinned or copied to the device, or only read on a CPU run), so torch's warning about them is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in columns.items()}
+
+
+class CaptionCollate(NumpyBatchCollateFn):
+    """A batch's tensors with one caption's embeddings per row (`choose_captions`, drawn by `synthetic_rows`), keyed
+    by encoder output. Ray seam: it runs as the iterator's collate function, on its prefetch threads, before Ray
+    pins the batch and copies it to the device, so the caption not drawn never leaves the host."""
+
+    def __init__(self, seed: int, epoch: int, synthetic_prob: float) -> None:
+        self.seed, self.epoch, self.synthetic_prob = seed, epoch, synthetic_prob
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        synthetic = synthetic_rows(batch[schema.ID], self.seed, self.epoch, self.synthetic_prob)
+        return host_tensors(choose_captions(batch, synthetic))
+
+
+class AllColumns(NumpyBatchCollateFn):
+    """Every tensor column of a batch (the id left out): what reached the device before the host-side caption
+    choice, kept for `workloads.bench.train`'s before-and-after."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return host_tensors({k: v for k, v in batch.items() if k != schema.ID})
+
+
 @dataclass
 class EpochStream:
     """Iterates one rank's bucketed batches epoch by epoch; `shards` are the Ray Train dataset shards."""
@@ -218,6 +253,8 @@ class EpochStream:
     rank: int
     shuffle_buffer: int = 1024
     prefetch_batches: int = 2
+    synthetic_prob: float = 0.5  # per row and epoch: the synthetic caption instead of the original
+    pin_memory: bool = False  # page-locked host batches (GPU training: asynchronous copies)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, str, dict[str, torch.Tensor]]]:
         """(index within the epoch, bucket, batch) from index `start`; earlier batches are read and dropped."""
@@ -228,7 +265,8 @@ class EpochStream:
                 iterators[bucket] = iter(self.shards[bucket].iter_torch_batches(
                     batch_size=self.local_batch, drop_last=True, prefetch_batches=self.prefetch_batches,
                     local_shuffle_buffer_size=self.shuffle_buffer or None,
-                    local_shuffle_seed=shuffle_seed(self.seed, epoch, self.rank) if self.shuffle_buffer else None))
+                    local_shuffle_seed=shuffle_seed(self.seed, epoch, self.rank) if self.shuffle_buffer else None,
+                    collate_fn=CaptionCollate(self.seed, epoch, self.synthetic_prob), pin_memory=self.pin_memory))
             batch = next(iterators[bucket], None)
             if batch is None:
                 raise RuntimeError(f"bucket {bucket} ran out of rows at batch {index} of epoch {epoch}: the data "

@@ -30,6 +30,7 @@ from workloads.train.checkpointing import DS_TAG, TrainState, ema_name, read_sta
 from workloads.train.data import to_model_inputs
 from workloads.train.distribute import (
     apply_activation_checkpointing,
+    apply_compile,
     build_model,
     deepspeed_config,
     frozen,
@@ -94,6 +95,9 @@ class Trainer:
             apply_lora(net, cfg.lora, seed=cfg.trainer.seed)
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(net)
+        self.compiled = device.type == "cuda" if cfg.trainer.compile is None else cfg.trainer.compile
+        if self.compiled:
+            apply_compile(net, str(cfg.trainer.compile_backend), cfg.trainer.compile_dynamic)
         warmup = warmup_lambda(cfg.optim.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds_config,
@@ -118,8 +122,8 @@ class Trainer:
         cfg, n_bins = self.cfg, self.cfg.metrics.t_bins
         gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.trainer.seed, self.rank, step))
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        x0, context, pooled = to_model_inputs(batch, self.text, cfg.objective.synthetic_caption_prob,
-                                              cfg.objective.text_drop_prob, gen, self.dtype)
+        # the caption was chosen on the host (`streaming.CaptionCollate`): one caption's embeddings a sample
+        x0, context, pooled = to_model_inputs(batch, self.text, cfg.objective.text_drop_prob, gen, self.dtype)
         if self.dpo:  # x0 is each pair's winner
             loser = batch[schema.LOSER_LATENT].to(self.dtype)
             pairs = dpo_loss(self.engine, self.reference, x0, loser, context, pooled, self.beta, self.formulation,
@@ -189,14 +193,14 @@ class Trainer:
         with self.ema_weights():
             return sample_latents(self.engine, group, self.text, v.grid_prompts, v.grid_per_prompt, v.sample_steps,
                                   v.guidance, o.shift if v.shift is None else v.shift, v.sampler, o.formulation,
-                                  self.cfg.trainer.seed, self.device, self.dtype)
+                                  self.cfg.trainer.seed, self.device, self.dtype, slg=v.skip_layer_guidance)
 
     def geneval_latents(self, prompts: PromptSet, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """Latents of the GenEval prompt set with the EMA weights, each rank sampling its share (all on every
         rank): (n, C, h, w)."""
         v, o = self.cfg.validation, self.cfg.objective
         how = Sampling(v.sample_steps, v.guidance, o.shift if v.shift is None else v.shift, str(v.sampler),
-                       o.formulation, self.cfg.trainer.seed)
+                       o.formulation, self.cfg.trainer.seed, v.skip_layer_guidance)
         with self.ema_weights():
             return sample_prompt_set(self.engine, prompts, self.text, latent_shape, how, self.device, self.dtype,
                                      v.batch_size)

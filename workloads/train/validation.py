@@ -16,7 +16,7 @@ import torch.distributed as dist
 from conf.train import ValidationConf
 from model.conditioning import TextConditioningConfig
 from model.objective import DEFAULT_VALIDATION_TIMESTEPS, validation_loss, validation_timesteps
-from model.sampling import sample
+from model.sampling import SkipLayerGuidance, sample
 from pipelines import schema
 from pipelines.storage import Location
 from workloads.evaluate.image_metrics import image_metrics
@@ -24,7 +24,7 @@ from workloads.evaluate.inline import PromptSet, metric_fields, score_images, to
 from workloads.evaluate.scoring import summarize
 from workloads.plots import latents_to_rgb, sample_grid
 from workloads.runtime import logger
-from workloads.train.data import TENSOR_COLUMNS, to_model_inputs
+from workloads.train.data import TENSOR_COLUMNS, choose_captions, to_model_inputs
 from workloads.train.holdout import held_out
 
 LOG = logger("train")
@@ -102,7 +102,7 @@ def distributed_val_loss(network, groups: list[ValGroup], text: TextConditioning
             if shuffle_text:
                 batch |= group.tensors(text_of[rows], text_columns)
             batch = {k: v.to(device) for k, v in batch.items()}
-            x0, context, pooled = to_model_inputs(batch, text, synthetic_prob=0.0, drop_prob=0.0, dtype=dtype)
+            x0, context, pooled = to_model_inputs(choose_captions(batch, False), text, drop_prob=0.0, dtype=dtype)
             losses = validation_loss(network, x0, context, pooled, torch.from_numpy(group.ids[rows]),
                                      formulation=formulation, seed=seed)  # (B, n_t)
             sums[:-1] += losses.sum(dim=0).double()
@@ -115,15 +115,17 @@ def distributed_val_loss(network, groups: list[ValGroup], text: TextConditioning
 @torch.no_grad()
 def sample_latents(network, group: ValGroup, text: TextConditioningConfig, prompts: int, per_prompt: int,
                    steps: int, guidance: float, shift: float, method: str, formulation: str, seed: int,
-                   device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list[str]]:
-    """CFG samples for the group's first `prompts` captions, `per_prompt` fixed noises each: (P * n, C, h, w)."""
+                   device: torch.device, dtype: torch.dtype,
+                   slg: SkipLayerGuidance | None = None) -> tuple[torch.Tensor, list[str]]:
+    """CFG samples (with skip-layer guidance `slg` if set) for the group's first `prompts` captions, `per_prompt`
+    fixed noises each: (P * n, C, h, w)."""
     rows = np.repeat(np.arange(min(prompts, len(group))), per_prompt)
     batch = {k: v.to(device) for k, v in group.tensors(rows).items()}
-    _, context, pooled = to_model_inputs(batch, text, synthetic_prob=0.0, drop_prob=0.0, dtype=dtype)
+    _, context, pooled = to_model_inputs(choose_captions(batch, False), text, drop_prob=0.0, dtype=dtype)
     shape = tuple(batch[schema.LATENT].shape[1:])
     noise = torch.randn((len(rows), *shape), generator=torch.Generator().manual_seed(seed)).to(device, dtype)
     latents = sample(network, noise, context, pooled, steps=steps, guidance=guidance, shift=shift, method=method,
-                     formulation=formulation)
+                     formulation=formulation, slg=slg)
     return latents.float().cpu(), [group.captions[i] for i in range(min(prompts, len(group)))]
 
 

@@ -116,7 +116,8 @@ def epoch_stream(cfg: TrainConf, plan, rank: int, world: int) -> EpochStream:
     batches = {b: n for b, n in plan.batches.items() if n > 0}
     shards = {b: ray.train.get_dataset_shard(dataset_name(b)) for b in batches}
     return EpochStream(shards, batches, cfg.trainer.batch_size // world, cfg.trainer.seed, rank,
-                       cfg.loader.shuffle_buffer, cfg.loader.prefetch_batches)
+                       cfg.loader.shuffle_buffer, cfg.loader.prefetch_batches, cfg.objective.synthetic_caption_prob,
+                       pin_memory=cfg.trainer.use_gpu)
 
 
 def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: Progress, log: RunLog | None,
