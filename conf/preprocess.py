@@ -41,6 +41,8 @@ class StageConf:
     max_actors: int = 1
     num_cpus: float = 0.5  # fractional so all stages fit on a 2-core laptop; raise on clusters
     torch_threads: int = 1
+    # GPUs per actor when the job runs on GPUs; a fraction lets stages share one (e.g. 0.5 each for VAE and text)
+    num_gpus: float = 1.0
 
 
 @dataclass
@@ -62,6 +64,9 @@ class ComputeConf:
             if not 1 <= stage.min_actors <= stage.max_actors or stage.batch_size < 1:
                 raise ValueError(f"compute.{name}: need 1 <= min_actors <= max_actors and batch_size >= 1, got "
                                  f"{stage}")
+            if stage.num_gpus <= 0:
+                raise ValueError(f"compute.{name}.num_gpus must be > 0 (a fraction shares a GPU), got "
+                                 f"{stage.num_gpus}")
 
 
 @dataclass

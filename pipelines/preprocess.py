@@ -27,7 +27,6 @@ from conf.preprocess import PreprocessConf, StageConf, register
 from model.conditioning import TextConditioningConfig
 from pipelines import schema
 from pipelines.decode import DecodeLimits, parse_buckets
-from pipelines.dedup.job import read_duplicates
 from pipelines.output import Progress, completed_shards, remove_unfinished, write_batch
 from pipelines.sources import Shard, list_shards
 from pipelines.stages import CaptionStage, ScoreStage, TextStage, VAEStage, copy_caption, decode_batch, read_rows
@@ -92,6 +91,9 @@ def plan(cfg: PreprocessConf) -> Plan:
 def known_duplicates(cfg: PreprocessConf, shards: list[Shard]) -> dict[int, str]:
     """The duplicates a `pipelines.dedup` output found in this input, as each shard's JSON {row: reject reason};
     fails unless it was made from the same input shards."""
+    # imported here: the deduplication job pulls in faiss, which a run without `dedup=` never needs
+    from pipelines.dedup.job import read_duplicates
+
     manifest, table = read_duplicates(cfg.dedup, cfg.endpoint_url)
     if manifest["shards"] != [list(s.paths) for s in shards]:
         raise ValueError(f"dedup={cfg.dedup!r} was made from other input shards (its input {manifest['input']!r}, "
@@ -108,7 +110,7 @@ def known_duplicates(cfg: PreprocessConf, shards: list[Shard]) -> dict[int, str]
 def _actor_args(stage: StageConf, use_gpu: bool) -> dict:
     return {
         "compute": ray.data.ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),
-        "batch_size": stage.batch_size, "num_cpus": stage.num_cpus, "num_gpus": 1 if use_gpu else 0,
+        "batch_size": stage.batch_size, "num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus if use_gpu else 0,
     }
 
 

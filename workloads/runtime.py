@@ -199,7 +199,10 @@ def quiet_ray() -> None:
 
 def code_version() -> str:
     """The installed package's version and the checkout's commit, for the manifests jobs write."""
-    version = importlib.metadata.version("sd3-train")
+    try:
+        version = importlib.metadata.version("sd3-train")
+    except importlib.metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, not installed (a GPU machine's run)
+        version = "0+checkout"
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from conf.bench import BenchModelConf
 from conf.model import ModelConf
 from model import MMDiT, MMDiTConfig, count_params, get_flavor, train_flops
-from workloads.bench.model import build_pair, run, time_step
+from workloads.bench.model import build_pair, median_time, run
 from workloads.train.mfu import mfu, peak_tflops
 
 
@@ -61,30 +61,33 @@ def check_flash_and_memory(device: torch.device, flavor: str, batch: int, latent
 
 
 def time_ours_only(device: torch.device, flavor: str, batch: int, latent: int, steps: int = 8,
-                   compile_blocks: bool = False) -> None:
-    """Step time and MFU of our network alone (sizes where two copies would not fit; optional per-block compile)."""
+                   compile_blocks: bool = False, dtype: torch.dtype = torch.bfloat16) -> dict[str, float | None]:
+    """Step time and MFU of our network alone (sizes where two copies would not fit; optional per-block compile):
+    forward and backward, no optimizer. Returns ms_per_step, samples_per_s, tflops and mfu (None without a peak)."""
     config = get_flavor(flavor)
     with device:
-        net = MMDiT(config).to(torch.bfloat16)
+        net = MMDiT(config).to(dtype)
     if compile_blocks:
         for block in net.blocks:
             block.compile()
-    inputs = _inputs(config, batch, latent, torch.bfloat16, device)
+    inputs = _inputs(config, batch, latent, dtype, device)
 
     def step() -> None:
         net.zero_grad(set_to_none=True)
         net(*inputs).float().square().mean().backward()
 
-    times = [time_step(step, device) for _ in range(steps + 3)][3:]
-    median = sorted(times)[len(times) // 2]
+    median = median_time(step, device, steps)
     flops = train_flops(config, latent, latent) * batch
     peak = peak_tflops(device)
+    figures = {"ms_per_step": median * 1e3, "samples_per_s": batch / median, "tflops": flops / median / 1e12,
+               "mfu": mfu(flops, 1 / median, peak) if peak else None}
     label = f"ours only{' compiled' if compile_blocks else ''} {flavor} ({count_params(config) / 1e9:.2f}B)"
     text = f"{label} batch {batch} latent {latent}^2: " \
-           f"{median * 1e3:.1f} ms/step, {flops / median / 1e12:.1f} TFLOP/s"
+           f"{median * 1e3:.1f} ms/step, {figures['tflops']:.1f} TFLOP/s"
     if peak:
-        text += f", MFU {mfu(flops, 1 / median, peak):.1%} of {peak:.0f}"
+        text += f", MFU {figures['mfu']:.1%} of {peak:.0f}"
     print(text, flush=True)
+    return figures
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ Run: `python -m workloads.bench.gpu_check_encoders`.
 from __future__ import annotations
 
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -16,17 +15,8 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from pipelines.encoders import Captioner, TextEncoders, VAEEncoder
-from pipelines.models import SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR
 from pipelines.synthetic.tiny_models import build_tiny_models
-
-SD3_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (128, 256, 512, 512),
-           "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-           "layers_per_block": 2, "shift_factor": SD3_VAE_SHIFT_FACTOR, "scaling_factor": SD3_VAE_SCALING_FACTOR,
-           "use_quant_conv": False, "use_post_quant_conv": False}
-CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-          "projection_dim": 768, "max_position_embeddings": 77, "vocab_size": 49408}
-CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
-          "projection_dim": 1280, "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu"}
+from workloads.bench.sd3_encoders import CLIP_G, CLIP_L, PAPER_MS, SD3_VAE, encoder_calls, per_sample_ms
 
 
 def agreement() -> None:
@@ -45,29 +35,15 @@ def agreement() -> None:
     print("tiny captioner on cuda:", Captioner(tiny.captioner, device="cuda", dtype="auto").caption(images[:2]))
 
 
-def timed(fn, repeats: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
-
-
 @torch.inference_mode()
 def full_size_timings(batch: int = 64) -> None:
-    vae = AutoencoderKL(**SD3_VAE).to("cuda", torch.float16).eval()
-    pixels = torch.randn(batch, 3, 256, 256, device="cuda", dtype=torch.float16)
-    seconds = timed(lambda: vae.encode(pixels).latent_dist.mean)
-    print(f"SD3-size VAE encode, 256 px, fp16, batch {batch}: {seconds / batch * 1e3:.2f} ms/sample (paper 2.45)")
-    for name, cfg, paper in (("CLIP-L", CLIP_L, 0.45), ("CLIP-G", CLIP_G, 2.77)):
-        model = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)).to("cuda", torch.float16).eval()
-        ids = torch.randint(0, 49407, (batch, 77), device="cuda")
-        seconds = timed(lambda model=model, ids=ids: model(ids, output_hidden_states=True))
-        print(f"{name}-size text encoder, 77 tokens, fp16, batch {batch}: {seconds / batch * 1e3:.3f} ms/sample "
-              f"(paper {paper})")
+    models = {"vae": AutoencoderKL(**SD3_VAE), "clip_l": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)),
+              "clip_g": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))}
+    models = {name: model.to("cuda", torch.float16).eval() for name, model in models.items()}
+    ms = per_sample_ms(encoder_calls(models, batch, 256), batch, torch.device("cuda"))
+    for name, value in ms.items():
+        print(f"SD3-size {name}, 256 px / 77 tokens, fp16, batch {batch}: {value:.3f} ms/sample "
+              f"(paper {PAPER_MS[name]})")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,11 @@ def time_step(step: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def median_time(step: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median seconds of `repeats` timed calls after `warmup` untimed ones (compilation, autotuning, caches)."""
+    return statistics.median([time_step(step, device) for _ in range(warmup + repeats)][warmup:])
+
+
 def bench_one(cfg: BenchModelConf, index: int, device: torch.device, dtype: torch.dtype) -> BenchResult:
     config = cfg.models[index].build()
     torch.manual_seed(cfg.seed)

@@ -50,25 +50,27 @@ def _config(cfg: BenchPreprocessConf, input_uri: str, output: str, vae_actors: i
                                               write_batch_size=cfg.batch_size, vae=vae, caption=light, text=light))
 
 
-def plain_loop(pcfg: PreprocessConf, threads: int) -> tuple[float, dict[str, float], int]:
-    """The same stages called in order in this process: (seconds, seconds per stage, images)."""
+def plain_loop(pcfg: PreprocessConf, threads: int, device: str = "cpu") -> tuple[float, dict[str, float], int]:
+    """The same stages called in order in this process, one shard a batch: (seconds, seconds per stage, images)."""
     shares: dict[str, float] = defaultdict(float)
     start = time.perf_counter()
     p = plan(pcfg)
     m = pcfg.models
+    synthetic = m.synthetic_captions == "input"  # the input's own synthetic captions: no captioner (`plan`)
     tick = time.perf_counter()
-    stages = {"caption": CaptionStage(p.captioner, "cpu", m.dtype, m.caption_max_new_tokens, threads),
-              "vae": VAEStage(p.repo, "cpu", m.dtype, threads), "text": TextStage(p.repo, "cpu", m.dtype, threads)}
+    stages = {"caption": CaptionStage(p.captioner, device, m.dtype, m.caption_max_new_tokens, threads)} \
+        if p.captioner else {}
+    stages |= {"vae": VAEStage(p.repo, device, m.dtype, threads), "text": TextStage(p.repo, device, m.dtype, threads)}
     shares["load models"] += time.perf_counter() - tick
     images = 0
     for shard in p.shards:
         tick = time.perf_counter()
         rows = read_rows({"index": shard.index, "format": shard.format, "paths": list(shard.paths),
-                          "root": shard.root}, pcfg.endpoint_url)
+                          "root": shard.root}, pcfg.endpoint_url, synthetic)
         batch = {k: object_column([r[k] for r in rows]) for k in rows[0]}
         shares["read"] += time.perf_counter() - tick
         tick = time.perf_counter()
-        batch = decode_batch(batch, p.limits)
+        batch = decode_batch(batch, p.limits, synthetic=synthetic)
         shares["decode"] += time.perf_counter() - tick
         for name, stage in stages.items():
             tick = time.perf_counter()
