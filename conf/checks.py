@@ -8,11 +8,12 @@ compare equal to the plain values the components take.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Any
 
+from model.mmdit import check_skip_layers
 from model.precision import DTYPES
-from model.sampling import SAMPLERS, SkipLayerGuidance
+from model.sampling import SAMPLERS, SD35_MEDIUM_SLG, SkipLayerGuidance
 from pipelines.dedup.embedders import EMBEDDERS
 from pipelines.sources import FORMATS, SYNTHETIC_CAPTIONS
 
@@ -56,22 +57,45 @@ def in_unit_interval(owner: object, *names: str, open_right: bool = False) -> No
             raise ValueError(f"{section}.{name} must be in [0, 1{')' if open_right else ']'}, got {value}")
 
 
-def skip_layer_guidance_of(owner: Any) -> SkipLayerGuidance | None:
-    """The skip-layer guidance of a sampling job's `skip_layers`, `skip_layer_scale`, `skip_layer_start` and
-    `skip_layer_stop` fields, None while `skip_layers` is empty; a bad value raises naming `<section>.<field>`.
-    Indices past the network's last block are caught where the depth is known (training's config, the forward)."""
-    section = getattr(owner, "SECTION", type(owner).__name__)
-    layers = tuple(owner.skip_layers)
-    if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
-        raise ValueError(f"{section}.skip_layers must be distinct block indices >= 0 ([] turns skip-layer guidance "
-                         f"off), got {list(layers)}")
-    at_least(owner, 0, "skip_layer_scale")
-    in_unit_interval(owner, "skip_layer_start", "skip_layer_stop")
-    start, stop = owner.skip_layer_start, owner.skip_layer_stop
-    if start >= stop:
-        raise ValueError(f"{section}.skip_layer_start must be below {section}.skip_layer_stop (fractions of the "
-                         f"steps), got {start} and {stop}")
-    return SkipLayerGuidance(layers, owner.skip_layer_scale, start, stop) if layers else None
+@dataclass
+class SkipLayerFields:
+    """The skip-layer guidance fields every sampling job's config takes (validation, evaluation, pairs, the sweep):
+    v += skip_layer_scale (v_cond - v_cond with the `skip_layers` blocks skipped) at the steps between
+    skip_layer_start and skip_layer_stop (fractions of the steps); []: off. SD3.5 Medium: skip_layers=[7,8,9] with
+    the defaults. A config calls `check_skip_layer_fields` in its `__post_init__`."""
+
+    skip_layers: list[int] = field(default_factory=list)
+    skip_layer_scale: float = SD35_MEDIUM_SLG.scale
+    skip_layer_start: float = SD35_MEDIUM_SLG.start
+    skip_layer_stop: float = SD35_MEDIUM_SLG.stop
+
+    @property
+    def skip_layer_guidance(self) -> SkipLayerGuidance | None:
+        """The setting, None while `skip_layers` is empty."""
+        return self.check_skip_layer_fields()
+
+    def check_skip_layer_fields(self) -> SkipLayerGuidance | None:
+        """The setting (None while `skip_layers` is empty); a bad value raises naming `<section>.<field>`."""
+        section = getattr(self, "SECTION", type(self).__name__)
+        layers = tuple(self.skip_layers)
+        if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"{section}.skip_layers must be distinct block indices >= 0 ([] turns skip-layer "
+                             f"guidance off), got {list(layers)}")
+        at_least(self, 0, "skip_layer_scale")
+        in_unit_interval(self, "skip_layer_start", "skip_layer_stop")
+        start, stop = self.skip_layer_start, self.skip_layer_stop
+        if start >= stop:
+            raise ValueError(f"{section}.skip_layer_start must be below {section}.skip_layer_stop (fractions of the "
+                             f"steps), got {start} and {stop}")
+        return SkipLayerGuidance(layers, self.skip_layer_scale, start, stop) if layers else None
+
+    def check_skip_layers_fit(self, depth: int, where: str = "") -> None:
+        """Raise naming `<section>.skip_layers` (and `where`) when an index is past a network of `depth` blocks:
+        checked where the depth is known (training's config, the sweep's trials)."""
+        try:
+            check_skip_layers(self.skip_layers, depth)
+        except ValueError as error:
+            raise ValueError(f"{getattr(self, 'SECTION', type(self).__name__)}.{error}{where}") from None
 
 
 def validate(config: object) -> None:

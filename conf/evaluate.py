@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from conf.checks import Device, Sampler, at_least, skip_layer_guidance_of
-from model.sampling import SD35_MEDIUM_SLG, SkipLayerGuidance
+from conf.checks import Device, Sampler, SkipLayerFields, at_least
 
 INCEPTION = "inception-2015-12-05.pt"  # the FID network's file: TensorFlow's FID Inception, as TorchScript
 
@@ -49,7 +48,7 @@ class ImageMetricsConf:
 
 
 @dataclass
-class EvaluateConf:
+class EvaluateConf(SkipLayerFields):
     SECTION = "evaluate"
     # Score a folder (local or s3://) of images with their prompts beside them: `<key>.png` + `<key>.txt` (a
     # make_shapes `folder/` output scores its own ground truth), or GenEval's layout `<index>/metadata.jsonl` +
@@ -72,13 +71,6 @@ class EvaluateConf:
     guidance: float = 4.0
     shift: float = 1.0
     sampler: Sampler = Sampler.euler
-    # Skip-layer guidance: v += skip_layer_scale (v_cond - v_cond with these blocks skipped) at the steps between
-    # skip_layer_start and skip_layer_stop (fractions of `steps`); []: off. SD3.5 Medium: skip_layers=[7,8,9] with
-    # the defaults below.
-    skip_layers: list[int] = field(default_factory=list)
-    skip_layer_scale: float = SD35_MEDIUM_SLG.scale
-    skip_layer_start: float = SD35_MEDIUM_SLG.start
-    skip_layer_stop: float = SD35_MEDIUM_SLG.stop
     seed: int = 0
     batch_size: int = 64  # images per Ray Data batch (sampling, scoring)
     grid_images: int = 48  # images shown in grid.png, each marked correct or not
@@ -97,11 +89,7 @@ class EvaluateConf:
         at_least(self, 0, "grid_images")
         if self.resolution % 8:
             raise ValueError(f"evaluate.resolution must be a multiple of 8, got {self.resolution}")
-        skip_layer_guidance_of(self)
-
-    @property
-    def skip_layer_guidance(self) -> SkipLayerGuidance | None:
-        return skip_layer_guidance_of(self)
+        self.check_skip_layer_fields()
 
 
 ConfigStore.instance().store(name="evaluate", node=EvaluateConf)

@@ -3,17 +3,16 @@ GenEval-shapes, written as a preference dataset."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from conf.checks import Sampler, at_least, skip_layer_guidance_of
-from model.sampling import SD35_MEDIUM_SLG, SkipLayerGuidance
+from conf.checks import Sampler, SkipLayerFields, at_least
 
 
 @dataclass
-class MakePairsConf:
+class MakePairsConf(SkipLayerFields):
     run: str = MISSING  # the run whose EMA weights sample (a run folder with export/, or a diffusers folder)
     out: str = MISSING  # the preference dataset to write (local or s3://)
     data: str = MISSING  # the run's training data: its manifest names the text encoders, the VAE and the resolution
@@ -31,10 +30,6 @@ class MakePairsConf:
     guidance: float = 5.0
     shift: float = 1.0
     sampler: Sampler = Sampler.euler
-    skip_layers: list[int] = field(default_factory=list)  # skip-layer guidance as `workloads.evaluate`'s; []: off
-    skip_layer_scale: float = SD35_MEDIUM_SLG.scale
-    skip_layer_start: float = SD35_MEDIUM_SLG.start
-    skip_layer_stop: float = SD35_MEDIUM_SLG.stop
     seed: int = 1  # the samples' noise; the evaluation job's default is 0
     batch_size: int = 16
 
@@ -45,11 +40,7 @@ class MakePairsConf:
             raise ValueError(f"images_per_prompt must be >= 2 to make a pair, got {self.images_per_prompt}")
         if self.shift <= 0:
             raise ValueError(f"shift must be positive, got {self.shift}")
-        skip_layer_guidance_of(self)
-
-    @property
-    def skip_layer_guidance(self) -> SkipLayerGuidance | None:
-        return skip_layer_guidance_of(self)
+        self.check_skip_layer_fields()
 
 
 def register() -> None:

@@ -9,10 +9,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from conf.checks import Sampler, at_least, skip_layer_guidance_of
+from conf.checks import Sampler, SkipLayerFields, at_least
 from conf.optim import OptimConf
 from conf.train import CheckpointConf, EMAConf, TrainConf, TrainerConf, ValidationConf
-from model.sampling import SD35_MEDIUM_SLG, SkipLayerGuidance
 
 
 class Study(StrEnum):
@@ -33,7 +32,7 @@ def toy_train() -> TrainConf:
 
 
 @dataclass
-class SweepConf:
+class SweepConf(SkipLayerFields):
     SECTION = "sweep"
     study: Study = Study.depth
     preset: str = "toy"  # set by the preset group; part of the default sweep name
@@ -62,12 +61,8 @@ class SweepConf:
     geneval_images_per_prompt: int = 1
     geneval_guidance: float = 4.0
     # The studies' sampler (latent metric and GenEval; the trial runs' own validation samples with
-    # train.validation's), and skip-layer guidance of the GenEval samples as `workloads.evaluate`'s ([]: off).
+    # train.validation's). The `skip_layer*` fields (`SkipLayerFields`) guide the GenEval samples only.
     sampler: Sampler = Sampler.euler
-    skip_layers: list[int] = field(default_factory=list)
-    skip_layer_scale: float = SD35_MEDIUM_SLG.scale
-    skip_layer_start: float = SD35_MEDIUM_SLG.start
-    skip_layer_stop: float = SD35_MEDIUM_SLG.stop
     # The training schema itself: every trial's run is this config with the trial's axis set (depth and width,
     # training shift or formulation), `data`/`val_data`/`endpoint_url` from above and `run` from the trial's key.
     train: TrainConf = field(default_factory=toy_train)
@@ -83,11 +78,7 @@ class SweepConf:
             raise ValueError("the steps study needs at least two sampling_steps (the largest is the reference)")
         if self.train.data or self.train.val_data:
             raise ValueError("set data= and val_data= at the sweep level (they feed every trial), not in train")
-        skip_layer_guidance_of(self)
-
-    @property
-    def skip_layer_guidance(self) -> SkipLayerGuidance | None:
-        return skip_layer_guidance_of(self)
+        self.check_skip_layer_fields()
 
 
 PRESETS: dict[str, dict] = {

@@ -13,10 +13,10 @@ from conf.checks import (
     Dtype,
     Objective,
     Sampler,
+    SkipLayerFields,
     ZeroStage,
     at_least,
     in_unit_interval,
-    skip_layer_guidance_of,
 )
 from conf.evaluate import ImageMetricsConf
 from conf.model import ModelConf
@@ -24,8 +24,6 @@ from conf.optim import OptimConf
 from model import FLAVORS
 from model.conditioning import PAPER_DROP_PROB
 from model.formulations import get_formulation
-from model.mmdit import check_skip_layers
-from model.sampling import SD35_MEDIUM_SLG, SkipLayerGuidance
 
 
 @dataclass
@@ -49,6 +47,10 @@ class TrainerConf:
     # that dimension dynamic, then no more); True: dynamic from the start (one compile for every bucket); False: one
     # compile per shape (each bucket's own kernels; more compiles)
     compile_dynamic: bool | None = None
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether the blocks compile on a device of `device_type`: `compile`, or (None) on a GPU only."""
+        return device_type == "cuda" if self.compile is None else self.compile
 
     def __post_init__(self) -> None:
         at_least(self, 1, "num_workers", "max_steps", "batch_size", "max_nonfinite")
@@ -172,7 +174,7 @@ class EMAConf:
 
 
 @dataclass
-class ValidationConf:
+class ValidationConf(SkipLayerFields):
     SECTION = "validation"
     every: int = 1000  # steps; also at the end
     samples: int = 64  # held-out rows for the fixed-timestep loss (rounded down to a multiple of the workers)
@@ -183,10 +185,6 @@ class ValidationConf:
     sampler: Sampler = Sampler.euler
     guidance: float = 5.0
     shift: float | None = None  # sampling shift; None: the training shift
-    skip_layers: list[int] = field(default_factory=list)  # skip-layer guidance as `workloads.evaluate`'s; []: off
-    skip_layer_scale: float = SD35_MEDIUM_SLG.scale
-    skip_layer_start: float = SD35_MEDIUM_SLG.start
-    skip_layer_stop: float = SD35_MEDIUM_SLG.stop
     # GenEval on shapes (`workloads.evaluate`) of the EMA weights every `geneval_every` steps and at the end, with
     # the sampling settings above; 0: off. Logs `geneval` and `geneval_<task>` to metrics.jsonl and TensorBoard.
     geneval_every: int = 0
@@ -208,11 +206,7 @@ class ValidationConf:
         at_least(self, 0, "geneval_every")
         if self.shift is not None and self.shift <= 0:
             raise ValueError(f"validation.shift must be positive, got {self.shift}")
-        skip_layer_guidance_of(self)
-
-    @property
-    def skip_layer_guidance(self) -> SkipLayerGuidance | None:
-        return skip_layer_guidance_of(self)
+        self.check_skip_layer_fields()
 
 
 @dataclass
@@ -280,10 +274,7 @@ class TrainConf:
         if self.lora.enabled and not self.init_from:
             raise ValueError(f"lora.rank={self.lora.rank} trains adapters on frozen base weights: set "
                              "init_from=<a run folder or a diffusers SD3Transformer2DModel folder>")
-        try:
-            check_skip_layers(self.validation.skip_layers, self.model.build().depth)
-        except ValueError as error:
-            raise ValueError(f"validation.{error}") from None
+        self.validation.check_skip_layers_fit(self.model.build().depth)
 
 
 @dataclass

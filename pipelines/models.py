@@ -15,6 +15,7 @@ CAPTIONER = "Salesforce/blip-image-captioning-large"
 # config; these copies only build VAEs of SD3's kind without its weights (the tiny VAE, the GPU timing check).
 SD3_VAE_SHIFT_FACTOR = 0.0609
 SD3_VAE_SCALING_FACTOR = 1.5305
+SD3_VAE_DOWNSAMPLE = 8  # pixels per latent cell on each side (256 px -> 32 latent cells)
 
 
 def sd3_model_ids() -> dict[str, str]:

@@ -8,14 +8,12 @@ steady step time as a ratio to eager's at that bucket. Buckets arrive in the ord
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from conf.bench import COMPILE_MODES, BenchCompileConf, register_compile
 from model import MMDiT, train_flops
 from model.precision import resolve_device, resolve_dtype
+from workloads.bench.model import median_time, time_step
 from workloads.runtime import cli
 from workloads.train.distribute import apply_activation_checkpointing, apply_compile
 from workloads.train.mfu import mfu, peak_tflops
@@ -49,16 +47,12 @@ def step_times(net: MMDiT, side: int, cfg: BenchCompileConf, device: torch.devic
               torch.randn(cfg.batch_size, 154, c.context_dim, generator=gen, device=device, dtype=dtype),
               torch.randn(cfg.batch_size, c.pooled_dim, generator=gen, device=device, dtype=dtype))
 
-    def step() -> float:
-        tick = time.perf_counter()
+    def step() -> None:
         net.zero_grad(set_to_none=True)
         net(*inputs).float().square().mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - tick
 
-    first = step()
-    return first, statistics.median(step() for _ in range(cfg.steps))
+    first = time_step(step, device)
+    return first, median_time(step, device, cfg.steps, warmup=0)
 
 
 def run(cfg: BenchCompileConf) -> dict:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from model.conditioning import TextConditioningConfig
 from pipelines import schema
+from pipelines.models import SD3_VAE_DOWNSAMPLE
 from pipelines.storage import filesystem, join
 
 
@@ -21,14 +22,14 @@ def write_random_dataset(out: str, rows: int, latent_shape: tuple[int, int, int]
     rng = np.random.default_rng(seed)
     shapes = schema.embedding_shapes(text)
     _, h, w = latent_shape
-    bucket = schema.bucket_dir(w * 8, h * 8)
+    bucket = schema.bucket_dir(w * SD3_VAE_DOWNSAMPLE, h * SD3_VAE_DOWNSAMPLE)
     files = []
     for index, start in enumerate(range(0, rows, rows_per_file)):
         n = min(rows_per_file, rows - start)
         columns = {
             schema.ID: [f"r{start + i}" for i in range(n)], schema.SOURCE: ["random"] * n,
             schema.CAPTION: [f"random row {start + i}" for i in range(n)], schema.SYNTHETIC_CAPTION: [""] * n,
-            schema.WIDTH: [w * 8] * n, schema.HEIGHT: [h * 8] * n,
+            schema.WIDTH: [w * SD3_VAE_DOWNSAMPLE] * n, schema.HEIGHT: [h * SD3_VAE_DOWNSAMPLE] * n,
             schema.LATENT: schema.tensor_column(rng.standard_normal((n, *latent_shape), np.float32), latent_shape),
         }
         for column in schema.EMBEDDING_COLUMNS:

@@ -15,6 +15,7 @@ from conf.bench import BenchModelConf
 from conf.model import ModelConf
 from model import MMDiT, MMDiTConfig, count_params, get_flavor, train_flops
 from workloads.bench.model import build_pair, median_time, run
+from workloads.train.distribute import apply_compile
 from workloads.train.mfu import mfu, peak_tflops
 
 
@@ -68,8 +69,7 @@ def time_ours_only(device: torch.device, flavor: str, batch: int, latent: int, s
     with device:
         net = MMDiT(config).to(dtype)
     if compile_blocks:
-        for block in net.blocks:
-            block.compile()
+        apply_compile(net)  # as the training job compiles
     inputs = _inputs(config, batch, latent, dtype, device)
 
     def step() -> None:

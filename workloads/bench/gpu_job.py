@@ -47,6 +47,8 @@ from conf.train import (
 )
 from model import count_params, get_flavor, train_flops
 from model.conditioning import SD3_TEXT
+from model.precision import resolve_dtype
+from pipelines.models import SD3_VAE_DOWNSAMPLE
 from workloads.bench.gpu_check import time_ours_only
 from workloads.bench.gpu_job_report import Job, format_table, free_device_memory, job_rows
 from workloads.bench.sd3_encoders import (
@@ -64,7 +66,6 @@ from workloads.train.mfu import mfu, peak_tflops
 from workloads.train.runlog import SUMMARY, read_records
 
 LOG = logger("gpu_job")
-VAE_DOWNSAMPLE = 8  # SD3's VAE: 256 px -> 32 latent
 REPORT = "gpu_job.json"
 
 
@@ -160,7 +161,7 @@ def attention_backends(cfg: BenchGPUJobConf, device: torch.device) -> dict:
 
     config = get_flavor(cfg.flavor)
     dtype = torch.bfloat16  # what training runs on a GPU; on a CPU the same dispatch is checked
-    latent = cfg.attention_resolution // VAE_DOWNSAMPLE
+    latent = cfg.attention_resolution // SD3_VAE_DOWNSAMPLE
     image_tokens = (latent // config.patch_size) ** 2
     with device:
         block = MMDiTBlock(config).to(dtype)
@@ -195,13 +196,13 @@ def attention_backends(cfg: BenchGPUJobConf, device: torch.device) -> dict:
 
 
 def compiles(cfg: BenchGPUJobConf, device: torch.device) -> bool:
-    """The training job's rule for `trainer.compile=None`: on for GPU, off on a CPU."""
-    return device.type == "cuda" if cfg.compile is None else cfg.compile
+    """Whether the training job compiles with this `compile` setting on `device` (its rule, `TrainerConf.compiles`)."""
+    return TrainerConf(compile=cfg.compile).compiles(device.type)
 
 
 def network_alone(cfg: BenchGPUJobConf, device: torch.device) -> dict:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the training job's `trainer.dtype=auto`
-    latent = cfg.resolution // VAE_DOWNSAMPLE
+    dtype = resolve_dtype("auto", device, gpu_default=torch.bfloat16)  # the training job's `trainer.dtype=auto`
+    latent = cfg.resolution // SD3_VAE_DOWNSAMPLE
     figures = time_ours_only(device, cfg.flavor, cfg.batch_size, latent, cfg.network_steps,
                              compile_blocks=compiles(cfg, device), dtype=dtype)
     torch._dynamo.reset()  # compiled graphs hold on to the network: let it go before the job's worker takes the GPU
@@ -272,7 +273,8 @@ def run_training(cfg: BenchGPUJobConf, data: str, device: torch.device, work: Pa
     except Exception as err:  # e.g. the final checkpoint: the steps' figures are in metrics.jsonl already
         LOG.exception("the training job failed")
         error = f"{type(err).__name__}: {one_line(err)}"
-    figures = job_figures(Path(t.run.storage) / t.run.name, t, cfg.resolution // VAE_DOWNSAMPLE, peak_tflops(device))
+    latent = cfg.resolution // SD3_VAE_DOWNSAMPLE
+    figures = job_figures(Path(t.run.storage) / t.run.name, t, latent, peak_tflops(device))
     if error and not figures:
         raise RuntimeError(error)
     return figures | room | {"job_seconds": time.perf_counter() - start, "run_error": error, "batch": cfg.batch_size,

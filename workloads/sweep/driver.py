@@ -26,7 +26,6 @@ from conf.checks import validate
 from conf.model import ModelConf
 from conf.sweep import SweepConf, register
 from conf.train import TrainConf, TrainerConf
-from model.mmdit import check_skip_layers
 from pipelines import schema
 from pipelines.storage import Location, join
 from workloads.runtime import cli, ensure_ray, logger
@@ -251,10 +250,7 @@ def check(cfg: SweepConf) -> list[TrainConf]:
         raise ValueError(f"the {cfg.study} study has no trials: check depths / training_shifts / formulations")
     for c in confs:
         train.check(c)
-        try:
-            check_skip_layers(cfg.skip_layers, c.model.build().depth)
-        except ValueError as error:
-            raise ValueError(f"sweep.{error}, in trial {c.run.name}") from None
+        cfg.check_skip_layers_fit(c.model.build().depth, f", in trial {c.run.name}")
     largest = max(confs, key=lambda c: c.model.depth)
     train.plan(largest)
     return confs

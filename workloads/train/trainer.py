@@ -95,7 +95,7 @@ class Trainer:
             apply_lora(net, cfg.lora, seed=cfg.trainer.seed)
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(net)
-        self.compiled = device.type == "cuda" if cfg.trainer.compile is None else cfg.trainer.compile
+        self.compiled = cfg.trainer.compiles(device.type)
         if self.compiled:
             apply_compile(net, str(cfg.trainer.compile_backend), cfg.trainer.compile_dynamic)
         warmup = warmup_lambda(cfg.optim.warmup_steps)
