@@ -40,7 +40,7 @@ class BenchGPUJobConf:
     steps: int = 30
     zero_stage: ZeroStage = ZeroStage["2"]
     compile: bool | None = None  # None: the training job's default (per-block compile on GPU, off on CPU)
-    torch_adam: bool | None = None  # None: the job's default (DeepSpeed's fused Adam on GPU)
+    torch_adam: bool | None = None  # None: the job's default (torch's fused AdamW on GPU)
     network_steps: int = 8  # timed steps of the network alone, same flavor, batch and resolution
     # attention at the paper's final resolution
     attention_resolution: int = 1024

@@ -67,7 +67,8 @@ class DeepSpeedConf:
     SECTION = "deepspeed"
     stage: ZeroStage = ZeroStage["2"]  # ZeRO stage 0-3; 3 also builds the model sharded
     offload: bool = False  # optimizer state (and with stage 3 the parameters) in CPU memory
-    torch_adam: bool | None = None  # None: torch's AdamW on CPU, DeepSpeed's fused Adam on GPU
+    # None: torch's AdamW (fused on GPU), DeepSpeed's CPU Adam when offloading from a GPU; false: DeepSpeed's Adam
+    torch_adam: bool | None = None
 
     def __post_init__(self) -> None:
         if self.offload and self.stage == 0:

@@ -143,3 +143,27 @@ def test_a_slimmed_wheel_keeps_a_record_of_exactly_its_files(tmp_path):
     assert "pkg/jars/big.jar" not in names and listed == names
     with pytest.raises(ValueError, match="nothing under"):
         slim(str(wheel), ["pkg/jars/"])
+
+
+def test_a_failed_preprocessing_names_its_first_rejections_and_the_run_keeps_its_records(tmp_path):
+    """Rejected rows fail the preprocess stage with their reasons (the shapes never are: an encoder failed); the
+    run's records are copied beside the report before the work folder goes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import schema
+    from workloads.bench.gpu_job import first_reasons, keep_run_logs
+
+    (tmp_path / "data" / schema.REJECTS_DIR).mkdir(parents=True)
+    table = pa.Table.from_pydict({schema.ID: ["a", "b"], schema.SOURCE: ["a.png", "b.png"],
+                                  schema.REJECT_STAGE: ["vae", "text"],
+                                  schema.REJECT_REASON: ["CUDA out of memory", "dtype"]}, schema=schema.REJECTS_SCHEMA)
+    pq.write_table(table, tmp_path / "data" / schema.REJECTS_DIR / "part.parquet")
+    assert first_reasons(tmp_path / "data", n=1) == ["vae: CUDA out of memory"]
+    run = tmp_path / "run"
+    (run / "checkpoint_step=00000004").mkdir(parents=True)
+    for name in ("metrics.jsonl", "events.jsonl", "summary.json"):
+        (run / name).write_text("{}\n")
+    keep_run_logs(run, tmp_path / "out" / "train-run")
+    assert sorted(p.name for p in (tmp_path / "out" / "train-run").iterdir()) == ["events.jsonl", "metrics.jsonl",
+                                                                                   "summary.json"]

@@ -21,7 +21,7 @@ from model.interop import export_diffusers
 from pipelines import schema
 from workloads.train import checkpointing, streaming
 from workloads.train.checkpointing import TrainState
-from workloads.train.distribute import expected_state_bytes, init_distributed
+from workloads.train.distribute import deepspeed_config, expected_state_bytes, init_distributed
 from workloads.train.driver import check
 from workloads.train.ema import EMA
 from workloads.train.worker import track_nonfinite
@@ -184,6 +184,36 @@ def test_init_from_a_previous_stage_starts_from_its_weights(process_group, stage
     got = t.ema_model().state_dict()
     for name, value in previous.state_dict().items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("on_gpu, offload, torch_adam, expected", [
+    (False, False, None, (True, False)),  # CPU: torch's AdamW
+    (True, False, None, (True, True)),  # GPU: torch's fused AdamW, nothing to build
+    (True, True, None, (False, False)),  # offloaded from a GPU: DeepSpeed's CPU Adam
+    (True, False, False, (False, False)),  # asked for: DeepSpeed's fused Adam (JIT-built with nvcc)
+])
+def test_adamw_is_torchs_fused_kernel_on_gpu_unless_deepspeeds_is_asked_for(on_gpu, offload, torch_adam, expected):
+    cfg = conf(stage=3 if offload else 2)
+    cfg.deepspeed.offload, cfg.deepspeed.torch_adam = offload, torch_adam
+    ds = deepspeed_config(cfg.deepspeed, cfg.optim, 8, 2, bf16=on_gpu, on_gpu=on_gpu)
+    params = ds["optimizer"]["params"]
+    assert (params["torch_adam"], params.get("fused", False)) == expected
+    assert ds["zero_force_ds_cpu_optimizer"] == (not params["torch_adam"])
+
+
+def test_deepspeed_hands_the_fused_flag_to_torchs_adamw(process_group):
+    """The GPU default's optimizer params, given to DeepSpeed's engine here (torch's fused AdamW also runs on CPU):
+    DeepSpeed builds torch.optim.AdamW with fused=True, so on a GPU no op is compiled."""
+    import deepspeed
+
+    cfg = conf()
+    ds = deepspeed_config(cfg.deepspeed, cfg.optim, 4, 1, bf16=False, on_gpu=True)
+    net = torch.nn.Linear(4, 4)
+    engine, optimizer, _, _ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=ds)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    assert type(inner) is torch.optim.AdamW and inner.defaults["fused"] is True
+    engine.backward(engine(torch.randn(4, 4)).square().mean())
+    engine.step()
 
 
 def test_expected_state_bytes_follow_the_zero_paper():

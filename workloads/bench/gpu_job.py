@@ -48,6 +48,7 @@ from conf.train import (
 from model import count_params, get_flavor, train_flops
 from model.conditioning import SD3_TEXT
 from model.precision import resolve_dtype
+from pipelines import schema
 from pipelines.models import SD3_VAE_DOWNSAMPLE
 from workloads.bench.gpu_check import time_ours_only
 from workloads.bench.gpu_job_report import Job, format_table, free_device_memory, job_rows
@@ -60,7 +61,7 @@ from workloads.bench.sd3_encoders import (
     sd3_configs,
     write_random_repo,
 )
-from workloads.runtime import cli, logger, one_line
+from workloads.runtime import cli, ensure_ray, logger, one_line
 from workloads.train.distribute import expected_state_bytes
 from workloads.train.mfu import mfu, peak_tflops
 from workloads.train.runlog import SUMMARY, read_records
@@ -129,6 +130,8 @@ def run_preprocess(cfg: BenchGPUJobConf, repo: str, device: torch.device, work: 
     make_shapes(MakeShapesConf(out=str(shapes), n=cfg.images, seed=cfg.seed, size=cfg.resolution,
                                shard_size=cfg.shard_size, formats=["folder"]))
     base = preprocess_conf(cfg, str(shapes / "folder"), str(work / "plain"), repo, device)
+    if device.type == "cuda":
+        require_ray_gpu()
     plain_s, seconds, images = plain_loop(base, os.cpu_count() or 1, device.type)
     free_device_memory()  # the loop's models, before the job's actors load theirs
     LOG.info(f"plain loop: {images / plain_s:.1f} images/s")
@@ -138,9 +141,40 @@ def run_preprocess(cfg: BenchGPUJobConf, repo: str, device: torch.device, work: 
     stats, wall = manifest["last_run"], time.perf_counter() - start
     # after the first shard: the actors are up and the pipeline full
     steady = (stats["rows"] - cfg.shard_size) / max(1e-9, stats["seconds"] - stats["first_shard_seconds"])
+    if manifest["counts"]["rejected"]:  # the shapes never are: an encoder failed (out of memory, a dtype), and the
+        raise RuntimeError(f"{manifest['counts']['rejected']} rows rejected; first reasons: "  # rate would be of
+                           f"{first_reasons(data)}")  # rejections
+    free_text_encoders(Path(repo))
     return {"data": str(data), "images": stats["rows"], "rejected": manifest["counts"]["rejected"],
             "images_per_s": stats["rows"] / wall, "steady_images_per_s": steady if stats["shards"] > 1 else None,
             "plain_images_per_s": images / plain_s, "plain_shares": {k: v / plain_s for k, v in seconds.items()}}
+
+
+def require_ray_gpu() -> None:
+    """Start the local Ray and check it counts the GPU (through NVML): with none, the GPU actors would wait forever."""
+    import ray
+
+    ensure_ray()
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        raise RuntimeError(f"torch sees a GPU but Ray does not (resources {ray.cluster_resources()}): NVML missing?")
+
+
+def first_reasons(data: Path, n: int = 3) -> list[str]:
+    """The first rejection reasons the preprocessing job recorded in its rejects files."""
+    import pyarrow.parquet as pq
+
+    files = sorted((data / schema.REJECTS_DIR).glob("*.parquet"))
+    return [f"{stage}: {reason}" for f in files for stage, reason in
+            zip(*pq.read_table(f, columns=[schema.REJECT_STAGE, schema.REJECT_REASON]).to_pydict().values(),
+                strict=True)][:n]
+
+
+def free_text_encoders(repo: Path) -> None:
+    """The text encoders' weights (T5-XXL alone is 9.5 GB in fp16) are not needed after preprocessing; the disk
+    is, for the final checkpoint. The VAE stays: the training job decodes its sample grid with it."""
+    for folder in sorted(repo.glob("text_encoder*")):
+        shutil.rmtree(folder, ignore_errors=True)
+        LOG.info(f"removed {folder}: the text is encoded")
 
 
 # SDPA's kernels as the profiler names their forward ops
@@ -261,7 +295,7 @@ def job_figures(run: Path, t: TrainConf, latent: int, peak: float | None) -> dic
             "loss": records[-1]["loss"], "skipped_steps": records[-1]["skipped_total"], "run": str(run)}
 
 
-def run_training(cfg: BenchGPUJobConf, data: str, device: torch.device, work: Path) -> dict:
+def run_training(cfg: BenchGPUJobConf, data: str, device: torch.device, work: Path, out: Path) -> dict:
     from workloads.train.driver import run as train
 
     gpu = device.type == "cuda"
@@ -270,15 +304,27 @@ def run_training(cfg: BenchGPUJobConf, data: str, device: torch.device, work: Pa
     start, error = time.perf_counter(), None
     try:
         train(t)
-    except Exception as err:  # e.g. the final checkpoint: the steps' figures are in metrics.jsonl already
-        LOG.exception("the training job failed")
-        error = f"{type(err).__name__}: {one_line(err)}"
+    # e.g. the final checkpoint, or the time guard's SIGINT (Ray Train's driver turns it into SystemExit): the
+    # steps' figures are in metrics.jsonl already
+    except (Exception, KeyboardInterrupt, SystemExit) as err:
+        LOG.exception("the training job failed or was stopped")
+        error = f"{type(err).__name__}: {one_line(err)}" if isinstance(err, Exception) else \
+            f"stopped ({type(err).__name__}: the time guard's interrupt)"
     latent = cfg.resolution // SD3_VAE_DOWNSAMPLE
-    figures = job_figures(Path(t.run.storage) / t.run.name, t, latent, peak_tflops(device))
+    run_folder = Path(t.run.storage) / t.run.name
+    keep_run_logs(run_folder, out / "train-run")
+    figures = job_figures(run_folder, t, latent, peak_tflops(device))
     if error and not figures:
         raise RuntimeError(error)
     return figures | room | {"job_seconds": time.perf_counter() - start, "run_error": error, "batch": cfg.batch_size,
                              "zero_stage": int(t.deepspeed.stage), "compiled": compiles(cfg, device)}
+
+
+def keep_run_logs(run: Path, into: Path) -> None:
+    """The run's records (metrics, events, summary) beside the report: the work folder is removed at the end."""
+    into.mkdir(parents=True, exist_ok=True)
+    for path in sorted(run.glob("*.json*")):
+        shutil.copy2(path, into / path.name)
 
 
 def run(cfg: BenchGPUJobConf) -> dict:
@@ -298,7 +344,7 @@ def run(cfg: BenchGPUJobConf) -> dict:
         job.stage("attention", lambda: attention_backends(cfg, device))
         job.stage("network alone", lambda: network_alone(cfg, device))
         if data:
-            job.stage("train", lambda: run_training(cfg, data["data"], device, work))
+            job.stage("train", lambda: run_training(cfg, data["data"], device, work, out))
     finally:  # also on the time guard's interrupt: what was measured is printed and kept
         job.figures["seconds"] = round(time.perf_counter() - start, 1)
         job.write()

@@ -155,8 +155,9 @@ class Checkpointer:
 
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             self.trainer.save(Path(tmp), state)
+            # on the trainer's device: a GPU job's process group is NCCL only, which refuses CPU tensors
             size = torch.tensor([sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())],
-                                dtype=torch.float64)
+                                dtype=torch.float64, device=self.trainer.device)
             dist.all_reduce(size)
             self.last_bytes = int(size.item())
             if self.log is not None:

@@ -31,8 +31,13 @@ def init_distributed(device: torch.device) -> None:
 
 def deepspeed_config(ds: DeepSpeedConf, optim: OptimConf, global_batch: int, world_size: int, bf16: bool,
                      on_gpu: bool) -> dict:
-    """The DeepSpeed config dict: data parallel over `world_size`, AdamW, clipping, ZeRO stage and offload."""
-    torch_adam = (not on_gpu) if ds.torch_adam is None else ds.torch_adam
+    """The DeepSpeed config dict: data parallel over `world_size`, AdamW, clipping, ZeRO stage and offload.
+
+    AdamW by default (`torch_adam` None): torch's, as its fused kernel on a GPU, which needs no build (DeepSpeed's
+    fused Adam is JIT-compiled with nvcc, absent where torch came as a plain wheel); with the optimizer offloaded
+    from a GPU, DeepSpeed's CPU Adam (built with g++), much faster than torch's on CPU tensors."""
+    torch_adam = (not (on_gpu and ds.offload)) if ds.torch_adam is None else ds.torch_adam
+    fused = {"fused": True} if torch_adam and on_gpu and not ds.offload else {}
     zero: dict = {"stage": ds.stage}
     if ds.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
@@ -45,7 +50,7 @@ def deepspeed_config(ds: DeepSpeedConf, optim: OptimConf, global_batch: int, wor
         "gradient_clipping": optim.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
-            "torch_adam": torch_adam}},
+            "torch_adam": torch_adam, **fused}},
         "bf16": {"enabled": bf16},
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": not torch_adam,  # torch's AdamW on offloaded states is allowed, if slower
