@@ -104,6 +104,23 @@ def test_ema_follows_the_weights_with_warmup():
         EMA([weight], decay=1.0)
 
 
+def test_ema_of_bf16_weights_casts_a_chunk_at_a_time_with_the_same_result():
+    """The fp32 casts of bf16 weights are made per chunk of at most `chunk_bytes` (a tensor above it alone), and the
+    shadow is bitwise what one update over all tensors gives."""
+    from workloads.train.ema import chunked
+
+    torch.manual_seed(0)
+    weights = [torch.randn(n, dtype=torch.bfloat16) for n in (300, 10, 40, 1000, 5)]
+    assert chunked([w.float() for w in weights], 1300) == [[0, 1], [2], [3], [4]]
+    whole, parts = EMA(weights, 0.9, chunk_bytes=2**40), EMA(weights, 0.9, chunk_bytes=1300)
+    for _ in range(3):
+        for w in weights:
+            w.add_(torch.randn_like(w))
+        whole.update()
+        parts.update()
+    assert len(parts.chunks) == 4 and all(torch.equal(a, b) for a, b in zip(whole.shadow, parts.shadow, strict=True))
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_checkpoint_round_trip_continues_identically(process_group, stage, tmp_path):
     t = trainer(conf(stage))
