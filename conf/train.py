@@ -213,8 +213,9 @@ class ValidationConf(SkipLayerFields):
 @dataclass
 class CheckpointConf:
     SECTION = "checkpoint"
-    every: int = 1000  # steps; also at the end
+    every: int = 1000  # steps; also at the end unless final=false
     keep: int = 3
+    final: bool = True  # false: no checkpoint at the last step unless it is a multiple of `every`
 
     def __post_init__(self) -> None:
         at_least(self, 1, "every", "keep")

@@ -82,6 +82,21 @@ def test_nonfinite_loss_skips_the_step_without_touching_the_weights(process_grou
     assert not t.step(batch(), 2).skipped
 
 
+def test_checkpoint_final_false_skips_the_last_steps_checkpoint_only():
+    """`checkpoint.final=false` (a benchmark that must not write tens of GB): no checkpoint at a last step that is no
+    multiple of `every`; in between, every N steps as before. (A save needs a Ray Train worker: the trainer here is
+    None, so any save attempt would raise.)"""
+    from workloads.train.checkpointing import Checkpointer
+
+    assert TrainConf(data="unused").checkpoint.final is True
+    at_end, not_at_end = Checkpointer(None, 5, None), Checkpointer(None, 5, None, at_end=False)
+    for checkpointer in (at_end, not_at_end):
+        assert checkpointer.maybe_save(TrainState(step=3), final=False, metrics={}) is False
+    assert not_at_end.maybe_save(TrainState(step=3), final=True, metrics={}) is False
+    with pytest.raises(AttributeError):  # the default does save at the end
+        at_end.maybe_save(TrainState(step=3), final=True, metrics={})
+
+
 def test_consecutive_nonfinite_steps_stop_the_run():
     state = TrainState()
     for skipped in (True, True, False, True, True):

@@ -272,9 +272,8 @@ def checkpoint_room(t: TrainConf, gpu: bool) -> dict:
     free = {str(p): shutil.disk_usage(p).free for p in (tmp, storage)}
     fits = min(free.values()) >= (2 if same else 1) * size
     if not fits:
-        LOG.warning(f"the final checkpoint (~{size / 1e9:.1f} GB, in {tmp} then copied to {storage}) may not fit: "
-                    f"free {', '.join(f'{p} {b / 1e9:.1f} GB' for p, b in free.items())}; the figures then come "
-                    "from metrics.jsonl")
+        LOG.warning(f"the final checkpoint (~{size / 1e9:.1f} GB, in {tmp} then copied to {storage}) would not fit: "
+                    f"free {', '.join(f'{p} {b / 1e9:.1f} GB' for p, b in free.items())}")
     return {"checkpoint_gb": size / 1e9, "free_gb": {p: b / 1e9 for p, b in free.items()}, "checkpoint_fits": fits}
 
 
@@ -301,6 +300,9 @@ def run_training(cfg: BenchGPUJobConf, data: str, device: torch.device, work: Pa
     gpu = device.type == "cuda"
     t = train_conf(cfg, data, str(work / "runs"), gpu)
     room = checkpoint_room(t, gpu)
+    if not room["checkpoint_fits"]:  # a full disk under Ray can hang the job instead of failing it
+        t.checkpoint.every, t.checkpoint.final = t.trainer.max_steps + 1, False
+        LOG.warning("no checkpoint: it would not fit (checkpoint_fits false in the figures)")
     start, error = time.perf_counter(), None
     try:
         train(t)

@@ -138,15 +138,16 @@ def full_ema(folder: Path) -> tuple[list[str], list[torch.Tensor]]:
 
 
 class Checkpointer:
-    """Saves a checkpoint every `checkpoint.every` steps and at the end: every rank writes its part into its own
-    folder and `ray.train.report` merges them into `<run>/checkpoint_step=N/` (a barrier: all ranks call it)."""
+    """Saves a checkpoint every `checkpoint.every` steps and, with `at_end`, at the last: every rank writes its part
+    into its own folder and `ray.train.report` merges them into `<run>/checkpoint_step=N/` (a barrier: all ranks call
+    it)."""
 
-    def __init__(self, trainer, every: int, log) -> None:
-        self.trainer, self.every, self.log = trainer, every, log
+    def __init__(self, trainer, every: int, log, at_end: bool = True) -> None:
+        self.trainer, self.every, self.log, self.at_end = trainer, every, log, at_end
         self.last_bytes: int | None = None  # the last checkpoint's size over all ranks
 
     def maybe_save(self, state: TrainState, final: bool, metrics: dict) -> bool:
-        if state.step % self.every and not final:
+        if state.step % self.every and not (final and self.at_end):
             return False
         import tempfile
 

@@ -93,7 +93,7 @@ def worker(cfg: TrainConf, plan) -> None:
         if log is not None:
             log.event(GENEVAL_BEFORE, **before)
             LOG.info(f"GenEval-shapes of the starting weights: {before['geneval']:.3f}")
-    checkpointer = Checkpointer(trainer, cfg.checkpoint.every, log)
+    checkpointer = Checkpointer(trainer, cfg.checkpoint.every, log, cfg.checkpoint.final)
     stream = epoch_stream(cfg, plan, rank, world)
     while state.step < t.max_steps:
         for index, bucket, batch in progress.timed(stream.epoch(state.epoch, state.offset)):
