@@ -141,9 +141,10 @@ def run_preprocess(cfg: BenchGPUJobConf, repo: str, device: torch.device, work: 
     stats, wall = manifest["last_run"], time.perf_counter() - start
     # after the first shard: the actors are up and the pipeline full
     steady = (stats["rows"] - cfg.shard_size) / max(1e-9, stats["seconds"] - stats["first_shard_seconds"])
-    if manifest["counts"]["rejected"]:  # the shapes never are: an encoder failed (out of memory, a dtype), and the
-        raise RuntimeError(f"{manifest['counts']['rejected']} rows rejected; first reasons: "  # rate would be of
-                           f"{first_reasons(data)}")  # rejections
+    # the shapes are never rejected: a rejected row is an encoder's failure (out of memory, a dtype), and the rate
+    # would be one of rejections
+    if manifest["counts"]["rejected"]:
+        raise RuntimeError(f"{manifest['counts']['rejected']} rows rejected; first reasons: {first_reasons(data)}")
     free_text_encoders(Path(repo))
     return {"data": str(data), "images": stats["rows"], "rejected": manifest["counts"]["rejected"],
             "images_per_s": stats["rows"] / wall, "steady_images_per_s": steady if stats["shards"] > 1 else None,
