@@ -123,6 +123,7 @@ def preprocess_conf(cfg: BenchGPUJobConf, input_uri: str, output: str, repo: str
 def run_preprocess(cfg: BenchGPUJobConf, repo: str, device: torch.device, work: Path) -> dict:
     from pipelines.make_shapes import MakeShapesConf
     from pipelines.make_shapes import run as make_shapes
+    from pipelines.preprocess import local_cpus, plan
     from pipelines.preprocess import run as preprocess
     from workloads.bench.preprocess import plain_loop
 
@@ -131,7 +132,7 @@ def run_preprocess(cfg: BenchGPUJobConf, repo: str, device: torch.device, work: 
                                shard_size=cfg.shard_size, formats=["folder"]))
     base = preprocess_conf(cfg, str(shapes / "folder"), str(work / "plain"), repo, device)
     if device.type == "cuda":
-        require_ray_gpu()
+        require_ray_gpu(local_cpus(base, plan(base)))
     plain_s, seconds, images = plain_loop(base, os.cpu_count() or 1, device.type)
     free_device_memory()  # the loop's models, before the job's actors load theirs
     LOG.info(f"plain loop: {images / plain_s:.1f} images/s")
@@ -151,11 +152,12 @@ def run_preprocess(cfg: BenchGPUJobConf, repo: str, device: torch.device, work: 
             "plain_images_per_s": images / plain_s, "plain_shares": {k: v / plain_s for k, v in seconds.items()}}
 
 
-def require_ray_gpu() -> None:
-    """Start the local Ray and check it counts the GPU (through NVML): with none, the GPU actors would wait forever."""
+def require_ray_gpu(min_cpus: float) -> None:
+    """Start the local Ray as the preprocessing job would (`min_cpus` logical CPUs) and check it counts the GPU
+    (through NVML): with none, the job's GPU actors would wait forever."""
     import ray
 
-    ensure_ray()
+    ensure_ray(min_cpus=min_cpus)
     if ray.cluster_resources().get("GPU", 0) < 1:
         raise RuntimeError(f"torch sees a GPU but Ray does not (resources {ray.cluster_resources()}): NVML missing?")
 

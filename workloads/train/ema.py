@@ -38,7 +38,9 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.tensors, self.decay, self.warmup = tensors, decay, warmup
         self.shadow = [t.detach().float().clone() for t in tensors]
-        self.chunks = chunked(self.shadow, chunk_bytes)
+        # (shadow tensors, weights) a chunk: `load_state_dict` copies into the shadow in place, so these stay valid
+        self.chunks = [([self.shadow[i] for i in group], [tensors[i] for i in group])
+                       for group in chunked(self.shadow, chunk_bytes)]
         self.updates = 0
 
     def current_decay(self) -> float:
@@ -51,9 +53,8 @@ class EMA:
         """One step, a chunk of tensors at a time: bf16 weights are cast to fp32 per chunk, so the casts never hold
         more than `chunk_bytes` (all at once they would be 4 bytes a parameter: 8 GB at d=24, 32 GB at 8B)."""
         weight = 1.0 - self.current_decay()
-        for chunk in self.chunks:
-            torch._foreach_lerp_([self.shadow[i] for i in chunk], [self.tensors[i].detach().float() for i in chunk],
-                                 weight)
+        for shadow, weights in self.chunks:
+            torch._foreach_lerp_(shadow, [t.detach().float() for t in weights], weight)
         self.updates += 1
 
     @contextmanager
