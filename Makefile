@@ -34,10 +34,8 @@ lint: $(STAMP)
 test-fast: lint bytecode
 	$(BIN)/python -m pytest -q tests/unit
 
-# Two pytest workers, one a tier (tests/conftest.py's scheduler): the unit tier's compute fills the integration tier's
-# waits on Ray's process starts.
 test: lint bytecode
-	$(BIN)/python -m pytest -q -n 2 tests/unit tests/integration
+	$(BIN)/python -m pytest -q tests/unit tests/integration
 
 # `make demo storage=s3://bucket/prefix` keeps data, runs and the sweep in object storage; ARGS='...' passes any
 # other override of conf/demo.py (e.g. ARGS='train.steps=500 depths=[1,2,3,4]').
