@@ -89,18 +89,28 @@ class VAEEncoder:
         return latents
 
 
+def caption_tokens(repo: str) -> int:
+    """Tokens every caption is padded or cut to, for all three encoders: the CLIP-L tokenizer's `model_max_length`
+    (77 for SD3's, as in SD3's training; 32 for the tiny stand-ins, `TINY_TEXT`), at most CLIP-L's positions."""
+    from transformers import AutoConfig, CLIPTokenizerFast
+
+    tokenizer = CLIPTokenizerFast.from_pretrained(repo, subfolder="tokenizer")
+    positions = AutoConfig.from_pretrained(repo, subfolder="text_encoder").max_position_embeddings
+    return min(tokenizer.model_max_length, positions)
+
+
 class TextEncoders:
     """Captions to SD3's text conditioning: CLIP-L and CLIP-G penultimate hidden states and pooled projections,
-    T5's last hidden state, each over `max_length` tokens.
+    T5's last hidden state, each over `max_length` tokens (None: `caption_tokens` of the repo).
 
     Like diffusers' SD3 pipeline (and SD3's training), the encoders see the padded ids without an attention mask,
     so pad positions carry real, caption-dependent features that the MM-DiT was trained on.
     """
 
-    def __init__(self, repo: str, device: str = "auto", dtype: str = "auto", max_length: int = 77) -> None:
+    def __init__(self, repo: str, device: str = "auto", dtype: str = "auto", max_length: int | None = None) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.max_length = max_length
+        self.max_length = max_length or caption_tokens(repo)
         from transformers import CLIPTextModelWithProjection, CLIPTokenizerFast, T5EncoderModel, T5TokenizerFast
 
         quiet_transformers()
@@ -116,8 +126,8 @@ class TextEncoders:
             if c.projection_dim != c.hidden_size:
                 raise ValueError(f"{name}: projection_dim ({c.projection_dim}) must equal hidden_size "
                                  f"({c.hidden_size})")
-            if c.max_position_embeddings < max_length:
-                raise ValueError(f"{name}: max_length {max_length} exceeds max_position_embeddings "
+            if c.max_position_embeddings < self.max_length:
+                raise ValueError(f"{name}: max_length {self.max_length} exceeds max_position_embeddings "
                                  f"{c.max_position_embeddings}")
 
     def _load(self, cls: type, repo: str, subfolder: str) -> torch.nn.Module:

@@ -27,6 +27,7 @@ from conf.preprocess import PreprocessConf, StageConf, register
 from model.conditioning import TextConditioningConfig
 from pipelines import schema
 from pipelines.decode import DecodeLimits, parse_buckets
+from pipelines.encoders import caption_tokens
 from pipelines.output import Progress, completed_shards, remove_unfinished, write_batch
 from pipelines.sources import Shard, list_shards
 from pipelines.stages import CaptionStage, ScoreStage, TextStage, VAEStage, copy_caption, decode_batch, read_rows
@@ -50,13 +51,13 @@ class Plan:
 
 
 def text_dims(repo: str) -> TextConditioningConfig:
-    """Encoder widths from the configs in the SD3 layout (no weights loaded)."""
+    """Encoder widths and token count from the configs in the SD3 layout (no weights loaded)."""
     clip_l = AutoConfig.from_pretrained(repo, subfolder="text_encoder")
     clip_g = AutoConfig.from_pretrained(repo, subfolder="text_encoder_2")
     t5 = AutoConfig.from_pretrained(repo, subfolder="text_encoder_3")
-    widths = (clip_l.hidden_size, clip_g.hidden_size, t5.d_model)
-    return TextConditioningConfig(clip_l_dim=widths[0], clip_g_dim=widths[1], t5_dim=widths[2],
-                                  context_dim=max(widths[0] + widths[1], widths[2]))
+    widths, tokens = (clip_l.hidden_size, clip_g.hidden_size, t5.d_model), caption_tokens(repo)
+    return TextConditioningConfig(clip_l_dim=widths[0], clip_g_dim=widths[1], t5_dim=widths[2], clip_tokens=tokens,
+                                  t5_tokens=tokens, context_dim=max(widths[0] + widths[1], widths[2]))
 
 
 def plan(cfg: PreprocessConf) -> Plan:

@@ -149,6 +149,7 @@ def _save_clip(model_path: Path, tokenizer_path: Path, tokenizer: CLIPTokenizer,
     )
     assert config.eos_token_id != 2, "tiny CLIP tokenizer must not put <|endoftext|> at id 2"
     CLIPTextModelWithProjection(config).save_pretrained(model_path)
+    tokenizer.model_max_length = TINY_TEXT.clip_tokens  # the tokens `TextEncoders` pads and cuts every caption to
     tokenizer.save_pretrained(tokenizer_path)
 
 
@@ -159,6 +160,7 @@ def _save_t5(model_path: Path, tokenizer_path: Path, tokenizer: T5Tokenizer) -> 
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
     )
     T5EncoderModel(config).save_pretrained(model_path)
+    tokenizer.model_max_length = TINY_TEXT.t5_tokens
     tokenizer.save_pretrained(tokenizer_path)
 
 
@@ -199,7 +201,8 @@ def build_tiny_models(out_dir: str, seed: int = 0) -> TinyModels:
     tiny = TinyModels(repo=str(root / "sd3"), captioner=str(root / "captioner"))
     marker = root / MARKER
     with FileLock(root / ".build.lock"):
-        build = {"seed": seed, "vae": shipped_vae_version(), "corpus": corpus_version()}
+        build = {"seed": seed, "vae": shipped_vae_version(), "corpus": corpus_version(),
+                 "text_tokens": TINY_TEXT.clip_tokens}
         if marker.is_file() and {k: json.loads(marker.read_text()).get(k) for k in build} == build:
             return tiny
         marker.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
+from model.conditioning import TINY_TEXT
 from pipelines import schema
 from pipelines.make_shapes import MakeShapesConf
 from pipelines.make_shapes import run as make_shapes
@@ -142,7 +143,7 @@ def test_data_is_plain_parquet_with_native_tensors(folder_run):
     latents = table.column(schema.LATENT).combine_chunks().to_numpy_ndarray()
     assert latents.shape[1:] == (16, 8, 8) and latents.dtype == np.float16
     t5 = table.column("original_t5").combine_chunks().to_numpy_ndarray()
-    assert t5.shape[1:] == (77, 64)
+    assert t5.shape[1:] == (TINY_TEXT.t5_tokens, 64)
     assert rows["odd-no-caption"][schema.CAPTION] == ""
     assert rows["odd-latin1"][schema.CAPTION] == "un caf\ufffd rouge"
     assert len(rows["odd-long"][schema.CAPTION]) == 2000

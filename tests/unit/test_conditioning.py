@@ -20,6 +20,7 @@ from model.conditioning import (
 )
 
 B = 4
+N = TINY_TEXT.clip_tokens  # = t5_tokens
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -55,8 +56,8 @@ def test_paper_widths():
 def test_layout_of_context_and_pooled():
     emb = _embeddings()
     context, pooled = assemble_conditioning(emb, TINY_TEXT)
-    assert context.shape == (B, 154, 64) and pooled.shape == (B, 64)
-    clip, t5 = context[:, :77], context[:, 77:]
+    assert context.shape == (B, 2 * N, 64) and pooled.shape == (B, 64)
+    clip, t5 = context[:, :N], context[:, N:]
     torch.testing.assert_close(clip, torch.cat([emb.clip_l, emb.clip_g], dim=2))  # 32 + 32 fills the 64 channels
     torch.testing.assert_close(t5, emb.t5)
     torch.testing.assert_close(pooled, torch.cat([emb.clip_l_pooled, emb.clip_g_pooled], dim=1))
@@ -90,8 +91,8 @@ def test_any_subset_of_encoders(present: tuple[str, ...]):
     keep = {name: torch.full((B,), name in present) for name in ENCODERS}
     expected_context, expected_pooled = assemble_conditioning(full, TINY_TEXT, keep=keep)
     assert torch.equal(context, expected_context) and torch.equal(pooled, expected_pooled)
-    assert context.shape == (B, 154, 64) and pooled.shape == (B, 64)
-    assert bool(context[:, 77:].abs().sum() > 0) == ("t5" in present)
+    assert context.shape == (B, 2 * N, 64) and pooled.shape == (B, 64)
+    assert bool(context[:, N:].abs().sum() > 0) == ("t5" in present)
     assert bool(pooled[:, :32].abs().sum() > 0) == ("clip_l" in present)
 
 
@@ -107,9 +108,9 @@ def test_keep_masks_zero_exactly_the_dropped_parts(dropped: tuple[tuple[str, int
     full_context, full_pooled = assemble_conditioning(emb, TINY_TEXT)
     context, pooled = assemble_conditioning(emb, TINY_TEXT, keep=_keep(*dropped))
     where = {  # (token slice, channel slice) in context, channel slice in pooled
-        "clip_l": ((slice(0, 77), slice(0, 32)), slice(0, 32)),
-        "clip_g": ((slice(0, 77), slice(32, 64)), slice(32, 64)),
-        "t5": ((slice(77, 154), slice(0, 64)), None),
+        "clip_l": ((slice(0, N), slice(0, 32)), slice(0, 32)),
+        "clip_g": ((slice(0, N), slice(32, 64)), slice(32, 64)),
+        "t5": ((slice(N, 2 * N), slice(0, 64)), None),
     }
     expected_context, expected_pooled = full_context.clone(), full_pooled.clone()
     for name, sample in dropped:
@@ -128,7 +129,7 @@ def test_dropping_everything_is_the_unconditional_input():
     context, pooled = assemble_conditioning(emb, TINY_TEXT, keep=keep)
     null_context, null_pooled = unconditional_like(*assemble_conditioning(emb, TINY_TEXT))
     assert torch.equal(context, null_context) and torch.equal(pooled, null_pooled)
-    assert torch.equal(null_context, torch.zeros(B, 154, 64)) and torch.equal(null_pooled, torch.zeros(B, 64))
+    assert torch.equal(null_context, torch.zeros(B, 2 * N, 64)) and torch.equal(null_pooled, torch.zeros(B, 64))
 
 
 def test_half_precision_inputs_stay_half():
@@ -138,9 +139,9 @@ def test_half_precision_inputs_stay_half():
     assert context.dtype == pooled.dtype == torch.float16
 
 
-@pytest.mark.parametrize(("field", "shape"), [("clip_l", (B, 77, 31)), ("clip_g", (B, 76, 32)), ("t5", (B, 77, 65)),
+@pytest.mark.parametrize(("field", "shape"), [("clip_l", (B, N, 31)), ("clip_g", (B, N - 1, 32)), ("t5", (B, N, 65)),
                                               ("clip_l_pooled", (B, 33)), ("clip_g_pooled", (B + 1, 32)),
-                                              ("t5", (B, 77, 4096))])
+                                              ("t5", (B, N, 4096))])
 def test_wrong_shapes_raise_naming_the_tensor(field: str, shape: tuple[int, ...]):
     emb = dataclasses.replace(_embeddings(), **{field: torch.zeros(shape)})
     with pytest.raises(ValueError, match=rf"^{field} must have shape"):

@@ -117,7 +117,7 @@ def test_caption_choice_and_layout(kind):
     assert x0.shape == (8, *LATENT_SHAPE) and x0.dtype == torch.float32
     want_context, want_pooled = _assembled(columns, kind)
     assert torch.equal(context, want_context) and torch.equal(pooled, want_pooled)
-    assert context.shape == (8, 154, 64) and pooled.shape == (8, 64)
+    assert context.shape == (8, TINY_TEXT.text_tokens, 64) and pooled.shape == (8, 64)
 
 
 def test_half_mix_is_per_row_and_only_the_chosen_caption_leaves_the_host():
@@ -164,7 +164,7 @@ def test_encoder_dropout_is_per_sample():
     _, context, pooled = to_model_inputs(batch, TINY_TEXT, drop_prob=1.0, generator=gen)
     assert torch.count_nonzero(context) == 0 and torch.count_nonzero(pooled) == 0
     _, context, _ = to_model_inputs(batch, TINY_TEXT, drop_prob=0.463, generator=gen)
-    t5_dropped = (context[:, 77:] == 0).flatten(1).all(dim=1).float().mean().item()
+    t5_dropped = (context[:, TINY_TEXT.clip_tokens:] == 0).flatten(1).all(dim=1).float().mean().item()
     assert 0.38 < t5_dropped < 0.55
 
 

@@ -131,8 +131,10 @@ def test_vae_is_deterministic_and_validates(vae):
 def test_text_shapes_and_dtypes(text):
     out = text.encode(["a red circle to the left of a blue square", "three green stars"])
     shapes = {k: v.shape for k, v in out.items()}
-    assert shapes == {"clip_l": (2, 77, 32), "clip_l_pooled": (2, 32), "clip_g": (2, 77, 32),
-                      "clip_g_pooled": (2, 32), "t5": (2, 77, 64)}
+    n = TINY_TEXT.clip_tokens  # the tiny tokenizers' model_max_length (32): no caption of theirs is longer
+    assert text.max_length == n == TINY_TEXT.t5_tokens and text.dims == TINY_TEXT
+    assert shapes == {"clip_l": (2, n, 32), "clip_l_pooled": (2, 32), "clip_g": (2, n, 32),
+                      "clip_g_pooled": (2, 32), "t5": (2, n, 64)}
     assert all(v.dtype == np.float16 and np.isfinite(v).all() for v in out.values())
 
 
@@ -142,13 +144,15 @@ def test_text_outputs_match_the_models_own_layers(text):
     with torch.no_grad():
         for key, model, tokenizer in (("clip_l", text.clip_l, text.tokenizer_l),
                                       ("clip_g", text.clip_g, text.tokenizer_g)):
-            ids = tokenizer([caption], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            ids = tokenizer([caption], padding="max_length", max_length=text.max_length, truncation=True,
+                            return_tensors="pt")
             assert (ids.input_ids[0] != tokenizer.pad_token_id).sum() > 4  # the caption is several real tokens
             ref = model(ids.input_ids, output_hidden_states=True)
             np.testing.assert_allclose(out[key][0], ref.hidden_states[-2][0].numpy(), atol=2e-3, rtol=2e-3)
             assert not np.allclose(out[key][0], ref.hidden_states[-1][0].numpy(), atol=1e-2)  # not the last layer
             np.testing.assert_allclose(out[f"{key}_pooled"][0], ref.text_embeds[0].numpy(), atol=2e-3, rtol=2e-3)
-        ids = text.tokenizer_t5([caption], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        ids = text.tokenizer_t5([caption], padding="max_length", max_length=text.max_length, truncation=True,
+                                return_tensors="pt")
         ref = text.t5(ids.input_ids).last_hidden_state[0].numpy()
     np.testing.assert_allclose(out["t5"][0], ref, atol=2e-3, rtol=2e-3)
 
@@ -178,10 +182,11 @@ def test_every_word_of_the_shapes_captions_is_one_token(text):
 
 def test_long_caption_is_truncated(text):
     long = " ".join(["a purple hexagon next to an orange diamond"] * 40)
-    ids = text.tokenizer_l([long], padding="max_length", max_length=77, truncation=True).input_ids[0]
-    assert len(ids) == 77 and ids[-1] == text.tokenizer_l.eos_token_id
+    n = text.max_length
+    ids = text.tokenizer_l([long], padding="max_length", max_length=n, truncation=True).input_ids[0]
+    assert len(ids) == n and ids[-1] == text.tokenizer_l.eos_token_id
     out = text.encode([long, "a star"])
-    assert out["clip_g"].shape == (2, 77, 32) and out["t5"].shape == (2, 77, 64)
+    assert out["clip_g"].shape == (2, n, 32) and out["t5"].shape == (2, n, 64)
 
 
 def test_empty_caption_is_the_empty_prompt(text):

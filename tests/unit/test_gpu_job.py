@@ -16,7 +16,7 @@ from transformers import CLIPTokenizer
 
 from conf.bench_gpu import BenchGPUJobConf, register_gpu_job
 from conf.preprocess import ComputeConf, StageConf
-from model.conditioning import SD3_TEXT
+from model.conditioning import SD3_TEXT, TINY_TEXT
 from pipelines.encoders import TextEncoders, VAEEncoder
 from pipelines.synthetic.tiny_models import build_tiny_models
 from workloads import runtime
@@ -51,7 +51,7 @@ def test_a_written_random_repo_loads_through_the_preprocessing_encoders(tiny, tm
     assert set(params) == {"vae", "clip_l", "clip_g", "t5"} and min(params.values()) > 0
     latent = VAEEncoder(str(tmp_path), device="cpu", dtype="float32").encode([np.zeros((64, 64, 3), np.uint8)])[0]
     text = TextEncoders(str(tmp_path), device="cpu", dtype="float32").encode(["a red circle"])
-    assert latent.shape == (16, 8, 8) and text["t5"].shape == (1, 77, 64)
+    assert latent.shape == (16, 8, 8) and text["t5"].shape == (1, TINY_TEXT.t5_tokens, 64)
 
 
 def test_the_figures_file_holds_each_stage_with_its_time_and_error(tmp_path):

@@ -87,6 +87,10 @@ def sample_prompt_set(network, prompts: PromptSet, text: TextConditioningConfig,
     """Latents of every image of the set, (n, C, h, w) float32 on the CPU, on every rank. Under torch.distributed
     each rank samples an equal share (the last one padded; ZeRO-3 needs every rank in every forward) and the
     shares are all-gathered."""
+    tokens = prompts.embeddings["clip_l"].shape[1]
+    if tokens != text.clip_tokens:  # else a shape error deep in the sampler
+        raise ValueError(f"the prompts were encoded over {tokens} text tokens and the data over {text.clip_tokens}: "
+                         "its text encoders changed since the data was preprocessed; preprocess it again")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     index, k = prompts.rows()
     n = len(index)
