@@ -9,10 +9,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 install: $(STAMP)
 
-# pip compiles every file's bytecode here: keep it. These machines set PYTHONDONTWRITEBYTECODE=1, so with
-# `--no-compile` every process compiled torch, Ray and the rest from source on each import (the suite took 37 min).
-# uv resolves and installs the ~150 packages in about 40 s where pip took 100 s (pip itself only installs uv). uv
-# reads no pip config: pip's find-links (where this kind of machine keeps its torch file) is handed on when set.
+# The install compiles every file's bytecode (`--compile-bytecode`): keep it. These machines set
+# PYTHONDONTWRITEBYTECODE=1, so without it every process compiled torch, Ray and the rest from source on each import
+# (the suite took 37 min). uv resolves and installs the ~150 packages in about 40 s where pip took 100 s (pip itself
+# only installs uv). uv reads no pip config: pip's find-links (where this kind of machine keeps its torch file) is
+# handed on when set.
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "uv>=0.5"

@@ -3,6 +3,8 @@ prompt set, and scoring in process."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,15 @@ def test_the_prompt_set_samples_the_same_latents_in_any_batch_size():
     small = sample_prompt_set(net, prompts, TINY_TEXT, (16, 4, 4), how, torch.device("cpu"), batch_size=5)
     torch.testing.assert_close(small, latents, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(latents[0], latents[1])  # two noises of one prompt
+
+
+def test_prompts_encoded_over_other_tokens_than_the_data_are_refused_by_name():
+    """Data preprocessed with the tiny encoders at 77 tokens (before they said 32) and prompts encoded now."""
+    prompts = random_prompt_set(per_prompt=1)
+    data_text = dataclasses.replace(TINY_TEXT, clip_tokens=77, t5_tokens=77)
+    how = Sampling(steps=1, guidance=1.0, shift=1.0)
+    with pytest.raises(ValueError, match=r"32 text tokens and the data over 77: .*preprocess it again"):
+        sample_prompt_set(network(), prompts, data_text, (16, 4, 4), how, torch.device("cpu"))
 
 
 def test_scores_rendered_images_against_their_prompts():

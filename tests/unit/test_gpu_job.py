@@ -17,7 +17,7 @@ from transformers import CLIPTokenizer
 from conf.bench_gpu import BenchGPUJobConf, register_gpu_job
 from conf.preprocess import ComputeConf, StageConf
 from model.conditioning import SD3_TEXT, TINY_TEXT
-from pipelines.encoders import TextEncoders, VAEEncoder
+from pipelines.encoders import TextEncoders, VAEEncoder, caption_tokens
 from pipelines.synthetic.tiny_models import build_tiny_models
 from workloads import runtime
 from workloads.bench.gpu_job_report import Job, format_table, job_rows
@@ -52,6 +52,11 @@ def test_a_written_random_repo_loads_through_the_preprocessing_encoders(tiny, tm
     latent = VAEEncoder(str(tmp_path), device="cpu", dtype="float32").encode([np.zeros((64, 64, 3), np.uint8)])[0]
     text = TextEncoders(str(tmp_path), device="cpu", dtype="float32").encode(["a red circle"])
     assert latent.shape == (16, 8, 8) and text["t5"].shape == (1, TINY_TEXT.t5_tokens, 64)
+    # the full-size job's repo cuts captions at SD3's 77 tokens, not at the tiny tokenizers' 32
+    write_random_repo(str(tmp_path), repo_configs(tiny.repo), tiny.repo, torch.device("cpu"), torch.float32,
+                      tokens=SD3_TEXT.clip_tokens)
+    assert caption_tokens(str(tmp_path)) == SD3_TEXT.clip_tokens == 77
+    assert TextEncoders(str(tmp_path), device="cpu", dtype="float32").dims.text_tokens == SD3_TEXT.text_tokens
 
 
 def test_the_figures_file_holds_each_stage_with_its_time_and_error(tmp_path):

@@ -84,7 +84,8 @@ def write_encoders(cfg: BenchGPUJobConf, device: torch.device, work: Path) -> di
     configs = sd3_configs(tiny.repo) if cfg.full_size_encoders else repo_configs(tiny.repo)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     repo = work / "encoders"
-    params = write_random_repo(str(repo), configs, tiny.repo, device, dtype, cfg.seed)
+    tokens = SD3_TEXT.clip_tokens if cfg.full_size_encoders else None  # SD3's sequence; else the tiny tokenizers'
+    params = write_random_repo(str(repo), configs, tiny.repo, device, dtype, cfg.seed, tokens)
     return {"repo": str(repo), "full_size": cfg.full_size_encoders, "dtype": dtype_name(dtype), "params": params}
 
 

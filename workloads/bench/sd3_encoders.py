@@ -7,6 +7,7 @@ per-sample encode times of loaded encoders. Shared by `gpu_check_encoders` and `
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,9 +81,10 @@ def building_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
 
 
 def write_random_repo(out: str, configs: dict[str, object], tokenizers: str, device: torch.device,
-                      dtype: torch.dtype, seed: int = 0) -> dict[str, int]:
+                      dtype: torch.dtype, seed: int = 0, tokens: int | None = None) -> dict[str, int]:
     """Random-weight VAE, CLIP-L, CLIP-G and T5 encoders of `configs` saved under `out` in SD3's diffusers layout,
-    with the tokenizers of the repo `tokenizers` copied beside them; returns each encoder's parameter count."""
+    with the tokenizers of the repo `tokenizers` copied beside them, cutting captions to `tokens` when given (SD3's 77
+    for its own configs; the tiny tokenizers say 32); returns each encoder's parameter count."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
@@ -102,6 +104,9 @@ def write_random_repo(out: str, configs: dict[str, object], tokenizers: str, dev
             del model
     for subfolder in TOKENIZERS:
         shutil.copytree(Path(tokenizers) / subfolder, root / subfolder, dirs_exist_ok=True)
+        if tokens is not None:  # `model_max_length` is what `pipelines.encoders.caption_tokens` reads
+            settings = root / subfolder / "tokenizer_config.json"
+            settings.write_text(json.dumps(json.loads(settings.read_text()) | {"model_max_length": tokens}, indent=2))
     return params
 
 
