@@ -89,19 +89,15 @@ class VAEEncoder:
         return latents
 
 
-def caption_tokens(repo: str) -> int:
+def caption_tokens(tokenizer: PreTrainedTokenizerBase, positions: int) -> int:
     """Tokens every caption is padded or cut to, for all three encoders: the CLIP-L tokenizer's `model_max_length`
-    (77 for SD3's, as in SD3's training; 32 for the tiny stand-ins, `TINY_TEXT`), at most CLIP-L's positions."""
-    from transformers import AutoConfig, CLIPTokenizerFast
-
-    tokenizer = CLIPTokenizerFast.from_pretrained(repo, subfolder="tokenizer")
-    positions = AutoConfig.from_pretrained(repo, subfolder="text_encoder").max_position_embeddings
+    (77 for SD3's, as in SD3's training; 32 for the tiny stand-ins, `TINY_TEXT`), at most CLIP-L's `positions`."""
     return min(tokenizer.model_max_length, positions)
 
 
 class TextEncoders:
     """Captions to SD3's text conditioning: CLIP-L and CLIP-G penultimate hidden states and pooled projections,
-    T5's last hidden state, each over `max_length` tokens (None: `caption_tokens` of the repo).
+    T5's last hidden state, each over `max_length` tokens (None: `caption_tokens` of the repo's CLIP-L).
 
     Like diffusers' SD3 pipeline (and SD3's training), the encoders see the padded ids without an attention mask,
     so pad positions carry real, caption-dependent features that the MM-DiT was trained on.
@@ -110,7 +106,6 @@ class TextEncoders:
     def __init__(self, repo: str, device: str = "auto", dtype: str = "auto", max_length: int | None = None) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.max_length = max_length or caption_tokens(repo)
         from transformers import CLIPTextModelWithProjection, CLIPTokenizerFast, T5EncoderModel, T5TokenizerFast
 
         quiet_transformers()
@@ -120,6 +115,7 @@ class TextEncoders:
         self.tokenizer_l = CLIPTokenizerFast.from_pretrained(repo, subfolder="tokenizer")
         self.tokenizer_g = CLIPTokenizerFast.from_pretrained(repo, subfolder="tokenizer_2")
         self.tokenizer_t5 = T5TokenizerFast.from_pretrained(repo, subfolder="tokenizer_3")
+        self.max_length = max_length or caption_tokens(self.tokenizer_l, self.clip_l.config.max_position_embeddings)
         for name, clip in (("text_encoder", self.clip_l), ("text_encoder_2", self.clip_g)):
             c = clip.config
             # the conditioning packs pooled projections at the hidden width: true of SD3's CLIP-L and CLIP-G

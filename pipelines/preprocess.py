@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from transformers import AutoConfig
+from transformers import AutoConfig, CLIPTokenizerFast
 
 from conf.checks import validate
 from conf.preprocess import PreprocessConf, StageConf, register
@@ -55,7 +55,9 @@ def text_dims(repo: str) -> TextConditioningConfig:
     clip_l = AutoConfig.from_pretrained(repo, subfolder="text_encoder")
     clip_g = AutoConfig.from_pretrained(repo, subfolder="text_encoder_2")
     t5 = AutoConfig.from_pretrained(repo, subfolder="text_encoder_3")
-    widths, tokens = (clip_l.hidden_size, clip_g.hidden_size, t5.d_model), caption_tokens(repo)
+    tokenizer = CLIPTokenizerFast.from_pretrained(repo, subfolder="tokenizer")
+    widths = (clip_l.hidden_size, clip_g.hidden_size, t5.d_model)
+    tokens = caption_tokens(tokenizer, clip_l.max_position_embeddings)
     return TextConditioningConfig(clip_l_dim=widths[0], clip_g_dim=widths[1], t5_dim=widths[2], clip_tokens=tokens,
                                   t5_tokens=tokens, context_dim=max(widths[0] + widths[1], widths[2]))
 

@@ -17,7 +17,8 @@ from transformers import CLIPTokenizer
 from conf.bench_gpu import BenchGPUJobConf, register_gpu_job
 from conf.preprocess import ComputeConf, StageConf
 from model.conditioning import SD3_TEXT, TINY_TEXT
-from pipelines.encoders import TextEncoders, VAEEncoder, caption_tokens
+from pipelines.encoders import TextEncoders, VAEEncoder
+from pipelines.preprocess import text_dims
 from pipelines.synthetic.tiny_models import build_tiny_models
 from workloads import runtime
 from workloads.bench.gpu_job_report import Job, format_table, job_rows
@@ -55,7 +56,7 @@ def test_a_written_random_repo_loads_through_the_preprocessing_encoders(tiny, tm
     # the full-size job's repo cuts captions at SD3's 77 tokens, not at the tiny tokenizers' 32
     write_random_repo(str(tmp_path), repo_configs(tiny.repo), tiny.repo, torch.device("cpu"), torch.float32,
                       tokens=SD3_TEXT.clip_tokens)
-    assert caption_tokens(str(tmp_path)) == SD3_TEXT.clip_tokens == 77
+    assert text_dims(str(tmp_path)).clip_tokens == SD3_TEXT.clip_tokens == 77
     assert TextEncoders(str(tmp_path), device="cpu", dtype="float32").dims.text_tokens == SD3_TEXT.text_tokens
 
 
