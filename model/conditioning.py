@@ -40,6 +40,13 @@ class TextConditioningConfig:
         if self.t5_dim > self.context_dim:
             raise ValueError(f"TextConditioningConfig.t5_dim ({self.t5_dim}) exceeds context_dim ({self.context_dim})")
 
+    @classmethod
+    def of_encoders(cls, clip_l_dim: int, clip_g_dim: int, t5_dim: int, tokens: int) -> TextConditioningConfig:
+        """The conditioning three encoders of these widths give, each read over `tokens` tokens: the context is as
+        wide as the wider of the CLIP pair (side by side) and T5, as SD3 packs them."""
+        return cls(clip_l_dim=clip_l_dim, clip_g_dim=clip_g_dim, t5_dim=t5_dim, clip_tokens=tokens, t5_tokens=tokens,
+                   context_dim=max(clip_l_dim + clip_g_dim, t5_dim))
+
     @property
     def pooled_dim(self) -> int:
         return self.clip_l_dim + self.clip_g_dim

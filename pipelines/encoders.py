@@ -133,9 +133,8 @@ class TextEncoders:
     @property
     def dims(self) -> TextConditioningConfig:
         """Widths and token counts of the loaded encoders, as the conditioning config the MM-DiT is built with."""
-        clip_l, clip_g, t5 = self.clip_l.config.hidden_size, self.clip_g.config.hidden_size, self.t5.config.d_model
-        return TextConditioningConfig(clip_l_dim=clip_l, clip_g_dim=clip_g, t5_dim=t5, clip_tokens=self.max_length,
-                                      t5_tokens=self.max_length, context_dim=max(clip_l + clip_g, t5))
+        return TextConditioningConfig.of_encoders(self.clip_l.config.hidden_size, self.clip_g.config.hidden_size,
+                                                  self.t5.config.d_model, self.max_length)
 
     def _ids(self, tokenizer: PreTrainedTokenizerBase, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,

@@ -56,10 +56,8 @@ def text_dims(repo: str) -> TextConditioningConfig:
     clip_g = AutoConfig.from_pretrained(repo, subfolder="text_encoder_2")
     t5 = AutoConfig.from_pretrained(repo, subfolder="text_encoder_3")
     tokenizer = CLIPTokenizerFast.from_pretrained(repo, subfolder="tokenizer")
-    widths = (clip_l.hidden_size, clip_g.hidden_size, t5.d_model)
-    tokens = caption_tokens(tokenizer, clip_l.max_position_embeddings)
-    return TextConditioningConfig(clip_l_dim=widths[0], clip_g_dim=widths[1], t5_dim=widths[2], clip_tokens=tokens,
-                                  t5_tokens=tokens, context_dim=max(widths[0] + widths[1], widths[2]))
+    return TextConditioningConfig.of_encoders(clip_l.hidden_size, clip_g.hidden_size, t5.d_model,
+                                              caption_tokens(tokenizer, clip_l.max_position_embeddings))
 
 
 def plan(cfg: PreprocessConf) -> Plan:

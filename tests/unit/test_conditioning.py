@@ -194,3 +194,10 @@ def test_encoder_dropout_is_seeded_and_respects_extremes():
 def test_config_validation(overrides: dict, message: str):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(TINY_TEXT, **overrides)
+
+
+def test_the_conditioning_of_encoder_widths_packs_the_clip_pair_beside_t5():
+    assert TextConditioningConfig.of_encoders(768, 1280, 4096, 77) == SD3_TEXT
+    assert TextConditioningConfig.of_encoders(32, 32, 64, 32) == TINY_TEXT
+    wide_clip = TextConditioningConfig.of_encoders(64, 64, 96, 8)  # the CLIP pair is wider than T5 here
+    assert (wide_clip.context_dim, wide_clip.clip_tokens, wide_clip.t5_tokens) == (128, 8, 8)
