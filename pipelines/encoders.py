@@ -9,6 +9,7 @@ the paper stores its pre-encoded data in.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +26,39 @@ if TYPE_CHECKING:
 # diffusers and transformers are imported where a model is loaded, not here: every Ray Data decode and write task
 # imports this module through `pipelines.stages`, and the two libraries cost about 9 s and 7 s of CPU per worker
 # process that never loads a model.
+
+
+# A VAE forward over a batch of 32 on the CPU spent 43-54% of its time in the kernel: each full-resolution activation
+# of the batch is one block beyond glibc's mmap ceiling (32 MiB), so every layer's output arrives as fresh pages, zeroed
+# and faulted in, and goes back to the kernel when freed. Forwards over as many images as keep that activation within
+# 8 MiB (heap blocks glibc keeps and reuses) ran 1.1x-2.1x faster on 2 cores, encoding and decoding at 128-512 px
+# (the shapes VAE in fp32; `python -m workloads.bench.vae`).
+CPU_ACTIVATION_BYTES = 8 * 2**20
+
+
+def downsample(vae: torch.nn.Module) -> int:
+    """Pixels a latent cell of a diffusers VAE spans on each side (8 for SD3's)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def images_per_forward(vae: torch.nn.Module, height: int, width: int) -> int | None:
+    """Images per forward of a diffusers VAE at height x width pixels: on the CPU as many as keep the full-resolution
+    activation (block_out_channels[0] x H x W) within CPU_ACTIVATION_BYTES, at least one; None (the whole batch) on
+    an accelerator, whose caching allocator reuses its blocks."""
+    if vae.device.type != "cpu":
+        return None
+    per_image = vae.config.block_out_channels[0] * height * width * vae.dtype.itemsize
+    return max(1, CPU_ACTIVATION_BYTES // per_image)
+
+
+def vae_forward(vae: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, height: int,
+                width: int) -> torch.Tensor:
+    """fn (an encode or a decode of `vae`) over the batch x of height x width-pixel images, `images_per_forward` at a
+    time, concatenated."""
+    n = images_per_forward(vae, height, width)
+    if n is None or len(x) <= n:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(n)])
 
 
 def quiet_transformers() -> None:
@@ -63,13 +97,19 @@ class VAEEncoder:
 
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return downsample(self.vae)
 
     def _check(self, index: int, image: np.ndarray) -> None:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"images[{index}] must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
         if image.shape[0] % self.downsample or image.shape[1] % self.downsample:
             raise ValueError(f"images[{index}] sides must be multiples of {self.downsample}, got {image.shape[:2]}")
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, C, H/8, W/8) float16 normalised latents."""
+        x = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(self.dtype)  # (B, 3, H, W) in [-1, 1]
+        z = self.vae.encode(x).latent_dist.mean
+        return ((z - self.shift_factor) * self.scaling_factor).to(torch.float16)
 
     @torch.inference_mode()
     def encode(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -79,12 +119,10 @@ class VAEEncoder:
             self._check(i, image)
             by_size[image.shape[:2]].append(i)
         latents: list[np.ndarray] = [np.empty(0)] * len(images)
-        for indices in by_size.values():  # one forward per size
+        for indices in by_size.values():  # a batch per size
             pixels = torch.from_numpy(np.stack([images[i] for i in indices])).to(self.device)  # (B, H, W, 3)
-            pixels = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(self.dtype)  # (B, 3, H, W) in [-1, 1]
-            z = self.vae.encode(pixels).latent_dist.mean  # (B, C, H/8, W/8)
-            z = (z - self.shift_factor) * self.scaling_factor
-            for i, latent in zip(indices, z.to(torch.float16).cpu().numpy(), strict=True):
+            z = vae_forward(self.vae, self._encode, pixels, *pixels.shape[1:3])
+            for i, latent in zip(indices, z.cpu().numpy(), strict=True):
                 latents[i] = latent  # (C, H/8, W/8)
         return latents
 

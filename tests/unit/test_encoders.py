@@ -223,3 +223,54 @@ def test_the_cpu_stages_do_not_import_the_model_libraries():
             "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _count_calls(monkeypatch, obj, name: str) -> list[int]:
+    """Batch sizes `obj.name` is called with, recorded as it still runs."""
+    sizes: list[int] = []
+    method = getattr(obj, name)
+
+    def counted(x, *args, **kwargs):
+        sizes.append(len(x))
+        return method(x, *args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return sizes
+
+
+def test_vae_forwards_split_on_the_cpu(vae, tiny, monkeypatch):
+    """A CPU forward covers as many images as keep the full-resolution activation within CPU_ACTIVATION_BYTES;
+    encoding and decoding in those parts give the whole batch's result."""
+    per_image = vae.vae.config.block_out_channels[0] * 64 * 64 * 4  # fp32
+    assert encoders.images_per_forward(vae.vae, 64, 64) == encoders.CPU_ACTIVATION_BYTES // per_image
+    assert encoders.images_per_forward(vae.vae, 4096, 4096) == 1
+    images = _images(*[(64, 64)] * 5)
+    whole = vae.encode(images)
+    monkeypatch.setattr(encoders, "CPU_ACTIVATION_BYTES", 2 * per_image)
+    sizes = _count_calls(monkeypatch, vae.vae, "encode")
+    split = vae.encode(images)
+    assert sizes == [2, 2, 1]
+    for a, b in zip(whole, split, strict=True):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
+
+    from workloads.train.validation import LatentDecoder
+
+    decoder = LatentDecoder(tiny.repo)
+    latents = torch.from_numpy(np.stack(whole).astype(np.float32))
+    monkeypatch.setattr(encoders, "CPU_ACTIVATION_BYTES", 10**12)
+    decoded = decoder(latents)
+    monkeypatch.setattr(encoders, "CPU_ACTIVATION_BYTES", 2 * per_image)
+    sizes = _count_calls(monkeypatch, decoder.vae, "decode")
+    assert decoder(latents).shape == (5, 64, 64, 3) and sizes == [2, 2, 1]
+    torch.testing.assert_close(decoder(latents), decoded, atol=1e-5, rtol=1e-4)
+
+
+def test_vae_bench_reports_split_against_whole(tiny, vae, capsys):
+    from workloads.bench import vae as bench_vae
+
+    cfg = bench_vae.BenchVAEConf(sizes=[64], batch=3, repeats=1, threads=1, tiny_dir=str(Path(tiny.repo).parent))
+    row = bench_vae.run(cfg)[64]
+    assert row["images_per_forward"] == encoders.images_per_forward(vae.vae, 64, 64)
+    for name in ("encode", "decode"):
+        assert row[name]["whole"] > 0 and row[name]["split"] > 0 and 0 <= row[name]["kernel_split"] <= 1
+    assert "ratio" in capsys.readouterr().out

@@ -26,7 +26,7 @@ class Generator:
     def __init__(self, export: str, models: str, resolution: int, steps: int, guidance: float, shift: float,
                  sampler: str, seed: int, use_gpu: bool, threads: int = 0, keep_latents: bool = False,
                  slg: SkipLayerGuidance | None = None) -> None:
-        from pipelines.encoders import TextEncoders
+        from pipelines.encoders import TextEncoders, downsample
         from workloads.train.validation import LatentDecoder
 
         if threads:
@@ -41,8 +41,7 @@ class Generator:
         if got != (net.context_dim, net.pooled_dim):
             raise ValueError(f"the text encoders in {models} give context and pooled widths {got}, the network takes "
                              f"{(net.context_dim, net.pooled_dim)}: pass the models= its data was preprocessed with")
-        factor = 2 ** (len(self.decoder.vae.config.block_out_channels) - 1)
-        self.latent_side = resolution // factor
+        self.latent_side = resolution // downsample(self.decoder.vae)
         self.steps, self.guidance, self.shift, self.sampler, self.seed = steps, guidance, shift, sampler, seed
         self.slg = slg
         self.keep_latents = keep_latents

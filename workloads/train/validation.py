@@ -18,6 +18,7 @@ from model.conditioning import TextConditioningConfig
 from model.objective import DEFAULT_VALIDATION_TIMESTEPS, validation_loss, validation_timesteps
 from model.sampling import SkipLayerGuidance, sample
 from pipelines import schema
+from pipelines.encoders import downsample, vae_forward
 from pipelines.storage import Location
 from workloads.evaluate.image_metrics import image_metrics
 from workloads.evaluate.inline import PromptSet, metric_fields, score_images, to_uint8
@@ -159,6 +160,10 @@ class LatentDecoder:
         """(B, C, h, w) -> (B, H, W, 3) in [0, 1]."""
         if self.vae is None:
             return latents_to_rgb(latents)
+        height, width = (side * downsample(self.vae) for side in latents.shape[2:])
+        return vae_forward(self.vae, self._decode, latents, height, width)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
         z = latents / config.scaling_factor + (config.shift_factor or 0.0)
         images = self.vae.decode(z.to(self.vae.dtype)).sample.float()
