@@ -23,7 +23,7 @@ from workloads.runtime import cli
 @dataclass
 class BenchVAEConf:
     sizes: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # image sides
-    batch: int = 32  # images a call (preprocessing's `compute.vae.batch_size` default)
+    batch: int = 32  # images a call (a preprocessing stage's `batch_size`, 16 by default; 32 in the README's runs)
     threads: int = 2  # torch threads
     repeats: int = 2  # timed calls of each kind, after one untimed
     tiny_dir: str = "~/.cache/sd3-train/tiny-models"  # the shapes VAE is built (or reused) here
