@@ -9,7 +9,7 @@ compare equal to the plain values the components take.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum, StrEnum
+from enum import Enum, IntEnum, StrEnum
 
 from model.mmdit import check_skip_layers
 from model.precision import DTYPES
@@ -40,13 +40,37 @@ Objective = _choices("Objective", ("flow", "dpo"))
 ZeroStage = IntEnum("ZeroStage", [(str(stage), stage) for stage in range(4)], module=__name__)
 
 
-def at_least(owner: object, minimum: float, *names: str) -> None:
-    """Raise ValueError naming `<section>.<field>` when a numeric field is below `minimum`."""
+def at_least(owner: object, minimum: float, *names: str, optional: bool = False) -> None:
+    """Raise ValueError naming `<section>.<field>` when a numeric field is below `minimum` (None passes with
+    `optional`)."""
     section = getattr(owner, "SECTION", type(owner).__name__)
     for name in names:
         value = getattr(owner, name)
+        if optional and value is None:
+            continue
         if value < minimum:
-            raise ValueError(f"{section}.{name} must be >= {minimum:g}, got {value}")
+            raise ValueError(f"{section}.{name} must be >= {minimum:g}{' (or null)' if optional else ''}, got {value}")
+
+
+def positive(owner: object, *names: str, optional: bool = False) -> None:
+    """Raise ValueError naming `<section>.<field>` unless a numeric field is > 0 (or None, with `optional`)."""
+    section = getattr(owner, "SECTION", type(owner).__name__)
+    for name in names:
+        value = getattr(owner, name)
+        if optional and value is None:
+            continue
+        if not value > 0:  # also refuses NaN
+            raise ValueError(f"{section}.{name} must be > 0{' (or null)' if optional else ''}, got {value}")
+
+
+def one_of(owner: object, name: str, choices: type[Enum]) -> None:
+    """Raise ValueError naming `<section>.<field>` when a plain string field is not a value of the enum `choices`
+    (for fields typed `str` whose callers pass strings)."""
+    value = getattr(owner, name)
+    allowed = [m.value for m in choices]
+    if value not in allowed:
+        section = getattr(owner, "SECTION", type(owner).__name__)
+        raise ValueError(f"{section}.{name} must be one of {allowed}, got {value!r}")
 
 
 def in_unit_interval(owner: object, *names: str, open_right: bool = False) -> None:

@@ -31,6 +31,7 @@ class EmbedderConf:
         at_least(self, 16, "image_size")
         at_least(self, 4, "thumbnail")
         at_least(self, 0, "blur")
+        self.stage.check("embedder.stage")
         if self.kind == "torchscript" and not self.path:
             raise ValueError("embedder.kind=torchscript needs embedder.path= (a TorchScript file, e.g. SSCD's "
                              "sscd_disc_mixup.torchscript.pt)")

@@ -67,7 +67,10 @@ class DemoConf:
     def __post_init__(self) -> None:
         at_least(self, 1, "images", "image_size", "resolution", "shard_size", "geneval_steps", "dpo_rank",
                  "dpo_geneval_images_per_prompt", "pairs_prompts_per_task", "pairs_sample_steps")
-        at_least(self, 0, "geneval_images_per_prompt", "dpo_steps")
+        at_least(self, 0, "geneval_images_per_prompt", "dpo_steps", "geneval_guidance")
+        at_least(self, 1, "geneval_prompts_per_task", optional=True)
+        if min(self.depths, default=0) < 1:
+            raise ValueError(f"demo.depths must be positive depths, got {list(self.depths)}")
         if self.pairs_images_per_prompt < 2:
             raise ValueError(f"pairs_images_per_prompt must be >= 2 to make a pair, got {self.pairs_images_per_prompt}")
         if len(set(self.depths)) < 2 or self.main_depth not in self.depths:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from conf.checks import Device, Sampler, SkipLayerFields, at_least
+from conf.checks import Device, Sampler, SkipLayerFields, at_least, positive
 
 INCEPTION = "inception-2015-12-05.pt"  # the FID network's file: TensorFlow's FID Inception, as TorchScript
 
@@ -86,7 +86,9 @@ class EvaluateConf(SkipLayerFields):
             raise ValueError("run= needs models=<SD3-layout folder of the text encoders and VAE> or data=<the "
                              "preprocessed dataset the run trained on>")
         at_least(self, 1, "batch_size", "images_per_prompt", "steps", "resolution")
-        at_least(self, 0, "grid_images")
+        at_least(self, 0, "grid_images", "guidance")
+        positive(self, "shift")
+        at_least(self, 1, "prompts_per_task", optional=True)
         if self.resolution % 8:
             raise ValueError(f"evaluate.resolution must be a multiple of 8, got {self.resolution}")
         self.check_skip_layer_fields()

@@ -40,6 +40,9 @@ class MakePairsConf(SkipLayerFields):
             raise ValueError(f"images_per_prompt must be >= 2 to make a pair, got {self.images_per_prompt}")
         if self.shift <= 0:
             raise ValueError(f"shift must be positive, got {self.shift}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(f"resolution must be a positive multiple of 8 (or null: the data's), got "
+                             f"{self.resolution}")
         self.check_skip_layer_fields()
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from conf.checks import Dtype, InputFormat, ModelsKind, SyntheticCaptions
+from conf.checks import Dtype, InputFormat, ModelsKind, SyntheticCaptions, at_least, positive
 from pipelines.models import CAPTIONER, SD3_REPO
 
 
@@ -44,9 +44,22 @@ class StageConf:
     # GPUs per actor when the job runs on GPUs; a fraction lets stages share one (e.g. 0.5 each for VAE and text)
     num_gpus: float = 1.0
 
+    def check(self, section: str) -> None:
+        """Raise naming `<section>.<field>`: the config that holds this stage calls it with its own path (the same
+        schema is `compute.vae` in preprocessing and `embedder.stage` in deduplication)."""
+        if not 1 <= self.min_actors <= self.max_actors or self.batch_size < 1:
+            raise ValueError(f"{section}: need 1 <= min_actors <= max_actors and batch_size >= 1, got {self}")
+        if self.num_gpus <= 0:
+            raise ValueError(f"{section}.num_gpus must be > 0 (a fraction shares a GPU), got {self.num_gpus}")
+        if not self.num_cpus > 0:
+            raise ValueError(f"{section}.num_cpus must be > 0 (a fraction shares a core), got {self.num_cpus}")
+        if self.torch_threads < 1:
+            raise ValueError(f"{section}.torch_threads must be >= 1, got {self.torch_threads}")
+
 
 @dataclass
 class ComputeConf:
+    SECTION = "compute"
     # One GPU per model actor. None: whenever the cluster has GPUs when the job starts; set true on autoscaling
     # clusters whose GPU group scales up from zero.
     use_gpu: bool | None = None
@@ -59,14 +72,10 @@ class ComputeConf:
     filters: StageConf = field(default_factory=StageConf)  # the score filters' models, when any is on
 
     def __post_init__(self) -> None:
+        positive(self, "decode_num_cpus")
+        at_least(self, 1, "decode_batch_size", "write_batch_size")
         for name in ("vae", "caption", "text", "filters"):
-            stage: StageConf = getattr(self, name)
-            if not 1 <= stage.min_actors <= stage.max_actors or stage.batch_size < 1:
-                raise ValueError(f"compute.{name}: need 1 <= min_actors <= max_actors and batch_size >= 1, got "
-                                 f"{stage}")
-            if stage.num_gpus <= 0:
-                raise ValueError(f"compute.{name}.num_gpus must be > 0 (a fraction shares a GPU), got "
-                                 f"{stage.num_gpus}")
+            getattr(self, name).check(f"compute.{name}")
 
 
 @dataclass

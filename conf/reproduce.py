@@ -94,7 +94,9 @@ class ReproduceConf:
         at_least(self, 1, "images", "image_size", "shard_size", "resolution", "high_resolution", "study_depth",
                  "geneval_prompts_per_task", "geneval_images_per_prompt", "geneval_steps", "eval_samples",
                  "dpo_rank", "dpo_geneval_images_per_prompt", "pairs_prompts_per_task", "pairs_sample_steps")
-        at_least(self, 0, "dpo_steps")
+        at_least(self, 0, "dpo_steps", "geneval_guidance")
+        if not all(steps >= 1 for steps in self.sampling_steps):
+            raise ValueError(f"reproduce.sampling_steps must all be >= 1, got {list(self.sampling_steps)}")
         findings = set(self.findings)
         if not findings:
             raise ValueError(f"findings is empty: choose from {[f.value for f in Finding]}")

@@ -71,7 +71,14 @@ class SweepConf(SkipLayerFields):
 
     def __post_init__(self) -> None:
         at_least(self, 1, "study_depth", "eval_samples", "eval_sample_steps", "geneval_images_per_prompt")
-        at_least(self, 0, "geneval_prompts_per_task")
+        at_least(self, 0, "geneval_prompts_per_task", "geneval_guidance")
+        at_least(self, -1, "max_failures")  # -1: retried forever (Tune's)
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ValueError(f"sweep.max_concurrent_trials must be >= 1 or null (as many as fit), got "
+                             f"{self.max_concurrent_trials}")
+        for name in ("training_shifts", "sampling_shifts", "sampling_steps"):
+            if not all(v > 0 for v in getattr(self, name)):
+                raise ValueError(f"sweep.{name} must all be > 0, got {list(getattr(self, name))}")
         if self.study in (Study.depth, Study.steps) and (not self.depths or min(self.depths) < 1):
             raise ValueError(f"sweep.depths must be positive depths, got {list(self.depths)}")
         if self.study == Study.steps and len(self.sampling_steps) < 2:

@@ -17,6 +17,7 @@ from conf.checks import (
     ZeroStage,
     at_least,
     in_unit_interval,
+    positive,
 )
 from conf.evaluate import ImageMetricsConf
 from conf.model import ModelConf
@@ -55,6 +56,7 @@ class TrainerConf:
     def __post_init__(self) -> None:
         at_least(self, 1, "num_workers", "max_steps", "batch_size", "max_nonfinite")
         at_least(self, 0, "cpus_per_worker")
+        at_least(self, -1, "max_failures")  # -1: forever
         if self.batch_size % self.num_workers:
             raise ValueError(f"trainer.batch_size={self.batch_size} (global) must be divisible by "
                              f"trainer.num_workers={self.num_workers}")
@@ -204,7 +206,7 @@ class ValidationConf(SkipLayerFields):
     def __post_init__(self) -> None:
         at_least(self, 1, "every", "samples", "batch_size", "grid_prompts", "grid_per_prompt", "sample_steps",
                  "geneval_prompts_per_task", "geneval_images_per_prompt")
-        at_least(self, 0, "geneval_every")
+        at_least(self, 0, "geneval_every", "guidance")
         if self.shift is not None and self.shift <= 0:
             raise ValueError(f"validation.shift must be positive, got {self.shift}")
         self.check_skip_layer_fields()
@@ -232,12 +234,20 @@ class MetricsConf:
 
     def __post_init__(self) -> None:
         at_least(self, 1, "t_bins", "sync_every", "print_every")
+        positive(self, "peak_tflops", optional=True)
 
 
 @dataclass
 class RunConf:
+    SECTION = "run"
     storage: str = "runs"  # local folder or s3:// URI; everything the run writes is under <storage>/<name>/
     name: str = "train"  # the resume key: the same storage and name continue the same run
+
+    def __post_init__(self) -> None:
+        if not self.storage:
+            raise ValueError("run.storage must be a local folder or an s3:// URI, got an empty string")
+        if not self.name.strip("/. "):
+            raise ValueError(f"run.name must name a folder under run.storage (the resume key), got {self.name!r}")
 
 
 @dataclass
