@@ -24,7 +24,7 @@ from omegaconf import MISSING
 # the image-and-caption layouts preprocessing reads, and where it finds a synthetic caption in them
 from pipelines.sources import IMAGE_FORMATS, PARQUET_SYNTHETIC_COLUMN, SYNTHETIC_SUFFIX
 from pipelines.storage import filesystem, is_remote, join, require_bucket
-from pipelines.synthetic.shapes import MIN_SIZE, Sample, make_sample
+from pipelines.synthetic.shapes import MIN_SIZE, Sample, Style, make_sample
 from workloads.runtime import cli, logger
 
 PARQUET_SCHEMA = pa.schema(
@@ -57,6 +57,14 @@ class MakeShapesConf:
     shard_size: int = 100
     formats: list[str] = field(default_factory=lambda: list(IMAGE_FORMATS))
     endpoint_url: str | None = None  # an S3-compatible store; else AWS_ENDPOINT_URL(_S3) or AWS itself
+    # how the shapes are drawn (`shapes.Style`: the defaults are the dataset's own); the captions stay GenEval prompts
+    min_side: float = Style.min_side
+    max_side: float = Style.max_side
+    max_objects: int = Style.max_objects
+    background_low: int = Style.background_low
+
+    def style(self) -> Style:
+        return Style(self.min_side, self.max_side, self.max_objects, self.background_low)
 
 
 @dataclass
@@ -82,6 +90,7 @@ def check(cfg: MakeShapesConf) -> None:
     for name, low in (("n", 1), ("size", MIN_SIZE), ("shard_size", 1), ("seed", 0)):
         if getattr(cfg, name) < low:
             raise ValueError(f"{name} must be >= {low}, got {getattr(cfg, name)}")
+    cfg.style()  # names a bad field
     unknown = [f for f in cfg.formats if f not in IMAGE_FORMATS]
     if unknown or not cfg.formats or len(set(cfg.formats)) != len(cfg.formats):
         raise ValueError(f"formats must be a non-empty list of distinct names from {list(IMAGE_FORMATS)}, "
@@ -134,7 +143,8 @@ def run(cfg: MakeShapesConf) -> dict[str, int]:
     counts = dict.fromkeys(cfg.formats, 0)
     shards = 0
     for shard, start in enumerate(range(0, cfg.n, cfg.shard_size)):
-        batch = [encode(make_sample(cfg.seed, i, cfg.size)) for i in range(start, min(start + cfg.shard_size, cfg.n))]
+        batch = [encode(make_sample(cfg.seed, i, cfg.size, cfg.style()))
+                 for i in range(start, min(start + cfg.shard_size, cfg.n))]
         if "folder" in cfg.formats:
             fs.pipe({join(root, "folder", f"{s.key}.{ext}"): data for s in batch for ext, data in s.files()})
         if "webdataset" in cfg.formats:

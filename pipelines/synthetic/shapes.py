@@ -31,7 +31,43 @@ SHAPES = ("circle", "square", "triangle", "star", "cross")
 MIN_SIZE = 32
 
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges, exact colour inside each shape
-_MIN_SIDE, _MAX_SIDE = 0.16, 0.30  # object side as a fraction of the canvas
+# The detector (`workloads.evaluate.detect`) takes a blob of under 0.5% of the image for noise and a pixel within 40
+# of the background for background: objects below a tenth of the side, or backgrounds darker than 215 per channel
+# (the colours' own range), would be misread, so the style stays inside these bounds.
+SIDE_RANGE = (0.1, 0.6)
+BACKGROUND_RANGE = (215, 255)
+
+
+@dataclass(frozen=True)
+class Style:
+    """How the generator draws (the prompts and their scoring do not change): objects' side as a fraction of the
+    canvas, drawn uniformly from [min_side, max_side]; at most `max_objects` objects (counting prompts ask for two up
+    to it); each background channel uniform in [background_low, 255] (255: white). The defaults are the dataset's
+    own, sample for sample."""
+
+    min_side: float = 0.16
+    max_side: float = 0.30
+    max_objects: int = 4
+    background_low: int = 215
+
+    def __post_init__(self) -> None:
+        lo, hi = SIDE_RANGE
+        if not lo <= self.min_side <= self.max_side <= hi:
+            raise ValueError(f"shapes style: need {lo} <= min_side <= max_side <= {hi}, got min_side={self.min_side} "
+                             f"max_side={self.max_side}")
+        if self.max_objects not in range(min(geneval.COUNTS), max(geneval.COUNTS) + 1):
+            raise ValueError(f"shapes style: max_objects must be in {list(geneval.COUNTS)}, got {self.max_objects}")
+        if not BACKGROUND_RANGE[0] <= self.background_low <= BACKGROUND_RANGE[1]:
+            raise ValueError(f"shapes style: background_low must be in [{BACKGROUND_RANGE[0]}, {BACKGROUND_RANGE[1]}], "
+                             f"got {self.background_low}")
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """The object counts counting prompts draw."""
+        return tuple(c for c in geneval.COUNTS if c <= self.max_objects)
+
+
+DEFAULT_STYLE = Style()
 
 
 @dataclass
@@ -98,7 +134,7 @@ def _polygon(shape: str, box: tuple[float, float, float, float]) -> list[tuple[f
     return [(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in unit]
 
 
-def _specs(tag: str, rng: np.random.Generator) -> list[tuple[str, str]]:
+def _specs(tag: str, rng: np.random.Generator, counts: tuple[int, ...]) -> list[tuple[str, str]]:
     """(color, shape) of each object: two objects of different shapes where the prompt names two, two to four of one
     shape for counting, colours at random."""
     colors = list(COLORS)
@@ -108,7 +144,7 @@ def _specs(tag: str, rng: np.random.Generator) -> list[tuple[str, str]]:
 
     if tag == "counting":
         shape = SHAPES[rng.integers(len(SHAPES))]
-        return [(color(), shape) for _ in range(int(rng.choice(geneval.COUNTS)))]
+        return [(color(), shape) for _ in range(int(rng.choice(counts)))]
     n = 1 if tag in ("single_object", "colors") else 2
     return [(color(), SHAPES[j]) for j in rng.choice(len(SHAPES), size=n, replace=False)]
 
@@ -117,15 +153,16 @@ def _overlaps(a: list[int], b: list[int], gap: int) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def _layout(specs: list[tuple[str, str]], tag: str, size: int, rng: np.random.Generator) -> list[dict]:
+def _layout(specs: list[tuple[str, str]], tag: str, size: int, rng: np.random.Generator,
+            style: Style = DEFAULT_STYLE) -> list[dict]:
     """Non-overlapping boxes inside the canvas (and an unambiguous relation for `position`), by rejection."""
     margin, gap = max(1, size // 64), max(2, size // 32)
     scale = 1.0
     for attempt in range(2000):
         if attempt and attempt % 200 == 0:
             scale *= 0.85  # crowded draws are rare; shrinking guarantees progress
-        lo = max(4, round(_MIN_SIDE * size * scale))
-        hi = max(lo, round(_MAX_SIDE * size * scale))
+        lo = max(4, round(style.min_side * size * scale))
+        hi = max(lo, round(style.max_side * size * scale))
         objects: list[dict] = []
         for color, shape in specs:
             side = int(rng.integers(lo, hi + 1))
@@ -166,24 +203,24 @@ def draw(objects: list[dict], background: tuple[int, int, int], size: int) -> Im
     return canvas.resize((size, size), Image.Resampling.BOX)
 
 
-def make_sample(seed: int, index: int, size: int = 256) -> Sample:
-    """Sample `index` of `seed`: a function of (seed, index, size) alone."""
+def make_sample(seed: int, index: int, size: int = 256, style: Style = DEFAULT_STYLE) -> Sample:
+    """Sample `index` of `seed`: a function of (seed, index, size, style) alone."""
     if size < MIN_SIZE:
         raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got seed={seed} index={index}")
     rng = np.random.default_rng([seed, index])
     tag = geneval.TAGS[rng.integers(len(geneval.TAGS))]
-    background = tuple(int(v) for v in rng.integers(215, 256, size=3))
-    objects = _layout(_specs(tag, rng), tag, size, rng)
+    background = tuple(int(v) for v in rng.integers(style.background_low, 256, size=3))
+    objects = _layout(_specs(tag, rng, style.counts), tag, size, rng, style)
     meta = _metadata(tag, objects)
     return Sample(sample_key(seed, index), draw(objects, background, size), meta["prompt"],
                   synthetic_caption(objects), objects, meta)
 
 
-def generate(n: int, seed: int, size: int = 256) -> Iterator[Sample]:
-    """Samples 0 .. n-1 of `seed`, deterministic for the seed."""
+def generate(n: int, seed: int, size: int = 256, style: Style = DEFAULT_STYLE) -> Iterator[Sample]:
+    """Samples 0 .. n-1 of `seed`, deterministic for the seed and style."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     for index in range(n):
-        yield make_sample(seed, index, size)
+        yield make_sample(seed, index, size, style)

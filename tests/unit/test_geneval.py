@@ -185,3 +185,24 @@ def test_wrong_images_are_marked_wrong():
 
 def _near(a, b, gap: int = 3) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
+
+
+def test_the_generators_style_draws_larger_fewer_objects_on_white_and_stays_true():
+    from pipelines.synthetic.shapes import Style
+
+    assert [make_sample(4, i, 64).caption for i in range(20)] == [make_sample(4, i, 64, Style()).caption
+                                                                  for i in range(20)]
+    style = Style(min_side=0.3, max_side=0.45, max_objects=3, background_low=255)
+    detector = ShapesDetector()
+    for sample in generate(60, seed=9, size=64, style=style):
+        assert len(sample.objects) <= 3
+        assert np.asarray(sample.image)[0, 0].tolist() == [255, 255, 255]
+        sides = [o["bbox"][2] - o["bbox"][0] for o in sample.objects]
+        assert all(0.3 * 64 * 0.85 ** 3 - 1 <= side <= 0.45 * 64 + 1 for side in sides), sides  # crowded draws shrink
+        assert geneval.parse(sample.caption, SHAPES, list(COLORS)) == sample.metadata
+        if sample.metadata["tag"] in ("single_object", "colors"):
+            assert score_image(sample.metadata, detector(np.asarray(sample.image)))[0], sample.caption
+    for bad, message in (({"min_side": 0.05}, "min_side"), ({"max_side": 0.9}, "max_side"),
+                         ({"max_objects": 5}, "max_objects"), ({"background_low": 100}, "background_low")):
+        with pytest.raises(ValueError, match=message):
+            Style(**bad)

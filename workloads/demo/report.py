@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from math import nan
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,7 @@ from conf.sweep import SweepConf
 from conf.train import TrainConf
 from pipelines import schema
 from pipelines.storage import Location
+from workloads.evaluate.credit import overall_credit
 from workloads.plots import plot_loss
 from workloads.sweep import studies
 from workloads.train.driver import plan, run_location
@@ -88,7 +90,8 @@ def figures(src: Sources, timings: dict[str, float], seconds: float) -> tuple[di
                   "val_loss": [(r["step"], r["val_loss"]) for r in validations],
                   "text_gap": [(r["step"], r["text_gap"]) for r in validations if "text_gap" in r],
                   "flops_per_sample": run_summary["train_flops_per_sample"],
-                  "geneval": [(r["step"], r["geneval"]) for r in records if "geneval" in r]},
+                  "geneval": [(r["step"], r["geneval"]) for r in records if "geneval" in r],
+                  "credit": [(r["step"], overall_credit(r)) for r in records if "credit_count" in r]},
         "sweep": src.results.sort_values("depth")[[c for c in ("depth", "params", "train_flops", "val_loss", "geneval")
                                                    if c in src.results]].to_dict(orient="records"),
         "geneval": src.geneval,
@@ -166,6 +169,7 @@ def markdown(src: Sources, f: dict, sweep_body: str, decoder_note: str | None, g
         lines.append("- decoded by the shapes autoencoder (trained by the project, shipped with it): a sample can be "
                      "checked against its caption by eye")
     lines += geneval_lines(f["geneval"])
+    lines += credit_lines(f["geneval"])
     if src.preference is not None:
         lines += dpo_lines(f.get("dpo", {}), src.preference)
     lines += ["", "## Toy depth sweep (Ray Tune)",
@@ -183,7 +187,11 @@ def geneval_by_compute(src: Sources, t: dict) -> list[str]:
     flops = t["flops_per_sample"] * t["batch_size"]
     return [f"- GenEval-shapes during training ({v.geneval_prompts_per_task} prompts per task, "
             f"{v.geneval_images_per_prompt} image(s) each, EMA weights): "
-            + ", ".join(f"{g:.3f} at step {s} ({s * flops:.2g} FLOPs)" for s, g in t["geneval"])]
+            + ", ".join(f"{g:.3f} at step {s} ({s * flops:.2g} FLOPs)" for s, g in t["geneval"]),
+            *([("- its partial credits as it trained (chance level in brackets): "
+                + "; ".join(f"step {s}: " + ", ".join(f"{n} {c[f'credit_{n}']:.2f} ({c.get(f'chance_{n}', nan):.2f})"
+                                                      for n in ("count", "colors", "shapes") if f"credit_{n}" in c)
+                            for s, c in t["credit"]))] if t.get("credit") else [])]
 
 
 def geneval_lines(summaries: dict[str, dict]) -> list[str]:
@@ -198,6 +206,29 @@ def geneval_lines(summaries: dict[str, dict]) -> list[str]:
     for label, g in summaries.items():
         cells = " | ".join(f"{g['tasks'].get(t, float('nan')):.3f}" for t in tags)
         lines.append(f"| {label} | {g['images']} | {g['overall']:.3f} | {cells} |")
+    return lines
+
+
+def credit_lines(summaries: dict[str, dict]) -> list[str]:
+    """The partial credits of each evaluated source (`workloads.evaluate.credit`), with the main run's images scored
+    against shuffled prompts as the chance level of the fields that read the prompt."""
+    rows = {label: g["credit"]["overall"] for label, g in summaries.items() if "credit" in g}
+    if not rows:
+        return []
+    for label, g in summaries.items():
+        if "chance" in g and label != "ground truth":
+            rows[f"{label}, shuffled prompts (chance)"] = g["chance"]["credit"]["overall"]
+    names = ("count", "colors", "shapes", "relation", "empty", "objects")
+    lines = ["", "Partial credit (what an image gets right before all of it): the object count asked for, each named "
+             "colour present, each named shape present, the position prompts' relation, the share of empty images, "
+             "and objects an image against the prompts' mean asked for; the shuffled rows score the same images "
+             "against other prompts (a network that ignored its prompt).", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, c in rows.items():
+        cells = [f"{c[n]:.3f}" if n in c else "" for n in names]
+        if "objects" in c:
+            cells[-1] = f"{c['objects']:.2f} of {c['asked']:.2f}"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 

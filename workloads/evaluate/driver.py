@@ -24,9 +24,10 @@ from conf.evaluate import EvaluateConf
 from pipelines import geneval
 from pipelines.storage import Location
 from pipelines.synthetic.shapes import COLORS, SHAPES
+from workloads.evaluate.credit import credit_line
 from workloads.evaluate.detect import ShapesDetector
 from workloads.evaluate.image_metrics import IMAGE_SUFFIXES, StoredImages, image_metrics, read_image
-from workloads.evaluate.scoring import score_image, summarize
+from workloads.evaluate.scoring import score_detections, summarize
 from workloads.runtime import cli, ensure_ray, logger
 
 LOG = logger("evaluate")
@@ -72,16 +73,12 @@ def list_items(images: Location) -> list[Item]:
 
 
 def score_items(items: list[Item], images: Location) -> list[dict]:
-    """GenEval's per-image result for each item (detect, then score), in the items' order."""
+    """GenEval's per-image result for each item (detect, then score, with the partial credits), in the items'
+    order."""
     detector = ShapesDetector()
-    out = []
-    for item in items:
-        detections = detector(read_image(images, item.path))
-        correct, reasons = score_image(item.metadata, detections)
-        out.append({"filename": item.path, "tag": item.metadata["tag"], "prompt": item.metadata["prompt"],
-                    "prompt_index": item.prompt_index, "correct": correct, "reason": "\n".join(reasons),
-                    "metadata": item.metadata, "details": [asdict(d) for d in detections]})
-    return out
+    return [{"filename": item.path, "tag": item.metadata["tag"], "prompt": item.metadata["prompt"],
+             "prompt_index": item.prompt_index, "metadata": item.metadata,
+             **score_detections(item.metadata, detector(read_image(images, item.path)))} for item in items]
 
 
 class _ScoreBatch:
@@ -204,6 +201,7 @@ def run(cfg: EvaluateConf) -> dict:
     summary = write_report(results, out, grid(results, images, cfg.grid_images), metrics)
     tasks = ", ".join(f"{t} {v:.3f}" for t, v in summary["tasks"].items())
     LOG.info(f"GenEval-shapes overall {summary['overall']:.3f} ({tasks}); report in {cfg.out}")
+    LOG.info(f"partial credit: {credit_line(summary)}")
     return summary
 
 

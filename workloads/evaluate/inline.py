@@ -6,7 +6,7 @@ score logged during training and the evaluation job's score of the same weights 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from model.conditioning import TextConditioningConfig, TextEmbeddings, assemble_
 from model.sampling import SkipLayerGuidance, sample
 from pipelines import geneval
 from workloads.evaluate.detect import ShapesDetector
-from workloads.evaluate.scoring import score_image, summarize
+from workloads.evaluate.scoring import score_detections, summarize
 
 
 def noise_seed(seed: int, prompt_index: int, k: int) -> int:
@@ -115,23 +115,30 @@ def sample_prompt_set(network, prompts: PromptSet, text: TextConditioningConfig,
 
 
 def score_images(images: np.ndarray, prompts: PromptSet, detector: ShapesDetector | None = None) -> list[dict]:
-    """GenEval's per-image results ({"tag", "prompt", "prompt_index", "k", "correct", "reason", "details"}) of uint8
-    (n, H, W, 3) images sampled from the set in `PromptSet.rows` order."""
+    """GenEval's per-image results ({"tag", "prompt", "prompt_index", "k", "metadata", "correct", "reason", "credit",
+    "details"}) of uint8 (n, H, W, 3) images sampled from the set in `PromptSet.rows` order."""
     detector = detector or ShapesDetector()
     index, k = prompts.rows()
     results = []
     for pixels, i, j in zip(images, index, k, strict=True):
         meta = prompts.metadata[int(i)]
-        detections = detector(pixels)
-        correct, reasons = score_image(meta, detections)
         results.append({"tag": meta["tag"], "prompt": meta["prompt"], "prompt_index": int(i), "k": int(j),
-                        "correct": correct, "reason": "\n".join(reasons), "details": [asdict(d) for d in detections]})
+                        "metadata": meta, **score_detections(meta, detector(pixels))})
     return results
 
 
 def metric_fields(summary: dict, prefix: str = "geneval") -> dict[str, float]:
-    """A summary as flat metric fields: `<prefix>` overall and `<prefix>_<tag>` per task."""
-    return {prefix: float(summary["overall"]), **{f"{prefix}_{t}": float(v) for t, v in summary["tasks"].items()}}
+    """A summary as flat metric fields: `<prefix>` overall and `<prefix>_<tag>` per task; with partial credits also
+    `credit_<field>` overall and `credit_<field>_<tag>` per task, and with chance levels `chance_<prefix>` and
+    `chance_<field>` (overall, shuffled prompts)."""
+    fields = {prefix: float(summary["overall"]), **{f"{prefix}_{t}": float(v) for t, v in summary["tasks"].items()}}
+    if "credit" in summary:
+        fields |= {f"credit_{f}": v for f, v in summary["credit"]["overall"].items()}
+        fields |= {f"credit_{f}_{t}": v for t, per in summary["credit"]["tasks"].items() for f, v in per.items()}
+    if "chance" in summary:
+        fields[f"chance_{prefix}"] = summary["chance"]["geneval"]
+        fields |= {f"chance_{f}": v for f, v in summary["chance"]["credit"]["overall"].items()}
+    return fields
 
 
 def geneval_summary(images: np.ndarray, prompts: PromptSet) -> dict:

@@ -93,6 +93,8 @@ def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]],
 
     from model.interop import load_diffusers
     from model.precision import resolve_device
+    from workloads.evaluate.credit import overall_credit
+    from workloads.evaluate.inline import metric_fields
     from workloads.sweep.evaluation import sample_metrics
     from workloads.train.data import check_spec, read_spec
     from workloads.train.streaming import split_files
@@ -131,6 +133,7 @@ def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]],
         out[column] = summary["overall"]
         if len(summaries) == 1:
             out |= {f"{column}_{t}": v for t, v in summary["tasks"].items()}
+            out |= overall_credit(metric_fields(summary))
     return out
 
 
@@ -177,6 +180,8 @@ def trial(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from workloads.evaluate.credit import overall_credit
+
     cfg: SweepConf = config["sweep"]
     params = config["params"]
     c = trial_train_conf(cfg, params)
@@ -192,6 +197,7 @@ def trial(config: dict) -> None:
            "val_loss": summary["val_loss"], "samples_per_s": summary["samples_per_s"]}
     if summary.get("geneval") is not None:  # the run's own last score (validation.geneval_every); a sweep's wins
         row["geneval"] = summary["geneval"]
+        row |= overall_credit(summary)
     settings = studies.eval_settings(cfg, float(params["train_shift"]))
     geneval_at = studies.geneval_settings(cfg, float(params["train_shift"]))
     if settings or geneval_at:

@@ -42,7 +42,8 @@ class GenEvalSetting:
 
 
 def read(run: Location, setting: GenEvalSetting) -> dict | None:
-    """The stored summary ({"overall", "tasks"}) of the run at `setting`, or None when it was never scored."""
+    """The stored summary ({"overall", "tasks"}, and "credit" and "chance" when scored since they joined) of the run
+    at `setting`, or None when it was never scored."""
     run = run.refreshed()
     if not run.exists(setting.path()):
         return None
@@ -50,6 +51,6 @@ def read(run: Location, setting: GenEvalSetting) -> dict | None:
 
 
 def write(run: Location, setting: GenEvalSetting, summary: dict) -> None:
-    record = {"setting": dataclasses.asdict(setting),
-              "summary": {"overall": summary["overall"], "tasks": summary["tasks"]}}
+    kept = ("overall", "tasks", "credit", "chance")  # the scores, partial credits and their chance levels
+    record = {"setting": dataclasses.asdict(setting), "summary": {k: summary[k] for k in kept if k in summary}}
     run.write_bytes(setting.path(), json.dumps(record, indent=1).encode())

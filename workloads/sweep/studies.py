@@ -99,6 +99,16 @@ def has_geneval(results: pd.DataFrame, column: str = "geneval") -> bool:
     return column in results and bool(results[column].notna().any())
 
 
+# the partial credits a study's table shows beside GenEval-shapes (`workloads.evaluate.credit`), with chance levels
+CREDIT_COLUMNS = ("credit_count", "chance_count", "credit_colors", "chance_colors", "credit_shapes", "chance_shapes",
+                  "credit_empty")
+
+
+def credit_columns(results: pd.DataFrame) -> list[str]:
+    """The partial-credit columns the trials carry (none for sweeps scored before they joined)."""
+    return [c for c in CREDIT_COLUMNS if c in results and bool(results[c].notna().any())]
+
+
 def correlation(x: pd.Series, y: pd.Series) -> tuple[float, float]:
     """(Pearson, Spearman) correlation of two columns."""
     x, y = x.to_numpy(dtype=float), y.to_numpy(dtype=float)
@@ -110,7 +120,7 @@ def correlation(x: pd.Series, y: pd.Series) -> tuple[float, float]:
 def _depth(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
     geneval = has_geneval(results)
     columns = ["depth", "params", "flops_per_sample", "train_flops", "val_loss", *(["geneval"] if geneval else []),
-               "samples_per_s"]
+               *credit_columns(results), "samples_per_s"]
     table = results.sort_values("depth")[columns].reset_index(drop=True)
     lines = [markdown_table(table), ""]
     plots = {}

@@ -97,7 +97,9 @@ class Progress:
         if "val_loss" in record:
             parts.append(f"EMA val loss {record['val_loss']:.4f}")
         if "geneval" in record:
-            parts.append(f"GenEval {record['geneval']:.3f}")
+            credits = [f"{f} {record[f'credit_{f}']:.2f}" for f in ("count", "colors", "shapes")
+                       if f"credit_{f}" in record]
+            parts.append(f"GenEval {record['geneval']:.3f}" + (f" ({', '.join(credits)})" if credits else ""))
         parts += [f"{label} {record[key]:.2f}" for key, label in (("clip_score", "CLIP score"), ("fid", "FID"))
                   if key in record]
         parts.append(f"{record['samples_per_s']:.1f} samples/s")

@@ -136,6 +136,7 @@ def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: 
                    "lora_rank": cfg.lora.rank, "checkpoint_bytes": checkpoint_bytes,
                    "samples_per_s": progress.median_rate(),  # of this session's steps
                    "train_flops_per_sample": sum(plan.flops[b] * k for b, k in plan.batches.items()) / n}
+        summary |= {k: v for k, v in last.items() if k.startswith(("credit_", "chance_"))}  # GenEval's partial credits
         summary |= before_and_after(plan.run, last)
         log.path(SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     log.event("finished", step=state.step)
