@@ -81,6 +81,27 @@ def test_the_sign_prefers_a_policy_that_fits_the_winner_better():
     assert (better.inside > 0).all() and (better.accuracy == 1).all() and (better.loss < math.log(2)).all()
 
 
+class Scaled(torch.nn.Module):
+    """`scale * z` with a trainable scale."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+
+    def forward(self, z, t, context, pooled):
+        return self.scale * z
+
+
+def test_the_reference_pass_carries_no_gradient_even_when_its_weights_could_learn():
+    winner, loser, context, pooled = _batch()
+    policy, reference = Scaled(0.5), Scaled(0.2)
+    out = dpo_loss(policy, reference, winner, loser, context, pooled, beta=10.0,
+                   generator=torch.Generator().manual_seed(0))
+    assert out.policy_error.requires_grad and not out.reference_error.requires_grad
+    out.loss.mean().backward()
+    assert policy.scale.grad is not None and reference.scale.grad is None
+
+
 def test_the_reference_is_the_base_with_the_adapters_off():
     torch.manual_seed(0)
     base = model.MMDiT(CONFIG)
@@ -113,7 +134,15 @@ def test_the_reference_is_the_base_with_the_adapters_off():
                    generator=torch.Generator().manual_seed(0))
     out.loss.mean().backward()
     grads = [n for n, p in net.named_parameters() if p.grad is not None]
-    assert grads and all(".lora_" in n for n in grads)  # only the adapters learn; the reference has no gradient
+    assert grads and all(".lora_" in n for n in grads)  # only the adapters learn
+    # The base above is frozen, so its reference pass would carry no graph with or without `no_grad`: a base that
+    # would learn shows whether the reference pass itself is kept out of the graph.
+    for p in net.parameters():
+        p.requires_grad_(True)
+    out = dpo_loss(net, reference, winner, loser, context, pooled, beta=default_dpo_beta(),
+                   generator=torch.Generator().manual_seed(0))
+    assert out.policy_error.requires_grad
+    assert not out.reference_error.requires_grad and out.reference_error.grad_fn is None
     with pytest.raises(ValueError, match="no adapters"), lora.adapters_disabled(model.MMDiT(CONFIG)):
         pass
 
