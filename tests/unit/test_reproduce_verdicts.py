@@ -115,6 +115,126 @@ def test_captions_and_dpo_verdicts_compare_against_the_sampling_error():
     assert skipped.verdicts[0].status == findings.INCONCLUSIVE and "did not run" in skipped.body
 
 
+def depth_results(val_loss: list[float], geneval: list[float]) -> pd.DataFrame:
+    """Depth trials 1-4 at doubling training compute."""
+    n = len(val_loss)
+    return pd.DataFrame({"depth": range(1, n + 1), "params": [1e5 * 2 ** i for i in range(n)],
+                         "flops_per_sample": [1e8 * 2 ** i for i in range(n)],
+                         "train_flops": [1e12 * 2 ** i for i in range(n)], "val_loss": val_loss, "geneval": geneval,
+                         "samples_per_s": 10.0})
+
+
+POWER_LAW = [2.0 * (1e12 * 2 ** i) ** -0.05 for i in range(4)]  # exactly L = 2 C^-0.05
+
+
+@pytest.mark.parametrize(("val_loss", "geneval", "law", "predicts"), [
+    (POWER_LAW, [0.1, 0.2, 0.3, 0.4], findings.REPRODUCED, findings.REPRODUCED),
+    (POWER_LAW[::-1], [0.4, 0.3, 0.2, 0.1], findings.NOT_REPRODUCED, findings.REPRODUCED),  # the loss rises
+    (POWER_LAW, [0.4, 0.3, 0.2, 0.1], findings.REPRODUCED, findings.NOT_REPRODUCED),  # lower loss, lower GenEval
+    (POWER_LAW[:2], [0.1, 0.2], findings.INCONCLUSIVE, findings.INCONCLUSIVE),  # any 2 points fit; p 0.5
+    ([0.50, 0.30, 0.45, 0.20], [0.1, 0.3, 0.2, 0.4], findings.INCONCLUSIVE, findings.REPRODUCED),  # a poor fit
+])
+def test_depth_verdicts_power_law_and_loss_predicting_geneval(val_loss, geneval, law, predicts):
+    cfg = ReproduceConf()
+    sweep = SweepConf(study=Study.depth, data="unused", depths=list(range(1, len(val_loss) + 1)))
+    section = findings.depth(cfg, depth_results(val_loss, geneval), sweep)
+    power_law, loss_geneval = section.verdicts
+    assert "power law" in power_law.claim and power_law.status == law, power_law.reason
+    assert "predicts GenEval" in loss_geneval.claim and loss_geneval.status == predicts, loss_geneval.reason
+
+
+def steps_results(lfd_increase: list[float]) -> pd.DataFrame:
+    """Depth trials whose latent Fréchet distance at 5 steps is `lfd_increase` % above the one at 50."""
+    return pd.DataFrame([{"depth": d, "lfd@steps=50": 1.0, "lfd@steps=5": 1.0 + pct / 100, "change@steps=5": 0.1}
+                         for d, pct in enumerate(lfd_increase, start=1)])
+
+
+@pytest.mark.parametrize(("lfd_increase", "status"), [
+    ([8.0, 6.0, 4.0, 2.0], findings.REPRODUCED),  # deeper: less lost at 5 steps (p 1/24)
+    ([2.0, 4.0, 6.0, 8.0], findings.NOT_REPRODUCED),
+    ([8.0, 6.0], findings.INCONCLUSIVE),  # the paper's sign, but two points are one of two orders
+])
+def test_steps_verdict_deeper_models_lose_less_at_few_steps(lfd_increase, status):
+    cfg = ReproduceConf(sampling_steps=[5, 50])
+    sweep = SweepConf(study=Study.steps, data="unused", depths=list(range(1, len(lfd_increase) + 1)),
+                      sampling_steps=[5, 50])
+    (verdict,) = findings.steps(cfg, steps_results(lfd_increase), sweep).verdicts
+    assert verdict.status == status, verdict.reason
+    assert verdict.ours.startswith(f"d1 {lfd_increase[0]:.1f}%")
+
+
+def preference(before: float, after: float):
+    """What `demo.preference_tune` hands back, as far as the analysis reads it."""
+    from types import SimpleNamespace
+
+    tasks = {"single_object": 0.5}
+    return SimpleNamespace(summary={"geneval_before": before, "geneval_tasks_before": tasks, "geneval_after": after,
+                                    "geneval_tasks_after": tasks}, pairs={"counts": {"written": 12}}, skipped=None)
+
+
+@pytest.mark.parametrize(("before", "after", "status"), [
+    (0.30, 0.50, findings.REPRODUCED),  # a gain above twice the sampling error
+    (0.30, 0.31, findings.INCONCLUSIVE),  # within it
+    (0.50, 0.30, findings.NOT_REPRODUCED),
+])
+def test_dpo_verdict_when_it_ran(before, after, status):
+    cfg = ReproduceConf(geneval_prompts_per_task=20, dpo_geneval_images_per_prompt=4)
+    section = findings.dpo(cfg, preference(before, after))
+    (verdict,) = section.verdicts
+    assert verdict.status == status, verdict.reason
+    assert verdict.ours == f"{before:.3f} -> {after:.3f}" and "12 pairs" in section.body
+
+
+def test_a_skipped_dpo_says_why():
+    from types import SimpleNamespace
+
+    cfg = ReproduceConf()
+    (verdict,) = findings.dpo(cfg, SimpleNamespace(summary=None, pairs=None, skipped="no correct samples")).verdicts
+    assert verdict.status == findings.INCONCLUSIVE and verdict.reason == "no correct samples"
+
+
+def all_findings_inputs(cfg: ReproduceConf) -> tuple[dict[str, pd.DataFrame], object, dict[str, SweepConf]]:
+    """Hand-made results of every study, each chosen to give its finding a known first verdict."""
+    paper_order = sorted(TABLE_1, key=paper_global_rank)
+    tasks = {f"geneval_{t}": 0.5 for t in ("single_object", "counting")}
+    results = {
+        "formulation": formulation_results(paper_order, [0.8 - 0.1 * i for i in range(8)]),  # reproduced
+        "depth": depth_results(POWER_LAW[::-1], [0.4, 0.3, 0.2, 0.1]),  # the loss rises: not reproduced
+        f"shift-{cfg.resolution}": shift_row({1.0: 0.30, 2.0: 0.31, 4.0: 0.30}),  # noise: inconclusive
+        f"shift-{cfg.high_resolution}": shift_row({1.0: 0.30, 2.0: 0.30, 4.0: 0.31}),
+        "steps": steps_results([8.0, 6.0, 4.0, 2.0]),  # reproduced
+        "captions-original": pd.DataFrame([{"geneval": 0.45, "val_loss": 0.6, **tasks}]),  # lower with the mix
+        "captions-mix": pd.DataFrame([{"geneval": 0.30, "val_loss": 0.6, **tasks}]),
+    }
+    sweeps = {"formulation": SweepConf(study=Study.formulation, data="unused", formulations=list(TABLE_1)),
+              "depth": SweepConf(study=Study.depth, data="unused", depths=[1, 2, 3, 4]),
+              "steps": SweepConf(study=Study.steps, data="unused", depths=[1, 2, 3, 4], sampling_steps=[5, 50]),
+              **{f"shift-{r}": SweepConf(study=Study.shift, data="unused", sampling_shifts=[1.0, 2.0, 4.0])
+                 for r in (cfg.resolution, cfg.high_resolution)}}
+    return results, preference(0.30, 0.31), sweeps  # DPO: within the error, inconclusive
+
+
 def test_every_finding_has_an_analysis():
+    """`analyze` gives each chosen finding its own section, in the issue's order, decided on that finding's own
+    results: each first verdict below follows from the inputs made for it, and no two findings share inputs."""
     assert {s.value for s in Finding} == {"formulation", "depth", "shift", "steps", "captions", "dpo"}
+    cfg = ReproduceConf(sampling_shifts=[1.0, 2.0, 4.0], sampling_steps=[5, 50], depths=[1, 2, 3, 4],
+                        geneval_prompts_per_task=20, geneval_images_per_prompt=4, dpo_geneval_images_per_prompt=4)
+    results, preference_result, sweeps = all_findings_inputs(cfg)
+    sections = findings.analyze(cfg, results, preference_result, sweeps)
+    assert [s.finding for s in sections] == list(Finding)
+    expected = {Finding.formulation: (findings.REPRODUCED, "Spearman 1.000"),
+                Finding.depth: (findings.NOT_REPRODUCED, "C^(-"),
+                Finding.shift: (findings.INCONCLUSIVE, "best 2 at 64 px"),
+                Finding.steps: (findings.REPRODUCED, "d1 8.0%, d2 6.0%, d3 4.0%, d4 2.0%"),
+                Finding.captions: (findings.NOT_REPRODUCED, "0.450 -> 0.300"),
+                Finding.dpo: (findings.INCONCLUSIVE, "0.300 -> 0.310")}
+    for section in sections:
+        status, ours = expected[section.finding]
+        first = section.verdicts[0]
+        assert (first.status, ours in first.ours) == (status, True), (section.finding, first)
+    # one finding chosen: only its section, from its own results
+    only = findings.analyze(ReproduceConf(findings=[Finding.steps], sampling_steps=[5, 50], depths=[1, 2, 3, 4]),
+                            {"steps": results["steps"]}, None, {"steps": sweeps["steps"]})
+    assert [s.finding for s in only] == [Finding.steps]
 
