@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from model.conditioning import TextConditioningConfig
 from pipelines import schema
-from pipelines.storage import Location, filesystem, join
+from pipelines.storage import Location, filesystem, join, write_bytes
 
 Batch = dict[str, np.ndarray]
 
@@ -147,10 +147,7 @@ class Progress:
                   "rows_written": entry["written"], "rows_rejected": entry["rejected"],
                   "files": sorted(entry["files"])}
         fs, path = filesystem(marker_path(self.output, shard), self.endpoint_url)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        # Write then rename, so a kill never leaves a partial marker (an object store's PUT is whole anyway).
-        fs.pipe_file(path + ".tmp", json.dumps(marker, indent=1).encode())
-        fs.mv(path + ".tmp", path)
+        write_bytes(fs, path, json.dumps(marker, indent=1).encode())  # whole or absent, never a partial marker
         self.completed.append(shard)
         return True
 

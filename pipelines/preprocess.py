@@ -31,7 +31,7 @@ from pipelines.encoders import caption_tokens
 from pipelines.output import Progress, completed_shards, remove_unfinished, write_batch
 from pipelines.sources import Shard, list_shards
 from pipelines.stages import CaptionStage, ScoreStage, TextStage, VAEStage, copy_caption, decode_batch, read_rows
-from pipelines.storage import Location, filesystem, join
+from pipelines.storage import Location, filesystem, join, write_bytes
 from pipelines.synthetic.tiny_models import build_tiny_models
 from workloads.runtime import cli, code_version, ensure_ray, logger
 
@@ -192,7 +192,7 @@ def write_manifest(cfg: PreprocessConf, p: Plan, markers: dict[int, dict], last_
         "limits": asdict(p.limits), "code_version": code_version(), "last_run": last_run,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    fs.pipe_file(join(root, schema.MANIFEST), json.dumps(manifest, indent=1).encode())
+    write_bytes(fs, join(root, schema.MANIFEST), json.dumps(manifest, indent=1).encode())  # never a partial one
     return manifest
 
 

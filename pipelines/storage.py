@@ -8,10 +8,13 @@ Nothing is written into files.
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 from dataclasses import dataclass
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 
 def endpoint_from_env() -> str | None:
@@ -74,6 +77,9 @@ class Location:
     def write_bytes(self, relative: str, data: bytes) -> None:
         write_bytes(self.fs, self.path(relative), data)
 
+    def write_folder(self, relative: str, local: str) -> None:
+        write_folder(self.fs, local, self.path(relative))
+
     def __str__(self) -> str:
         return self.uri
 
@@ -97,9 +103,92 @@ def require_bucket(uri: str, field: str, endpoint_url: str | None = None) -> Non
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write a whole file, creating its folder on local disk (object stores have no folders)."""
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, data)
+    """Write a whole file, creating its folder on local disk, so that a reader (a later start of a job) finds the old
+    content or the new one, never a part: a crash, a kill or a full disk mid-write leaves the old file as it was."""
+    if not isinstance(fs, LocalFileSystem):
+        # An object store's PUT makes the object appear whole or not at all: no temporary name is needed there.
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, data)
+        return
+    path = fs._strip_protocol(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    temporary = _temporary_name(path)
+    try:
+        # os.open rather than mkstemp: the file gets the usual permissions (0o666 less the umask), not 0o600
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    _fsync_folder(folder or ".")
+
+
+def write_folder(fs: fsspec.AbstractFileSystem, local: str, path: str) -> None:
+    """Put the local folder `local` at `path` in place of what is there, as a whole on local disk.
+
+    On local disk the copy goes to a sibling `<path>.new`, then the old folder is renamed aside to `<path>.old`, the
+    new one renamed into place and the old one deleted: a kill leaves the old folder or the new one at `path` (or,
+    between the two renames, the old one whole at `<path>.old`, which the next call puts back first)."""
+    if not isinstance(fs, LocalFileSystem):
+        # An object store has no folder rename. Each file's PUT is whole; the new files go over the old ones, then
+        # the old files the new folder lacks are deleted. Meanwhile (and after a kill) a reader sees whole files,
+        # some of the old folder and some of the new; the job that writes the folder again completes it.
+        fs.invalidate_cache()
+        fs.put(local.rstrip("/") + "/", path + "/", recursive=True)
+        fs.invalidate_cache()
+        keep = {os.path.relpath(os.path.join(d, f), local).replace(os.sep, "/")
+                for d, _, files in os.walk(local) for f in files}
+        prefix = path.rstrip("/") + "/"
+        for found in fs.find(path):
+            if found.startswith(prefix) and found[len(prefix):] not in keep:
+                fs.rm_file(found)
+        return
+    path = fs._strip_protocol(path).rstrip("/")
+    staging, aside = path + ".new", path + ".old"
+    if not os.path.exists(path) and os.path.isdir(aside):
+        os.rename(aside, path)  # a kill between the two renames below: the old folder is whole, put it back
+    for leftover in (staging, aside):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(local, staging)
+    for folder, _, files in os.walk(staging):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_folder(folder)
+    if os.path.exists(path):
+        os.rename(path, aside)
+    os.rename(staging, path)
+    _fsync_folder(os.path.dirname(path) or ".")
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _temporary_name(path: str) -> str:
+    """A unique hidden sibling of `path` ending in `.tmp`, so readers that list `*.json` or `*.parquet` skip it."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable; skipped where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def join(base: str, *parts: str) -> str:

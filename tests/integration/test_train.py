@@ -229,6 +229,31 @@ def test_restarted_job_resumes_and_skips_a_partial_checkpoint(request, stage, tm
     shutil.rmtree(local)
 
 
+def test_restarted_job_skips_a_checkpoint_cut_short_and_a_cut_metrics_line(zero2_run, train_dataset, tmp_path):
+    """A job killed while it wrote its step-12 checkpoint (every rank's list there, one file cut short) and a metrics
+    line: the same command resumes from step 8, the last complete checkpoint, drops the cut line and continues the
+    reference trajectory exactly (ZeRO-2, local disk)."""
+    reference = zero2_run[0]
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    for step in (8, 12):
+        shutil.copytree(reference / checkpointing.dir_name(step), folder / checkpointing.dir_name(step))
+    newest = folder / checkpointing.dir_name(12)
+    victim = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(victim, victim.stat().st_size // 2)
+    assert all((newest / checkpointing.complete_name(r)).is_file() for r in range(2))
+    assert checkpointing.find_latest(str(folder)).uri.endswith(checkpointing.dir_name(8))
+    lines = (reference / METRICS).read_text().splitlines(keepends=True)
+    (folder / METRICS).write_text("".join(lines[:10]) + lines[10][: len(lines[10]) // 2])
+    (folder / EVENTS).write_text((reference / EVENTS).read_text().splitlines(keepends=True)[0])
+    run(train_conf(train_dataset, str(tmp_path), "cut", stage=2))
+    events = read_records(str(folder), EVENTS)
+    assert [e["event"] for e in events] == ["started", "resumed", "finished"]
+    assert events[1]["checkpoint"].endswith(checkpointing.dir_name(8)) and events[1]["step"] == 8
+    assert losses(str(folder)) == losses(str(reference))
+    assert checkpointing.find_latest(str(folder)).uri.endswith(checkpointing.dir_name(12))  # written whole again
+
+
 def test_evaluate_samples_a_prompt_set_with_the_run_and_scores_it(zero2_run, train_dataset, tmp_path):
     """`workloads.evaluate run=... data=...`: the run's export samples the GenEval prompts (Ray Data batch
     inference), written in GenEval's layout, then detected and scored; with the settings training's

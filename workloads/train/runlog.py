@@ -2,6 +2,8 @@
 
 They are written to a local folder (the run folder itself for local storage) and uploaded every so often for remote
 storage. On resume the records after the restored step are dropped, so the file always tells one trajectory.
+A line cut short by a killed run (the last one) or otherwise unreadable is skipped with a warning, never fatal; the
+files are rewritten whole on resume (a temporary file renamed over them), so a kill then loses nothing.
 """
 
 from __future__ import annotations
@@ -12,10 +14,31 @@ import math
 import tempfile
 from pathlib import Path
 
-from pipelines.storage import Location, join
+from fsspec.implementations.local import LocalFileSystem
 
+from pipelines.storage import Location, join, write_bytes
+from workloads.runtime import logger
+
+LOG = logger("train")
 METRICS, EVENTS, SUMMARY = "metrics.jsonl", "events.jsonl", "summary.json"
 SYNCED = (METRICS, EVENTS, SUMMARY, "tensorboard", "samples", "geneval")
+
+
+def parse_records(text: str, source: str) -> list[dict]:
+    """The JSON records of a JSON-lines text; an unreadable line is skipped with a warning naming `source` and its
+    line number (the last one is most likely cut short by an interrupted write)."""
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            last = all(not rest.strip() for rest in lines[number:])
+            what = "its last line, cut short by an interrupted write" if last else "an unreadable line"
+            LOG.warning(f"{source}: line {number} dropped ({what}): {line[:80]!r}")
+    return records
 
 
 def read_records(run: Location | str, name: str = METRICS) -> list[dict]:
@@ -23,7 +46,12 @@ def read_records(run: Location | str, name: str = METRICS) -> list[dict]:
     run = Location.of(run).refreshed()
     if not run.exists(name):
         return []
-    return [json.loads(line) for line in run.read_bytes(name).decode().splitlines() if line.strip()]
+    return parse_records(run.read_bytes(name).decode(errors="replace"), join(run.uri, name))
+
+
+def jsonl(records: list[dict]) -> bytes:
+    """Records as the bytes of a JSON-lines file."""
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
 class RunLog:
@@ -32,12 +60,14 @@ class RunLog:
         self.remote = run.remote
         self.local = Path(tempfile.mkdtemp(prefix="run-")) if self.remote else Path(self.root)
         self.local.mkdir(parents=True, exist_ok=True)
+        # Both files rewritten whole (a temporary file renamed over the old one), also on local storage: a kill
+        # mid-rewrite leaves the old file, and a line a killed run cut short is gone before the next append.
+        local = LocalFileSystem()
         kept = [r for r in read_records(run, METRICS) if r["step"] <= resume_step]
-        (self.local / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.metrics = (self.local / METRICS).open("a")
-        if self.remote:
-            events = read_records(run, EVENTS)
-            (self.local / EVENTS).write_text("".join(json.dumps(r) + "\n" for r in events))
+        write_bytes(local, str(self.local / METRICS), jsonl(kept))
+        write_bytes(local, str(self.local / EVENTS), jsonl(read_records(run, EVENTS)))
+        # unbuffered: each record is one write call of a whole line
+        self.metrics = (self.local / METRICS).open("ab", buffering=0)
         self.writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -51,8 +81,7 @@ class RunLog:
         return out
 
     def log(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        self.metrics.write((json.dumps(record) + "\n").encode())
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float) and math.isfinite(value):
@@ -61,8 +90,8 @@ class RunLog:
     def event(self, kind: str, **fields) -> None:
         """One line in `events.jsonl`, the run's history (starts, resumptions, the end); never truncated."""
         record = {"event": kind, "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **fields}
-        with (self.local / EVENTS).open("a") as events:
-            events.write(json.dumps(record) + "\n")
+        with (self.local / EVENTS).open("ab", buffering=0) as events:
+            events.write((json.dumps(record) + "\n").encode())  # one write call of a whole line
         self.sync((EVENTS,))
 
     def sync(self, include: tuple[str, ...] = SYNCED) -> None:

@@ -56,17 +56,13 @@ def track_nonfinite(state: TrainState, skipped: bool, limit: int) -> None:
 
 
 def export(trainer: Trainer, run: Location, log: RunLog | None) -> None:
-    """<run>/export/: the EMA weights for diffusers (every rank joins: the ZeRO-3 gather is collective)."""
+    """<run>/export/: the EMA weights for diffusers (every rank joins: the ZeRO-3 gather is collective). It replaces
+    an earlier export whole (`Location.write_folder`): on local disk a kill leaves the old export or the new one,
+    never half of one; on an object store, whole files of both until the write is done."""
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         trainer.export(Path(tmp))
         if log is not None:
-            target = run.path("export")
-            if run.fs.exists(target):
-                run.fs.rm(target, recursive=True)
-            if run.remote:
-                run.fs.put(tmp + "/", target + "/", recursive=True)
-            else:
-                run.fs.copy(tmp + "/", target + "/", recursive=True)
+            run.write_folder("export", tmp)
     dist.barrier()
 
 
