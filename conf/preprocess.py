@@ -26,10 +26,14 @@ class ModelsConf:
     tiny_dir: str = "~/.cache/sd3-train/tiny-models"  # where `tiny` builds its models
     dtype: Dtype = Dtype.auto  # auto: fp16 on GPU, fp32 on CPU
     caption_max_new_tokens: int = 40
+    # models=tiny: the shipped shapes autoencoder's latent channels (`shapes_vae.SHIPPED_CHANNELS`: 4, 8 or 16)
+    latent_channels: int = 16
 
     def __post_init__(self) -> None:
         if self.caption_max_new_tokens < 1:
             raise ValueError(f"models.caption_max_new_tokens must be >= 1, got {self.caption_max_new_tokens}")
+        if self.latent_channels not in (4, 8, 16):  # the shipped shapes autoencoders (pipelines.synthetic.shapes_vae)
+            raise ValueError(f"models.latent_channels must be one of [4, 8, 16], got {self.latent_channels}")
 
 
 @dataclass

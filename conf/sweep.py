@@ -7,10 +7,10 @@ from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
 from conf.checks import Sampler, SkipLayerFields, at_least
 from conf.optim import OptimConf
+from conf.recipe import RecipeConf, recipe_presets
 from conf.train import CheckpointConf, EMAConf, TrainConf, TrainerConf, ValidationConf
 
 
@@ -19,6 +19,7 @@ class Study(StrEnum):
     shift = "shift"  # sampling shift x training shift at one depth
     formulation = "formulation"  # the paper's Table 1 formulations at one depth
     steps = "steps"  # sample quality at fewer sampling steps, per depth
+    recipe = "recipe"  # the toy's and the recipe's knobs at equal training compute, with ASHA (`conf.recipe`)
 
 
 def toy_train() -> TrainConf:
@@ -36,7 +37,7 @@ class SweepConf(SkipLayerFields):
     SECTION = "sweep"
     study: Study = Study.depth
     preset: str = "toy"  # set by the preset group; part of the default sweep name
-    data: str = MISSING  # a preprocessing output (local or s3://), for every trial
+    data: str | None = None  # a preprocessing output (local or s3://), for every trial; the recipe study makes its own
     val_data: str | None = None
     endpoint_url: str | None = None
     storage: str = "sweeps"  # local folder or s3:// URI: <storage>/<name>/ holds results; <storage>/runs/ the trials
@@ -66,6 +67,9 @@ class SweepConf(SkipLayerFields):
     # The training schema itself: every trial's run is this config with the trial's axis set (depth and width,
     # training shift or formulation), `data`/`val_data`/`endpoint_url` from above and `run` from the trial's key.
     train: TrainConf = field(default_factory=toy_train)
+    # The recipe study's knobs, budget and successive halving (`conf.recipe`); its trials make their own data
+    # (`data` is not read) under <storage>/data/.
+    recipe: RecipeConf = field(default_factory=RecipeConf)
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
     max_failures: int = 2  # a failed trial is retried this often (its training resumes from its checkpoints)
 
@@ -83,6 +87,8 @@ class SweepConf(SkipLayerFields):
             raise ValueError(f"sweep.depths must be positive depths, got {list(self.depths)}")
         if self.study == Study.steps and len(self.sampling_steps) < 2:
             raise ValueError("the steps study needs at least two sampling_steps (the largest is the reference)")
+        if not self.data and self.study != Study.recipe:
+            raise ValueError(f"sweep.data is required: the preprocessed data every {self.study} trial trains on")
         if self.train.data or self.train.val_data:
             raise ValueError("set data= and val_data= at the sweep level (they feed every trial), not in train")
         self.check_skip_layer_fields()
@@ -100,6 +106,9 @@ PRESETS: dict[str, dict] = {
                         "validation": {"every": 10_000, "sample_steps": 28}, "checkpoint": {"every": 2000},
                         "deepspeed": {"stage": 2}}},
 }
+
+
+PRESETS |= recipe_presets()
 
 
 def register() -> None:

@@ -68,10 +68,15 @@ def sampling_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
 
 
 def guided_velocity(network: Network, context: torch.Tensor, pooled: torch.Tensor, guidance: float = 1.0,
-                    formulation: str | Formulation = "rf", slg: SkipLayerGuidance | None = None) -> VelocityFn:
+                    formulation: str | Formulation = "rf", slg: SkipLayerGuidance | None = None,
+                    guidance_below: float = 1.0) -> VelocityFn:
     """Velocity field with classifier-free guidance v_u + w (v_c - v_u), both branches in one batch, plus
     s (v_c - v_skip) at the steps `slg` applies to (one more call, conditional only). SLG works without CFG too,
-    as in the reference code (diffusers drops it when guidance <= 1)."""
+    as in the reference code (diffusers drops it when guidance <= 1). With `guidance_below` < 1, CFG applies only at
+    t <= guidance_below (a guidance interval, Kynkaanniemi et al. 2024): at higher noise the conditional velocity
+    alone, so guidance does not push the layout (how many objects, where) away from the data's."""
+    if not 0.0 < guidance_below <= 1.0:
+        raise ValueError(f"guidance_below must be in (0, 1], got {guidance_below}")
     form = get_formulation(formulation) if isinstance(formulation, str) else formulation
     copies = 1 if guidance == 1.0 else 2
     cond_context, cond_pooled = context, pooled
@@ -88,12 +93,11 @@ def guided_velocity(network: Network, context: torch.Tensor, pooled: torch.Tenso
         return form.velocity(network(form.network_input(z, tau), tau, context, pooled, **network_kwargs), z, tau)
 
     def velocity(z_rf: torch.Tensor, t: torch.Tensor, step: Step) -> torch.Tensor:
-        v = branch(z_rf, t, context, pooled)  # (copies * B, C, H, W)
-        if copies == 2:
-            v_cond, v_uncond = v.chunk(2)  # (B, C, H, W) each
+        if copies == 2 and float(t.max()) <= guidance_below:
+            v_cond, v_uncond = branch(z_rf, t, context, pooled).chunk(2)  # (B, C, H, W) each
             guided = v_uncond + guidance * (v_cond - v_uncond)
         else:
-            v_cond = guided = v
+            v_cond = guided = branch(z_rf, t, cond_context, cond_pooled)  # (B, C, H, W)
         if slg is None or not slg.applies(step):
             return guided
         # skip_layers= only here, so networks without it (stand-ins) still sample without SLG
@@ -172,11 +176,12 @@ SAMPLERS = tuple(INTEGRATORS)
 
 def sample(network: Network, noise: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, steps: int = 28,
            guidance: float = 1.0, shift: float = 1.0, method: str = "euler",
-           formulation: str | Formulation = "rf", slg: SkipLayerGuidance | None = None) -> torch.Tensor:
+           formulation: str | Formulation = "rf", slg: SkipLayerGuidance | None = None,
+           guidance_below: float = 1.0) -> torch.Tensor:
     """Latents from noise (B, C, H, W) with `steps` steps of `method` on the schedule shifted by `shift`; `slg`
-    adds skip-layer guidance (None: off)."""
+    adds skip-layer guidance (None: off); CFG only at t <= `guidance_below` (1: every step)."""
     if method not in SAMPLERS:
         raise ValueError(f"sampler method must be one of {SAMPLERS}, got {method!r}")
     integrate = INTEGRATORS[method]
-    velocity = guided_velocity(network, context, pooled, guidance, formulation, slg)
+    velocity = guided_velocity(network, context, pooled, guidance, formulation, slg, guidance_below)
     return integrate(velocity, noise, sampling_schedule(steps, shift).to(noise.device))

@@ -72,7 +72,7 @@ def plan(cfg: PreprocessConf) -> Plan:
     shards = list_shards(cfg.input, cfg.input_format, cfg.endpoint_url, cfg.folder_shard_size)
     duplicates = known_duplicates(cfg, shards) if cfg.dedup else {}
     if cfg.models.kind == "tiny":
-        tiny = build_tiny_models(os.path.expanduser(cfg.models.tiny_dir))
+        tiny = build_tiny_models(os.path.expanduser(cfg.models.tiny_dir), latent_channels=cfg.models.latent_channels)
         repo, captioner = tiny.repo, tiny.captioner
     else:
         repo, captioner = cfg.models.sd3_repo, cfg.models.captioner

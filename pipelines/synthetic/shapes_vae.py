@@ -6,7 +6,8 @@ trained without their GAN and LPIPS terms), then given `shift_factor` and `scali
 statistics (mean and 1/std of the latents of held-out images), as SD3's VAE was. Held-out PSNR and the GenEval-shapes
 score of round-trip images (encode, decode, detect) are written to `<out>/training.json`.
 
-The repository ships the weights this command wrote with its defaults (`SHIPPED`); a test checks it still trains.
+The repository ships the weights this command wrote with its defaults (`SHIPPED`), and with `latent_channels=4` and
+`8` (`shipped(n)`); a test checks it still trains.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ from omegaconf import MISSING
 from pipelines.synthetic.shapes import generate, make_sample
 
 SHIPPED = Path(__file__).with_name("weights") / "shapes-vae"
+SHIPPED_CHANNELS = (4, 8, 16)  # the latent widths shipped: SD3's 16, and the 4 and 8 of the paper's Table 3
+
+
+def shipped(latent_channels: int = 16) -> Path:
+    """The folder of the shipped autoencoder with `latent_channels` (16: `SHIPPED`, else `shapes-vae-c<n>`)."""
+    if latent_channels not in SHIPPED_CHANNELS:
+        raise ValueError(f"shapes autoencoders ship with {list(SHIPPED_CHANNELS)} latent channels, got "
+                         f"{latent_channels}")
+    return SHIPPED if latent_channels == 16 else SHIPPED.with_name(f"shapes-vae-c{latent_channels}")
 _TRAIN_SEED, _HELD_OUT_SEED = 1_000, 2_000  # image seeds: training draws, and the held-out images
 
 
@@ -41,12 +51,15 @@ class ShapesVAEConf:
     eval_images: int = 256
     threads: int = 2
     init_from: str | None = None  # continue from a saved autoencoder (its folder) instead of fresh weights
+    latent_channels: int = 16  # SD3's 16; the paper's Table 3 compares 4, 8 and 16
 
 
-def build(seed: int = 0) -> AutoencoderKL:
+def build(seed: int = 0, latent_channels: int = 16) -> AutoencoderKL:
+    if latent_channels < 1:
+        raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64,
         use_quant_conv=False, use_post_quant_conv=False,
@@ -105,7 +118,7 @@ def evaluate(vae: AutoencoderKL, n: int, size: int) -> dict:
 def train(cfg: ShapesVAEConf) -> dict:
     """Train, normalise and save the autoencoder to `cfg.out`; returns the figures it writes to training.json."""
     torch.set_num_threads(cfg.threads)
-    vae = (load(cfg.init_from) if cfg.init_from else build(cfg.seed)).train()
+    vae = (load(cfg.init_from) if cfg.init_from else build(cfg.seed, cfg.latent_channels)).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))

@@ -54,7 +54,7 @@ from transformers import (
 from model.conditioning import TINY_TEXT
 from pipelines import geneval
 from pipelines.synthetic.shapes import COLORS, MIN_SIZE, SHAPES, generate
-from pipelines.synthetic.shapes_vae import SHIPPED
+from pipelines.synthetic.shapes_vae import shipped
 
 MARKER = "COMPLETE.json"
 TOKENS = 77
@@ -131,13 +131,16 @@ def _bert_tokenizer(corpus: list[str]) -> BertTokenizer:
     return BertTokenizer(vocab=vocab, bos_token="[DEC]")
 
 
-def _save_vae(path: Path) -> None:
-    """The shapes autoencoder the repository ships (`shapes_vae.SHIPPED`: trained by the project, SD3's interface,
-    its own latent normalisation in its config), copied into the SD3 layout: decoded latents show the shapes."""
-    if not (SHIPPED / "config.json").is_file():
-        raise FileNotFoundError(f"the shipped shapes autoencoder is missing from {SHIPPED}: rebuild it with "
-                                f"`python -m pipelines.synthetic.shapes_vae out={SHIPPED}`")
-    shutil.copytree(SHIPPED, path)
+def _save_vae(path: Path, latent_channels: int = 16) -> None:
+    """The shapes autoencoder the repository ships with `latent_channels` (`shapes_vae.shipped`: trained by the
+    project, SD3's interface, its own latent normalisation in its config), copied into the SD3 layout: decoded latents
+    show the shapes."""
+    source = shipped(latent_channels)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"the shipped shapes autoencoder is missing from {source}: rebuild it with "
+                                f"`python -m pipelines.synthetic.shapes_vae out={source} "
+                                f"latent_channels={latent_channels}`")
+    shutil.copytree(source, path)
 
 
 def _save_clip(model_path: Path, tokenizer_path: Path, tokenizer: CLIPTokenizer, width: int) -> None:
@@ -179,9 +182,9 @@ def _save_captioner(path: Path, tokenizer: BertTokenizer) -> None:
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
 
 
-def shipped_vae_version() -> str:
+def shipped_vae_version(latent_channels: int = 16) -> str:
     """A digest of the shipped autoencoder's weights: a cache built with other weights is rebuilt."""
-    weights = sorted(SHIPPED.glob("*.safetensors"))
+    weights = sorted(shipped(latent_channels).glob("*.safetensors"))
     return hashlib.sha256(b"".join(p.read_bytes() for p in weights)).hexdigest()[:16] if weights else "missing"
 
 
@@ -190,34 +193,35 @@ def corpus_version() -> str:
     return hashlib.sha256("\n".join(caption_corpus()).encode()).hexdigest()[:16]
 
 
-def build_tiny_models(out_dir: str, seed: int = 0) -> TinyModels:
-    """Build (or reuse, when a build with this seed completed) the tiny models under `out_dir`.
+def build_tiny_models(out_dir: str, seed: int = 0, latent_channels: int = 16) -> TinyModels:
+    """Build (or reuse, when a build with this seed completed) the tiny models under `out_dir`, with the shipped
+    shapes autoencoder of `latent_channels` (other than 16, under `out_dir/latent-c<n>`, so builds do not clash).
 
     A file lock serialises concurrent builders (two drivers sharing a cache directory); the marker is written last,
     so an interrupted build is detected and redone.
     """
-    root = Path(out_dir)
+    root = Path(out_dir) if latent_channels == 16 else Path(out_dir) / f"latent-c{latent_channels}"
     root.mkdir(parents=True, exist_ok=True)
     tiny = TinyModels(repo=str(root / "sd3"), captioner=str(root / "captioner"))
     marker = root / MARKER
     with FileLock(root / ".build.lock"):
-        build = {"seed": seed, "vae": shipped_vae_version(), "corpus": corpus_version(),
+        build = {"seed": seed, "vae": shipped_vae_version(latent_channels), "corpus": corpus_version(),
                  "text_tokens": TINY_TEXT.clip_tokens}
         if marker.is_file() and {k: json.loads(marker.read_text()).get(k) for k in build} == build:
             return tiny
         marker.unlink(missing_ok=True)
         for partial in (tiny.repo, tiny.captioner):
             shutil.rmtree(partial, ignore_errors=True)
-        _build(Path(tiny.repo), Path(tiny.captioner), seed)
+        _build(Path(tiny.repo), Path(tiny.captioner), seed, latent_channels)
         marker.write_text(json.dumps(build | {"repo": tiny.repo, "captioner": tiny.captioner}) + "\n")
     return tiny
 
 
-def _build(repo: Path, captioner: Path, seed: int) -> None:
+def _build(repo: Path, captioner: Path, seed: int, latent_channels: int = 16) -> None:
     corpus = caption_corpus()
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
         torch.manual_seed(seed)
-        _save_vae(repo / "vae")
+        _save_vae(repo / "vae", latent_channels)
         torch.manual_seed(seed + 1)
         _save_clip(repo / "text_encoder", repo / "tokenizer", _clip_tokenizer(corpus), TINY_TEXT.clip_l_dim)
         torch.manual_seed(seed + 2)

@@ -238,6 +238,23 @@ def test_guidance_one_is_the_conditional_velocity():
                                text_network(z, t, context, pooled))
 
 
+def test_a_guidance_interval_guides_only_below_its_time():
+    context, pooled = _text()
+    z = _noise(5, torch.float32)
+    guide = guided_velocity(text_network, context, pooled, 4.0, guidance_below=0.6)
+    high, low = torch.full((B,), 0.8), torch.full((B,), 0.5)
+    torch.testing.assert_close(guide(z, high, FIRST), text_network(z, high, context, pooled))  # no CFG at t = 0.8
+    v_cond = text_network(z, low, context, pooled)
+    v_uncond = text_network(z, low, torch.zeros_like(context), torch.zeros_like(pooled))
+    torch.testing.assert_close(guide(z, low, FIRST), v_uncond + 4.0 * (v_cond - v_uncond))
+    calls = []
+    network = lambda z, t, c, p: calls.append(len(z)) or text_network(z, t, c, p)  # noqa: E731
+    sample(network, z, context, pooled, steps=4, guidance=4.0, guidance_below=0.6)
+    assert calls == [B, B, 2 * B, 2 * B]  # t = 1, 0.75 unguided; 0.5, 0.25 guided
+    with pytest.raises(ValueError, match="guidance_below must be in"):
+        guided_velocity(text_network, context, pooled, 4.0, guidance_below=0.0)
+
+
 @pytest.mark.parametrize(("guidance", "method", "calls", "batch"),
                          [(1.0, "euler", 4, B), (1.0, "heun", 7, B), (5.0, "euler", 4, 2 * B), (5.0, "heun", 7, 2 * B),
                           (1.0, "dpmpp_2m", 4, B), (5.0, "dpmpp_2m", 4, 2 * B)])

@@ -78,6 +78,7 @@ class Sampling:
     formulation: str = "rf"
     seed: int = 0
     slg: SkipLayerGuidance | None = None  # skip-layer guidance; None: off
+    guidance_below: float = 1.0  # CFG only at t <= this (a guidance interval); 1: every step
 
 
 @torch.no_grad()
@@ -105,7 +106,7 @@ def sample_prompt_set(network, prompts: PromptSet, text: TextConditioningConfig,
         noise = fixed_noise(index[rows], k[rows], latent_shape, how.seed).to(device)
         chunks.append(sample(network, noise.to(dtype), context.to(dtype), pooled.to(dtype), steps=how.steps,
                              guidance=how.guidance, shift=how.shift, method=how.method,
-                             formulation=how.formulation, slg=how.slg).float())
+                             formulation=how.formulation, slg=how.slg, guidance_below=how.guidance_below).float())
     latents = torch.cat(chunks)  # (share, C, h, w)
     if world > 1:
         gathered = torch.empty((world * share, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)

@@ -29,7 +29,7 @@ from conf.train import TrainConf, TrainerConf
 from pipelines import schema
 from pipelines.storage import Location, join
 from workloads.runtime import cli, ensure_ray, logger
-from workloads.sweep import scores, studies
+from workloads.sweep import recipe, scores, studies
 from workloads.train import driver as train
 from workloads.train.runlog import SUMMARY
 
@@ -53,10 +53,14 @@ def sweep_name(cfg: SweepConf) -> str:
 def trial_train_conf(cfg: SweepConf, params: dict) -> TrainConf:
     """The training run of one trial: the sweep's `train` section with the trial's axis set (depth with the paper's
     width rule, training shift, formulation), the sweep's data, and the run named by its key."""
-    c = copy.deepcopy(cfg.train)
-    c.data, c.val_data, c.endpoint_url = cfg.data, cfg.val_data, cfg.endpoint_url
-    c.model = ModelConf.at_depth(cfg.train.model.flavor, int(params["depth"]))
-    c.objective.formulation, c.objective.shift = params["formulation"], float(params["train_shift"])
+    if "knobs" in params:  # the recipe study: its own data variant, network, optimiser and budget
+        c = recipe.trial_conf(cfg, params["knobs"])
+        c.val_data, c.endpoint_url = cfg.val_data, cfg.endpoint_url
+    else:
+        c = copy.deepcopy(cfg.train)
+        c.data, c.val_data, c.endpoint_url = cfg.data, cfg.val_data, cfg.endpoint_url
+        c.model = ModelConf.at_depth(cfg.train.model.flavor, int(params["depth"]))
+        c.objective.formulation, c.objective.shift = params["formulation"], float(params["train_shift"])
     c.run.storage = join(cfg.storage, "runs")
     c.run.name = run_key(c)
     return c
@@ -198,6 +202,8 @@ def trial(config: dict) -> None:
     if summary.get("geneval") is not None:  # the run's own last score (validation.geneval_every); a sweep's wins
         row["geneval"] = summary["geneval"]
         row |= overall_credit(summary)
+    if "knobs" in params:
+        row |= recipe.finished_row(cfg, params, c, summary)
     settings = studies.eval_settings(cfg, float(params["train_shift"]))
     geneval_at = studies.geneval_settings(cfg, float(params["train_shift"]))
     if settings or geneval_at:
@@ -241,15 +247,17 @@ def write_results(cfg: SweepConf) -> pd.DataFrame:
         out.write_bytes(name, png)
     total = len(studies.trial_params(cfg))
     report = [f"# {cfg.study} study ({cfg.preset} preset)", "",
-              f"{len(results)} of {total} trials finished; data `{cfg.data}`; trial runs under "
+              f"{len(results)} of {total} trials finished; data `{cfg.data or join(cfg.storage, 'data')}`; trial runs "
+              "under "
               f"`{join(cfg.storage, 'runs')}`.", "", analysis.markdown, ""]
     report += [f"![{name}]({name})" for name in analysis.plots]
     out.write_bytes("report.md", ("\n".join(report) + "\n").encode())
     return results
 
 
-def check(cfg: SweepConf) -> list[TrainConf]:
-    """Every trial's training config checked (and the data against the largest model) before Ray starts."""
+def check(cfg: SweepConf, with_data: bool = True) -> list[TrainConf]:
+    """Every trial's training config checked (and, `with_data`, the data against each data set's largest model)
+    before Ray starts. The recipe study checks its data after it has made it."""
     validate(cfg)
     confs = [trial_train_conf(cfg, p) for p in studies.trial_params(cfg)]
     if not confs:
@@ -257,8 +265,9 @@ def check(cfg: SweepConf) -> list[TrainConf]:
     for c in confs:
         train.check(c)
         cfg.check_skip_layers_fit(c.model.build().depth, f", in trial {c.run.name}")
-    largest = max(confs, key=lambda c: c.model.depth)
-    train.plan(largest)
+    if with_data:
+        for data in sorted({c.data for c in confs}):
+            train.plan(max((c for c in confs if c.data == data), key=lambda c: c.model.depth))
     return confs
 
 
@@ -284,8 +293,11 @@ def concurrency(cfg: SweepConf) -> int:
 def run(cfg: SweepConf) -> pd.DataFrame:
     import ray.tune
 
-    check(cfg)
+    check(cfg, with_data=cfg.study != "recipe")
     ensure_ray(min_cpus=cfg.train.trainer.num_workers * cfg.train.trainer.cpus_per_worker + 2)
+    if cfg.study == "recipe":
+        recipe.prepare_data(cfg)
+        check(cfg)
     from workloads.train.streaming import ray_storage
 
     pafs, storage = ray_storage(Location.of(cfg.storage, cfg.endpoint_url))
@@ -298,19 +310,36 @@ def run(cfg: SweepConf) -> pd.DataFrame:
     else:
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space(cfg),
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency(cfg)),
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency(cfg), scheduler=scheduler(cfg)),
             # verbose=0: no status table every few seconds; each trial logs one line when it finishes instead
             run_config=ray.tune.RunConfig(name=sweep_name(cfg), storage_path=storage, storage_filesystem=pafs,
                                           verbose=0,
                                           failure_config=ray.tune.FailureConfig(max_failures=cfg.max_failures)))
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
+    if cfg.study == "recipe":
+        recipe.record_stopped(cfg, grid)
+        recipe.try_sampling(cfg, read_rows(cfg))
     results = write_results(cfg)
     LOG.info(f"{len(results)} trials finished, {len(errors)} failed; report "
           f"{join(cfg.storage, sweep_name(cfg), 'report.md')}")
     if errors:
         raise RuntimeError(f"{len(errors)} trial(s) failed; run the same command again to retry them: {errors[0]}")
     return results
+
+
+def scheduler(cfg: SweepConf):
+    """The recipe study's successive halving (ASHA) on its GenEval metric; None (run every trial out) otherwise."""
+    if cfg.study != "recipe":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    r = cfg.recipe
+    # Time is Tune's count of a trial's reports: every trial reports after equal shares of the same FLOPs budget.
+    # The rungs stop before the last report (max_t), and a trial that reaches it is never stopped: a trial stopped
+    # there would be killed while it writes its export and summary, with nothing left to save.
+    return ASHAScheduler(time_attr="training_iteration", metric=r.metric, mode="max", max_t=r.reports - 1,
+                         grace_period=r.grace, reduction_factor=r.reduction_factor, stop_last_trials=False)
 
 
 def param_space(cfg: SweepConf) -> dict:

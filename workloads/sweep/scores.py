@@ -25,6 +25,7 @@ class GenEvalSetting:
     seed: int
     sampler: str = "euler"
     slg: SkipLayerGuidance | None = None
+    guidance_below: float = 1.0
 
     def key(self) -> dict:
         """What the score's file name hashes. Scores stored before the sampler and skip-layer guidance joined the
@@ -34,6 +35,8 @@ class GenEvalSetting:
             del key["sampler"]
         if self.slg is None:
             del key["slg"]
+        if self.guidance_below == 1.0:  # guidance at every step, as every score before the interval joined
+            del key["guidance_below"]
         return key
 
     def path(self) -> str:

@@ -17,10 +17,16 @@ from workloads.sweep.scaling import fit_power_law
 
 
 def trial_params(cfg: SweepConf) -> list[dict]:
-    """One dict per trial: the training run's depth, training shift and formulation."""
+    """One dict per trial: the training run's depth, training shift and formulation (and in the recipe study the
+    trial's name and every knob's value)."""
     t = cfg.train.objective
     if cfg.study not in tuple(Study):
         raise ValueError(f"study must be one of {[s.value for s in Study]}, got {cfg.study!r}")
+    if cfg.study == "recipe":
+        from workloads.sweep import recipe
+
+        return [{"depth": int(p["knobs"]["depth"]), "train_shift": t.shift, "formulation": t.formulation, **p}
+                for p in recipe.trials(cfg.recipe)]
     if cfg.study in ("depth", "steps"):
         return [{"depth": d, "train_shift": t.shift, "formulation": t.formulation} for d in cfg.depths]
     if cfg.study == "shift":
@@ -40,7 +46,7 @@ def eval_settings(cfg: SweepConf, train_shift: float) -> list[tuple[int, float]]
 def geneval_settings(cfg: SweepConf, train_shift: float) -> list[tuple[int, float]]:
     """The (steps, shift) pairs each trial's GenEval-shapes samples: the latent metric's in the shift and steps
     studies, one (`eval_sample_steps`, the training shift) in the depth and formulation studies; none when off."""
-    if not cfg.geneval_prompts_per_task:
+    if not cfg.geneval_prompts_per_task or cfg.study == "recipe":  # recipe trials score themselves as they train
         return []
     return eval_settings(cfg, train_shift) or [(cfg.eval_sample_steps, train_shift)]
 
@@ -256,7 +262,13 @@ def _keys(row: pd.Series, prefix: str) -> list[float]:
     return [float(k[len(prefix):]) for k in row.index if k.startswith(prefix) and pd.notna(row[k])]
 
 
-ANALYSES = {"depth": _depth, "shift": _shift, "formulation": _formulation, "steps": _steps}
+def _recipe(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
+    from workloads.sweep import recipe
+
+    return recipe.analyze(cfg, results)
+
+
+ANALYSES = {"depth": _depth, "shift": _shift, "formulation": _formulation, "steps": _steps, "recipe": _recipe}
 
 
 def analyze(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
