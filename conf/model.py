@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from model import MMDiTConfig, get_flavor
 
@@ -32,6 +32,12 @@ class ModelConf:
         """The flavor at another depth with the paper's width rule (`MMDiTConfig.at_depth`)."""
         config = get_flavor(flavor).at_depth(depth)
         return cls(flavor, depth=config.depth, hidden_size=config.hidden_size, num_heads=config.num_heads)
+
+    def with_depth(self, depth: int) -> ModelConf:
+        """This choice at another depth with the paper's width rule, keeping every other field set here (patch size,
+        latent channels, ...), as a depth sweep over a customised flavor needs."""
+        at = ModelConf.at_depth(self.flavor, depth)
+        return replace(self, depth=at.depth, hidden_size=at.hidden_size, num_heads=at.num_heads)
 
     def build(self) -> MMDiTConfig:
         """The validated MMDiTConfig; raises ValueError naming a bad flavor or field."""

@@ -182,7 +182,11 @@ def test_at_depth_applies_the_width_rule_and_keeps_the_rest():
     assert dataclasses.replace(deeper, depth=2, hidden_size=128, num_heads=2) == debug  # text widths etc. kept
     assert model.FLAVORS["d15"].at_depth(24) == model.FLAVORS["d24"] == model.MMDiTConfig.from_depth(24)
     assert model.FLAVORS["sd3.5-large"].at_depth(24).qk_norm == "rms"
-    assert ModelConf.at_depth("debug", 5).build() == deeper  # what the sweep's depth series builds
+    assert ModelConf.at_depth("debug", 5).build() == deeper
+    # what a depth series builds from a customised flavor: the width rule, and the other choices kept
+    custom = ModelConf("debug", patch_size=4, in_channels=4).with_depth(3).build()
+    assert (custom.depth, custom.hidden_size, custom.num_heads) == (3, 192, 3)
+    assert (custom.patch_size, custom.in_channels) == (4, 4)
     for bad in (0, -3, 2.0, True):
         with pytest.raises(ValueError, match=r"MMDiTConfig\.depth"):
             debug.at_depth(bad)

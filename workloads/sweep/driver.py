@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from conf.checks import validate
-from conf.model import ModelConf
 from conf.sweep import SweepConf, register
 from conf.train import TrainConf, TrainerConf
 from pipelines import schema
@@ -59,7 +58,7 @@ def trial_train_conf(cfg: SweepConf, params: dict) -> TrainConf:
     else:
         c = copy.deepcopy(cfg.train)
         c.data, c.val_data, c.endpoint_url = cfg.data, cfg.val_data, cfg.endpoint_url
-        c.model = ModelConf.at_depth(cfg.train.model.flavor, int(params["depth"]))
+        c.model = cfg.train.model.with_depth(int(params["depth"]))
         c.objective.formulation, c.objective.shift = params["formulation"], float(params["train_shift"])
     c.run.storage = join(cfg.storage, "runs")
     c.run.name = run_key(c)
@@ -97,7 +96,7 @@ def evaluate(cfg: SweepConf, c: TrainConf, settings: list[tuple[int, float]],
 
     from model.interop import load_diffusers
     from model.precision import resolve_device
-    from workloads.evaluate.credit import overall_credit
+    from pipelines.geneval.credit import overall_credit
     from workloads.evaluate.inline import metric_fields
     from workloads.sweep.evaluation import sample_metrics
     from workloads.train.data import check_spec, read_spec
@@ -184,7 +183,7 @@ def trial(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workloads.evaluate.credit import overall_credit
+    from pipelines.geneval.credit import overall_credit
 
     cfg: SweepConf = config["sweep"]
     params = config["params"]

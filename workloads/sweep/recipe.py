@@ -18,7 +18,6 @@ from typing import Any
 
 import pandas as pd
 
-from conf.model import ModelConf
 from conf.recipe import KNOBS, RecipeConf
 from conf.sweep import SweepConf
 from conf.train import TrainConf
@@ -122,7 +121,7 @@ def trial_conf(cfg: SweepConf, knobs: dict) -> TrainConf:
     c = copy.deepcopy(cfg.train)
     r = cfg.recipe
     c.data = variant_path(cfg, data_variant(knobs))
-    c.model = ModelConf.at_depth(c.model.flavor, int(knobs["depth"]))
+    c.model = c.model.with_depth(int(knobs["depth"]))
     c.model.patch_size = int(knobs["patch_size"])
     c.model.in_channels = int(knobs["latent_channels"])
     c.model.sample_size = max(c.model.build().sample_size, int(knobs["resolution"]) // SHAPES_VAE_DOWNSAMPLE)
@@ -252,7 +251,7 @@ def finished_row(cfg: SweepConf, params: dict, c: TrainConf, summary: dict) -> d
 
 def record_stopped(cfg: SweepConf, grid) -> None:
     """Write the row of each trial ASHA stopped (it never reached the end that writes one): its last report."""
-    from workloads.evaluate.credit import overall_credit
+    from pipelines.geneval.credit import overall_credit
     from workloads.sweep.driver import results_location, trial_train_conf
     from workloads.train.driver import run_location
 

@@ -90,12 +90,11 @@ def _png(fig) -> bytes:
 
 def _next_depth(cfg: SweepConf, table: pd.DataFrame) -> tuple[int, int, float]:
     """(depth, parameters, training FLOPs) of the next depth of the series, for the fits' predictions."""
-    from conf.model import ModelConf
     from model import count_params, train_flops
 
     last = int(table["depth"].iloc[-1])
     depth = last + int(last - table["depth"].iloc[-2])
-    build = lambda d: ModelConf.at_depth(cfg.train.model.flavor, d).build()  # noqa: E731
+    build = lambda d: cfg.train.model.with_depth(d).build()  # noqa: E731
     ratio = train_flops(build(depth), 32, 32) / train_flops(build(last), 32, 32)  # per sample, at 256 px
     return depth, count_params(build(depth)), float(table["train_flops"].iloc[-1]) * ratio
 
@@ -105,7 +104,7 @@ def has_geneval(results: pd.DataFrame, column: str = "geneval") -> bool:
     return column in results and bool(results[column].notna().any())
 
 
-# the partial credits a study's table shows beside GenEval-shapes (`workloads.evaluate.credit`), with chance levels
+# the partial credits a study's table shows beside GenEval-shapes (`pipelines.geneval.credit`), with chance levels
 CREDIT_COLUMNS = ("credit_count", "chance_count", "credit_colors", "chance_colors", "credit_shapes", "chance_shapes",
                   "credit_empty")
 
