@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
 
+from conf.choices import EMBEDDERS, FORMATS, SYNTHETIC_CAPTIONS
 from model.mmdit import check_skip_layers
 from model.precision import DTYPES
 from model.sampling import SAMPLERS, SD35_MEDIUM_SLG, SkipLayerGuidance
-from pipelines.dedup.embedders import EMBEDDERS
-from pipelines.sources import FORMATS, SYNTHETIC_CAPTIONS
 
 
 def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:

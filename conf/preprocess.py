@@ -9,7 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from conf.checks import Dtype, InputFormat, ModelsKind, SyntheticCaptions, at_least, positive
-from pipelines.models import CAPTIONER, SD3_REPO
+from conf.pretrained import CAPTIONER, SD3_REPO
 
 
 @dataclass

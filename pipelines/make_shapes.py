@@ -22,7 +22,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 # the image-and-caption layouts preprocessing reads, and where it finds a synthetic caption in them
-from pipelines.sources import IMAGE_FORMATS, PARQUET_SYNTHETIC_COLUMN, SYNTHETIC_SUFFIX
+from conf.choices import IMAGE_FORMATS
+from pipelines.sources import PARQUET_SYNTHETIC_COLUMN, SYNTHETIC_SUFFIX
 from pipelines.storage import filesystem, is_remote, join, require_bucket
 from pipelines.synthetic.shapes import MIN_SIZE, Sample, Style, make_sample
 from workloads.runtime import cli, logger

@@ -17,17 +17,14 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conf.choices import FORMATS
 from pipelines.storage import filesystem, is_remote
 
-IMAGE_FORMATS = ("folder", "webdataset", "parquet")  # images with captions (what make_shapes writes)
-FORMATS = (*IMAGE_FORMATS, "pairs")
 PAIRS_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")  # Pick-a-Pic v2: label_0 is 1, 0 or 0.5 (a tie)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "img", "image_bytes", "webp")
 PARQUET_CAPTION_COLUMNS = ("caption", "text", "TEXT", "prompt", "txt")
 PARQUET_ID_COLUMNS = ("key", "id", "__key__")
-# `models.synthetic_captions`: the captioner model writes each sample's synthetic caption, or the input brings it
-SYNTHETIC_CAPTIONS = ("model", "input")
 SYNTHETIC_SUFFIX, PARQUET_SYNTHETIC_COLUMN = ".synthetic.txt", "caption_synthetic"
 
 

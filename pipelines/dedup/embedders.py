@@ -22,7 +22,6 @@ from pipelines.torchscript import load_torchscript
 if TYPE_CHECKING:
     from conf.dedup import EmbedderConf
 
-EMBEDDERS = ("descriptor", "torchscript")
 # Squared-L2 thresholds when the config gives none: SSCD's is the paper's; the descriptor's was chosen by the sweep
 # of `python -m workloads.bench.dedup` on planted duplicates of the shapes data (see the README).
 DEFAULT_THRESHOLDS = {"descriptor": 0.1, "torchscript": 0.5}

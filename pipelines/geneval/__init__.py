@@ -1,5 +1,7 @@
 """GenEval's prompt metadata and rules (Ghosh et al. 2023), in one place for the shapes generator (whose captions are
-GenEval prompts), the evaluation prompt sets and the scorer (`workloads.evaluate`).
+GenEval prompts), the evaluation prompt sets (`workloads.evaluate`) and the scorer: `detect` (the shapes detector),
+`scoring` (GenEval's all-or-nothing score) and `credit` (partial credit), here so that both the shapes autoencoder's
+check (`pipelines.synthetic.shapes_vae`) and the jobs in `workloads/` can score images.
 
 A prompt's metadata is one JSON object: `tag` (one of `TAGS`), `prompt`, `include: [{class, count, color?,
 position?: [relation, index]}]` and, for counting, `exclude: [{class, count}]`; a `position` names an earlier

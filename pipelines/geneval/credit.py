@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from pipelines.geneval import TAGS, relative_position
-from workloads.evaluate.detect import Detection
+from pipelines.geneval.detect import Detection
 
 FIELDS = ("count", "colors", "shapes", "relation", "empty", "objects", "asked")
 # the fields whose shuffled-prompt level is a chance level; `empty` and `objects` do not read the prompt

@@ -14,9 +14,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict
 
-from pipelines.geneval import TAGS, relative_position
-from workloads.evaluate import credit
-from workloads.evaluate.detect import Detection
+from pipelines.geneval import TAGS, credit, relative_position
+from pipelines.geneval.detect import Detection
 
 
 def score_image(meta: dict, detections: list[Detection]) -> tuple[bool, list[str]]:

@@ -31,7 +31,7 @@ SHAPES = ("circle", "square", "triangle", "star", "cross")
 MIN_SIZE = 32
 
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges, exact colour inside each shape
-# The detector (`workloads.evaluate.detect`) takes a blob of under 0.5% of the image for noise and a pixel within 40
+# The detector (`pipelines.geneval.detect`) takes a blob of under 0.5% of the image for noise and a pixel within 40
 # of the background for background: objects below a tenth of the side, or backgrounds darker than 215 per channel
 # (the colours' own range), would be misread, so the style stays inside these bounds.
 SIDE_RANGE = (0.1, 0.6)

@@ -103,8 +103,8 @@ def _chunks(items: list, k: int) -> list[list]:
 
 def evaluate(vae: AutoencoderKL, n: int, size: int) -> dict:
     """Held-out PSNR and the GenEval-shapes score of the round-trip images at `size`."""
-    from workloads.evaluate.detect import ShapesDetector
-    from workloads.evaluate.scoring import score_image, summarize
+    from pipelines.geneval.detect import ShapesDetector
+    from pipelines.geneval.scoring import score_image, summarize
 
     samples = list(generate(n, _HELD_OUT_SEED, size))
     decoded = np.concatenate([round_trip(vae, [s.image for s in chunk]) for chunk in _chunks(samples, 32)])

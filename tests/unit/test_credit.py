@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from pipelines import geneval
+from pipelines.geneval.credit import PROMPTED, aggregate, credit_line, partial_credit, shuffled_partners
+from pipelines.geneval.detect import Detection
 from pipelines.synthetic.shapes import generate
-from workloads.evaluate.credit import PROMPTED, aggregate, credit_line, partial_credit, shuffled_partners
-from workloads.evaluate.detect import Detection
 from workloads.evaluate.inline import PromptSet, geneval_summary, metric_fields
 
 RED_CIRCLE = Detection("circle", (0, 0, 10, 10), "red", 0.9)

@@ -10,10 +10,10 @@ import pytest
 import support
 import torch
 
+from conf.pretrained import sd3_model_ids
 from model.conditioning import TINY_TEXT
 from pipelines import encoders
 from pipelines.encoders import Captioner, TextEncoders, VAEEncoder
-from pipelines.models import sd3_model_ids
 from pipelines.synthetic import tiny_models
 
 

@@ -10,10 +10,10 @@ import pytest
 
 from pipelines import geneval
 from pipelines.geneval import distinct_prompts
+from pipelines.geneval.detect import Detection, ShapesDetector
+from pipelines.geneval.scoring import score_image, summarize
 from pipelines.synthetic.shapes import COLORS, SHAPES, draw, generate, make_sample
-from workloads.evaluate.detect import Detection, ShapesDetector
 from workloads.evaluate.prompts import prompt_set
-from workloads.evaluate.scoring import score_image, summarize
 
 
 def truth(objects: list[dict]) -> list[Detection]:

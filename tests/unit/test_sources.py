@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conf.choices import IMAGE_FORMATS
 from pipelines.decode import DecodeLimits
 from pipelines.make_shapes import MakeShapesConf
 from pipelines.make_shapes import run as make_shapes
-from pipelines.sources import IMAGE_FORMATS, list_shards, read_shard
+from pipelines.sources import list_shards, read_shard
 from pipelines.stages import decode_batch, object_column, read_rows
 from pipelines.synthetic.shapes import make_sample
 

@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conf.pretrained import SD3_VAE_DOWNSAMPLE
 from model.conditioning import TextConditioningConfig
 from pipelines import schema
-from pipelines.models import SD3_VAE_DOWNSAMPLE
 from pipelines.storage import filesystem, join
 
 

@@ -35,6 +35,7 @@ from conf.bench_gpu import BenchGPUJobConf, register_gpu_job
 from conf.checks import validate
 from conf.model import ModelConf
 from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
+from conf.pretrained import SD3_VAE_DOWNSAMPLE
 from conf.train import (
     CheckpointConf,
     DeepSpeedConf,
@@ -49,7 +50,6 @@ from model import count_params, get_flavor, train_flops
 from model.conditioning import SD3_TEXT
 from model.precision import resolve_dtype
 from pipelines import schema
-from pipelines.models import SD3_VAE_DOWNSAMPLE
 from workloads.bench.gpu_check import time_ours_only
 from workloads.bench.gpu_job_report import Job, format_table, free_device_memory, job_rows
 from workloads.bench.sd3_encoders import (

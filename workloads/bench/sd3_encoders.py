@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.models import SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR
+from conf.pretrained import SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR
 from workloads.bench.model import median_time
 
 SD3_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (128, 256, 512, 512),

@@ -14,8 +14,8 @@ import torch
 from conf.sweep import SweepConf
 from conf.train import TrainConf
 from pipelines import schema
+from pipelines.geneval.credit import overall_credit
 from pipelines.storage import Location
-from workloads.evaluate.credit import overall_credit
 from workloads.plots import plot_loss
 from workloads.sweep import studies
 from workloads.train.driver import plan, run_location
@@ -210,7 +210,7 @@ def geneval_lines(summaries: dict[str, dict]) -> list[str]:
 
 
 def credit_lines(summaries: dict[str, dict]) -> list[str]:
-    """The partial credits of each evaluated source (`workloads.evaluate.credit`), with the main run's images scored
+    """The partial credits of each evaluated source (`pipelines.geneval.credit`), with the main run's images scored
     against shuffled prompts as the chance level of the fields that read the prompt."""
     rows = {label: g["credit"]["overall"] for label, g in summaries.items() if "credit" in g}
     if not rows:

@@ -22,12 +22,12 @@ from PIL import Image
 
 from conf.evaluate import EvaluateConf
 from pipelines import geneval
+from pipelines.geneval.credit import credit_line
+from pipelines.geneval.detect import ShapesDetector
+from pipelines.geneval.scoring import score_detections, summarize
 from pipelines.storage import Location
 from pipelines.synthetic.shapes import COLORS, SHAPES
-from workloads.evaluate.credit import credit_line
-from workloads.evaluate.detect import ShapesDetector
 from workloads.evaluate.image_metrics import IMAGE_SUFFIXES, StoredImages, image_metrics, read_image
-from workloads.evaluate.scoring import score_detections, summarize
 from workloads.runtime import cli, ensure_ray, logger
 
 LOG = logger("evaluate")

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from model.conditioning import TextConditioningConfig, TextEmbeddings, assemble_conditioning
 from model.sampling import SkipLayerGuidance, sample
 from pipelines import geneval
-from workloads.evaluate.detect import ShapesDetector
-from workloads.evaluate.scoring import score_detections, summarize
+from pipelines.geneval.detect import ShapesDetector
+from pipelines.geneval.scoring import score_detections, summarize
 
 
 def noise_seed(seed: int, prompt_index: int, k: int) -> int:

@@ -74,8 +74,8 @@ class _Judge:
         self.prompts = prompts
 
     def __call__(self, batch: dict) -> dict:
-        from workloads.evaluate.detect import ShapesDetector
-        from workloads.evaluate.scoring import score_image
+        from pipelines.geneval.detect import ShapesDetector
+        from pipelines.geneval.scoring import score_image
 
         detector = ShapesDetector()
         correct = []

@@ -19,10 +19,10 @@ from model.objective import DEFAULT_VALIDATION_TIMESTEPS, validation_loss, valid
 from model.sampling import SkipLayerGuidance, sample
 from pipelines import schema
 from pipelines.encoders import downsample, vae_forward
+from pipelines.geneval.scoring import summarize
 from pipelines.storage import Location
 from workloads.evaluate.image_metrics import image_metrics
 from workloads.evaluate.inline import PromptSet, metric_fields, score_images, to_uint8
-from workloads.evaluate.scoring import summarize
 from workloads.plots import latents_to_rgb, sample_grid
 from workloads.runtime import logger
 from workloads.train.data import TENSOR_COLUMNS, choose_captions, to_model_inputs
