@@ -104,7 +104,7 @@ def recipe_presets() -> dict[str, dict]:
     return {
         # the sampling trials score 8 prompts of each task, 2 images each
         "recipe": {"preset": "recipe", "study": "recipe", "recipe": default, "train": train,
-                   "geneval_prompts_per_task": 8, "geneval_images_per_prompt": 2},
+                   "geneval_prompts_per_task": 8, "geneval_images_per_prompt": 2, "max_concurrent_trials": 2},
         "recipe_quick": {"preset": "recipe_quick", "study": "recipe", "recipe": quick,
                          "train": train | {"validation": train["validation"] | {"samples": 16,
                                                                                "geneval_prompts_per_task": 1,

@@ -293,7 +293,9 @@ def run(cfg: SweepConf) -> pd.DataFrame:
     import ray.tune
 
     check(cfg, with_data=cfg.study != "recipe")
-    ensure_ray(min_cpus=cfg.train.trainer.num_workers * cfg.train.trainer.cpus_per_worker + 2)
+    # room for `max_concurrent_trials` trials at once (logical CPUs: the OS shares the cores between them)
+    t = cfg.train.trainer
+    ensure_ray(min_cpus=max(t.num_workers * t.cpus_per_worker + 2, (cfg.max_concurrent_trials or 1) * trial_cpus(t)))
     if cfg.study == "recipe":
         recipe.prepare_data(cfg)
         check(cfg)
