@@ -1,4 +1,4 @@
-"""The pure parts of `workloads.bench.gpu_job` (the GPU run itself is checked by running it; see the README's
+"""The pure parts of `tools.gpu.gpu_job` (the GPU run itself is checked by running it; see the README's
 benchmarks): Table 7 arithmetic, SD3's encoder configs, the random-weight repo through the preprocessing loaders, the
 figures file and table, the config, and the wheel slimming that ships Ray to a GPU machine."""
 
@@ -14,16 +14,16 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from conf.bench_gpu import BenchGPUJobConf, register_gpu_job
 from conf.preprocess import ComputeConf, StageConf
 from model.conditioning import SD3_TEXT, TINY_TEXT
 from pipelines.encoders import TextEncoders, VAEEncoder
 from pipelines.preprocess import text_dims
 from pipelines.synthetic.tiny_models import build_tiny_models
+from tools.gpu.gpu_job_conf import BenchGPUJobConf, register_gpu_job
+from tools.gpu.gpu_job_report import Job, format_table, job_rows
+from tools.gpu.sd3_encoders import PAPER_MS, paper_ratios, repo_configs, sd3_configs, write_random_repo
+from tools.gpu.slim_wheel import slim
 from workloads import runtime
-from workloads.bench.gpu_job_report import Job, format_table, job_rows
-from workloads.bench.sd3_encoders import PAPER_MS, paper_ratios, repo_configs, sd3_configs, write_random_repo
-from workloads.bench.slim_wheel import slim
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_a_failed_preprocessing_names_its_first_rejections_and_the_run_keeps_its
     import pyarrow.parquet as pq
 
     from pipelines import schema
-    from workloads.bench.gpu_job import first_reasons, keep_run_logs
+    from tools.gpu.gpu_job import first_reasons, keep_run_logs
 
     (tmp_path / "data" / schema.REJECTS_DIR).mkdir(parents=True)
     table = pa.Table.from_pydict({schema.ID: ["a", "b"], schema.SOURCE: ["a.png", "b.png"],

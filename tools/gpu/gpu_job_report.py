@@ -1,4 +1,4 @@
-"""The figures of `workloads.bench.gpu_job`: a stage runner that records each stage's figures, time and error in
+"""The figures of `tools.gpu.gpu_job`: a stage runner that records each stage's figures, time and error in
 one JSON file as it goes, and the final table (each figure beside its baseline and their ratio)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hydra schema of `python -m workloads.bench.gpu_job scale=full|tiny`: preprocessing, training and attention of
+"""Hydra schema of `python -m tools.gpu.gpu_job scale=full|tiny`: preprocessing, training and attention of
 the whole job on one machine, each against a baseline measured in the same run."""
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ SCALES: dict[str, dict] = {
 
 @dataclass
 class BenchGPUJob(BenchGPUJobConf):
-    """`python -m workloads.bench.gpu_job`'s primary config: the schema plus Hydra's `scale` group."""
+    """`python -m tools.gpu.gpu_job`'s primary config: the schema plus Hydra's `scale` group."""
 
     defaults: list[Any] = field(default_factory=lambda: ["_self_", {"scale": "full"}])
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fill .whl/ (git-ignored) with the wheels that the GPU machine's image lacks for `workloads/bench/gpu_job.sh`: cp312
+# Fill .whl/ (git-ignored) with the wheels that the GPU machine's image lacks for `tools/gpu/gpu_job.sh`: cp312
 # manylinux wheels at the versions this project is tested with (requirements/constraints.txt, else the dev venv's),
-# Ray slimmed to what a one-machine job loads. Run here, where PyPI is reachable: `bash workloads/bench/gpu_wheels.sh`.
+# Ray slimmed to what a one-machine job loads. Run here, where PyPI is reachable: `bash tools/gpu/gpu_wheels.sh`.
 # What travels to the GPU machine (working tree and carried .whl together) must stay under 64 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -30,6 +30,6 @@ pins=$(for name in $WHEELS; do pin "$name"; done)
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$DEST" $pins
 # --no-build-isolation: DeepSpeed's setup imports torch; this venv's CPU build does (no ops are compiled here)
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" $(for name in $SDISTS; do pin "$name"; done)
-"$PY" -m workloads.bench.slim_wheel "$DEST"/ray-*.whl $RAY_UNUSED
+"$PY" -m tools.gpu.slim_wheel "$DEST"/ray-*.whl $RAY_UNUSED
 ls -1 "$DEST"
 du -ch "$DEST"/*.whl | tail -1

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU machine's entry of the whole-job benchmark (`python -m workloads.bench.gpu_job scale=full`): installs the
-# wheels carried in .whl/ (made beforehand by `bash workloads/bench/gpu_wheels.sh` where PyPI is reachable), then
+# The GPU machine's entry of the whole-job benchmark (`python -m tools.gpu.gpu_job scale=full`): installs the
+# wheels carried in .whl/ (made beforehand by `bash tools/gpu/gpu_wheels.sh` where PyPI is reachable), then
 # runs the job under a time guard, its log and gpu_job.json in $OUT. From the repository root, with .whl carried:
-#   bash workloads/bench/gpu_job.sh [overrides, e.g. steps=20 torch_adam=false]
+#   bash tools/gpu/gpu_job.sh [overrides, e.g. steps=20 torch_adam=false]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-job-out}
@@ -24,6 +24,6 @@ fi
 echo "wheels installed in $(( $(date +%s) - start )) s; TMPDIR=${TMPDIR:-/tmp}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 df -h /tmp /dev/shm | sed 's/^/  /'
-timeout -s INT -k 30 "$LIMIT_S" python3 -m workloads.bench.gpu_job scale=full out="$OUT" work=/tmp/gpu-job "$@" 2>&1 \
+timeout -s INT -k 30 "$LIMIT_S" python3 -m tools.gpu.gpu_job scale=full out="$OUT" work=/tmp/gpu-job "$@" 2>&1 \
   | tee "$OUT/gpu_job.log"
 echo "gpu_job.sh: $(( $(date +%s) - start )) s in all"

@@ -1,4 +1,4 @@
-"""`python -m workloads.bench.slim_wheel <wheel> <prefix>...`: rewrite a wheel in place without the files under the
+"""`python -m tools.gpu.slim_wheel <wheel> <prefix>...`: rewrite a wheel in place without the files under the
 given prefixes (e.g. Ray's Java jars and its RLlib, Serve and dashboard front end, which a single-machine job never
 loads), their lines dropped from its RECORD so pip still installs it. Used by `gpu_wheels.sh`: what travels to a GPU
 machine is size-limited."""
@@ -45,7 +45,7 @@ def slim(wheel: str, prefixes: list[str]) -> tuple[int, int]:
 
 def main() -> None:
     if len(sys.argv) < 3:
-        raise SystemExit("usage: python -m workloads.bench.slim_wheel <wheel> <prefix>...")
+        raise SystemExit("usage: python -m tools.gpu.slim_wheel <wheel> <prefix>...")
     before, after = slim(sys.argv[1], sys.argv[2:])
     print(f"{Path(sys.argv[1]).name}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
 

@@ -1,4 +1,4 @@
-"""`python -m workloads.bench.gpu_job [scale=full|tiny] [out=<folder>]`: the whole job on one GPU in one go, each
+"""`python -m tools.gpu.gpu_job [scale=full|tiny] [out=<folder>]`: the whole job on one GPU in one go, each
 figure against a baseline measured in the same run.
 
 1. encoder repo: random-weight VAE, CLIP-L, CLIP-G and T5 encoders written in SD3's diffusers layout (full: SD3's
@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from conf.bench_gpu import BenchGPUJobConf, register_gpu_job
 from conf.checks import validate
 from conf.model import ModelConf
 from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
@@ -50,9 +49,9 @@ from model import count_params, get_flavor, train_flops
 from model.conditioning import SD3_TEXT
 from model.precision import resolve_dtype
 from pipelines import schema
-from workloads.bench.gpu_check import time_ours_only
-from workloads.bench.gpu_job_report import Job, format_table, free_device_memory, job_rows
-from workloads.bench.sd3_encoders import (
+from tools.gpu.gpu_job_conf import BenchGPUJobConf, register_gpu_job
+from tools.gpu.gpu_job_report import Job, format_table, free_device_memory, job_rows
+from tools.gpu.sd3_encoders import (
     PAPER_MS,
     encoder_calls,
     paper_ratios,
@@ -61,6 +60,7 @@ from workloads.bench.sd3_encoders import (
     sd3_configs,
     write_random_repo,
 )
+from workloads.bench.gpu_check import time_ours_only
 from workloads.runtime import cli, ensure_ray, logger, one_line
 from workloads.train.distribute import expected_state_bytes
 from workloads.train.mfu import mfu, peak_tflops

@@ -2,7 +2,7 @@
 GPU fp16, and per-sample encode time of full-size, randomly initialised SD3 VAE and CLIP-L / CLIP-G text
 encoders at 256 px (the paper's Table 7 gives 2.45, 0.45 and 2.77 ms).
 
-Run: `python -m workloads.bench.gpu_check_encoders`.
+Run: `python -m tools.gpu.gpu_check_encoders`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from pipelines.encoders import Captioner, TextEncoders, VAEEncoder
 from pipelines.synthetic.tiny_models import build_tiny_models
-from workloads.bench.sd3_encoders import CLIP_G, CLIP_L, PAPER_MS, SD3_VAE, encoder_calls, per_sample_ms
+from tools.gpu.sd3_encoders import CLIP_G, CLIP_L, PAPER_MS, SD3_VAE, encoder_calls, per_sample_ms
 
 
 def agreement() -> None:
