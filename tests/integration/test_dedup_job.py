@@ -14,6 +14,7 @@ from conf.preprocess import ComputeConf, FiltersConf, ModelsConf, PreprocessConf
 from pipelines import schema
 from pipelines.dedup.job import read_duplicates
 from pipelines.dedup.job import run as dedup
+from pipelines.dedup.stages import data_files
 from pipelines.preprocess import run as preprocess
 from pipelines.storage import Location
 from pipelines.synthetic.planted import score, write_planted
@@ -94,12 +95,31 @@ def test_dedup_on_s3_resumes_what_a_killed_run_left_and_reruns_only_the_search_f
     markers = sorted(where.fs.find(where.path("embeddings", schema.MARKERS_DIR)))
     marker = json.loads(where.fs.cat_file(markers[1]))
     where.fs.rm_file(markers[1])
-    where.fs.pipe_file(where.path("embeddings", schema.DATA_DIR, "shard-000001-99999999.parquet"), b"PAR1 cut")
-    group_marker = sorted(where.fs.find(where.path(schema.DUPLICATES_DIR, schema.MARKERS_DIR)))[0]
+    stray = where.path("embeddings", schema.DATA_DIR, f"{schema.shard_prefix(marker['shard'])}99999999.parquet")
+    where.fs.pipe_file(stray, b"PAR1 cut")
+    group_markers = sorted(where.fs.find(where.path(schema.DUPLICATES_DIR, schema.MARKERS_DIR)))
+    assert len(group_markers) >= 2  # one cut, the others kept as they are
+    finished = {path: where.fs.cat_file(path) for path in group_markers}
+    group_marker = group_markers[0]
     where.fs.pipe_file(group_marker, b'{"group": 0, "thre')
     again = dedup(dedup_conf(remote_in.uri, out))
     assert again["last_run"]["embed_images"] == marker["rows_read"] and again["last_run"]["kmeans_seconds"] == 0
     assert duplicates_of(out) == expected  # same embeddings, same seed: same centroids and duplicates
+    where.refreshed()
+    # the half-written file went with the rest of its unmarked shard's output, which was written again
+    assert not where.fs.exists(stray)
+    redone = json.loads(where.fs.cat_file(markers[1]))
+    counts = ("rows_read", "rows_written", "rows_rejected")
+    assert [redone[k] for k in counts] == [marker[k] for k in counts]
+    name = lambda path: path.rsplit("/", 1)[-1]  # noqa: E731
+    on_disk = {name(p) for p in where.fs.find(where.path("embeddings", schema.DATA_DIR))
+               if name(p).startswith(schema.shard_prefix(marker["shard"]))}
+    assert on_disk and on_disk == {name(f) for f in data_files(redone)}
+    # the cut group marker's group was searched again (a whole marker, the same result); the others were not
+    assert again["last_run"]["search_seconds"] > 0
+    assert json.loads(where.fs.cat_file(group_marker)) == json.loads(finished[group_marker])
+    assert {p: where.fs.cat_file(p) for p in group_markers if p != group_marker} == \
+        {p: data for p, data in finished.items() if p != group_marker}
 
     tighter = dedup(dedup_conf(remote_in.uri, out, threshold=0.01))
     assert tighter["last_run"]["embed_images"] == 0 and tighter["last_run"]["kmeans_seconds"] == 0
