@@ -13,12 +13,14 @@ install: $(STAMP)
 # PYTHONDONTWRITEBYTECODE=1, so without it every process compiled torch, Ray and the rest from source on each import
 # (the suite took 37 min). uv resolves and installs the ~150 packages in about 40 s where pip took 100 s (pip itself
 # only installs uv). uv reads no pip config: pip's find-links (where this kind of machine keeps its torch file) is
-# handed on when set.
+# handed on when set. matplotlib builds its font cache on first import and says so ("generated new fontManager"):
+# built here once, not in the first job (or Ray worker) that draws a figure.
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "uv>=0.5"
 	$(if $(PIP_FIND_LINKS),UV_FIND_LINKS="$(PIP_FIND_LINKS)") $(BIN)/uv pip install --quiet --python $(BIN)/python \
 		--compile-bytecode -c requirements/constraints.txt -e ".[dev]"
+	$(BIN)/python -c "import matplotlib.font_manager"
 	touch $(STAMP)
 
 # The project's own modules are installed editable, so pip compiled none of them, and with PYTHONDONTWRITEBYTECODE=1

@@ -4,10 +4,11 @@ rank's own slice of the weights, activation checkpointing per block and torch.co
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
@@ -17,11 +18,23 @@ from conf.train import DeepSpeedConf
 from model import MMDiT, MMDiTConfig
 
 
+def load_deepspeed(device: torch.device) -> ModuleType:
+    """DeepSpeed, imported on first use rather than with this module (drivers and tests that never build an engine
+    skip it). Training on CPU (`trainer.use_gpu=false`) names DeepSpeed's CPU accelerator before the first import,
+    so DeepSpeed takes it without probing for a GPU and logging "Setting accelerator to CPU" in every process."""
+    if device.type != "cuda":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
 def init_distributed(device: torch.device) -> None:
     """DeepSpeed's process group: NCCL on GPUs, gloo on CPUs. On CPU DeepSpeed's backend would first JIT-compile a
     shared-memory all-reduce (`deepspeed_shm_comm`: about 40 s on 2 cores, again for every new environment) that only
     its inference kernels call (`inference_all_reduce`); ZeRO's collectives go through torch.distributed. Marking
     the op incompatible (the probe's cache is meant to be edited) skips the build."""
+    deepspeed = load_deepspeed(device)
     if device.type == "cpu":
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
@@ -73,6 +86,8 @@ def build_model(config: MMDiTConfig, stage: int, ds_config: dict,
         if load is not None and rank == 0:
             load(net)
         return net
+    import deepspeed  # loaded by init_distributed, which runs first
+
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         net = MMDiT(config, initialize=False)
     for module in net.modules():

@@ -149,11 +149,16 @@ def ray_storage(where: Location) -> tuple[pa.fs.FileSystem | None, str]:
 
 
 def ordered_ingest():
-    """Ray Train's `DataConfig` with a deterministic split (`preserve_order`): a resumed run sees the same rows."""
-    import ray.train
+    """Ray Train's `DataConfig` with a deterministic split (`preserve_order`): a resumed run sees the same rows.
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
+    The options are Ray Train's defaults (`DataConfig.default_ingest_options`: the current DataContext's limits and
+    progress setting) built without its deprecated `exclude_resources` argument, whose setter warns on every run."""
+    import ray.train
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                               verbose_progress=current.verbose_progress)
     return ray.train.DataConfig(execution_options=options)
 
 

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -36,6 +35,7 @@ from workloads.train.distribute import (
     frozen,
     full_from_shards,
     full_numel,
+    load_deepspeed,
     local_shards,
     trained,
 )
@@ -99,7 +99,7 @@ class Trainer:
         if self.compiled:
             apply_compile(net, str(cfg.trainer.compile_backend), cfg.trainer.compile_dynamic)
         warmup = warmup_lambda(cfg.optim.warmup_steps)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self.engine, self.optimizer, _, self.scheduler = load_deepspeed(device).initialize(
             model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds_config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, warmup))
         self.ema = EMA(local_shards(trained(self.engine.module), self.stage), cfg.ema.decay, cfg.ema.warmup)
