@@ -8,6 +8,7 @@ from hydra.core.config_store import ConfigStore
 
 from conf.checks import at_least
 from conf.optim import OptimConf
+from conf.shapes import Style
 from conf.train import CheckpointConf, EMAConf, ObjectiveConf, TrainConf, TrainerConf, ValidationConf
 
 
@@ -38,6 +39,13 @@ class DemoConf:
     resolution: int = 64  # preprocessing's square bucket (latents 8x8 with the 8x VAE)
     shard_size: int = 16  # images per preprocessing shard
     seed: int = 0
+    # How the shapes are drawn (`make_shapes`' style fields) and which shipped shapes autoencoder encodes them
+    # (`models.latent_channels`); the main run's network reads the autoencoder's channels (`train.model.in_channels`).
+    min_side: float = Style.min_side
+    max_side: float = Style.max_side
+    max_objects: int = Style.max_objects
+    background_low: int = Style.background_low
+    latent_channels: int = 16
     # The toy depth sweep (the `train.model.flavor` at each depth, width 64*depth); the main run is its `main_depth`
     # trial, which at depth 2 is the debug flavor. The sweep finds that run finished and reuses it, like any study
     # whose runs already exist.

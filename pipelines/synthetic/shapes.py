@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from conf.shapes import Style
 from pipelines import geneval
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -31,42 +32,6 @@ SHAPES = ("circle", "square", "triangle", "star", "cross")
 MIN_SIZE = 32
 
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges, exact colour inside each shape
-# The detector (`pipelines.geneval.detect`) takes a blob of under 0.5% of the image for noise and a pixel within 40
-# of the background for background: objects below a tenth of the side, or backgrounds darker than 215 per channel
-# (the colours' own range), would be misread, so the style stays inside these bounds.
-SIDE_RANGE = (0.1, 0.6)
-BACKGROUND_RANGE = (215, 255)
-
-
-@dataclass(frozen=True)
-class Style:
-    """How the generator draws (the prompts and their scoring do not change): objects' side as a fraction of the
-    canvas, drawn uniformly from [min_side, max_side]; at most `max_objects` objects (counting prompts ask for two up
-    to it); each background channel uniform in [background_low, 255] (255: white). The defaults are the dataset's
-    own, sample for sample."""
-
-    min_side: float = 0.16
-    max_side: float = 0.30
-    max_objects: int = 4
-    background_low: int = 215
-
-    def __post_init__(self) -> None:
-        lo, hi = SIDE_RANGE
-        if not lo <= self.min_side <= self.max_side <= hi:
-            raise ValueError(f"shapes style: need {lo} <= min_side <= max_side <= {hi}, got min_side={self.min_side} "
-                             f"max_side={self.max_side}")
-        if self.max_objects not in range(min(geneval.COUNTS), max(geneval.COUNTS) + 1):
-            raise ValueError(f"shapes style: max_objects must be in {list(geneval.COUNTS)}, got {self.max_objects}")
-        if not BACKGROUND_RANGE[0] <= self.background_low <= BACKGROUND_RANGE[1]:
-            raise ValueError(f"shapes style: background_low must be in [{BACKGROUND_RANGE[0]}, {BACKGROUND_RANGE[1]}], "
-                             f"got {self.background_low}")
-
-    @property
-    def counts(self) -> tuple[int, ...]:
-        """The object counts counting prompts draw."""
-        return tuple(c for c in geneval.COUNTS if c <= self.max_objects)
-
-
 DEFAULT_STYLE = Style()
 
 
@@ -212,7 +177,8 @@ def make_sample(seed: int, index: int, size: int = 256, style: Style = DEFAULT_S
     rng = np.random.default_rng([seed, index])
     tag = geneval.TAGS[rng.integers(len(geneval.TAGS))]
     background = tuple(int(v) for v in rng.integers(style.background_low, 256, size=3))
-    objects = _layout(_specs(tag, rng, style.counts), tag, size, rng, style)
+    counts = tuple(c for c in geneval.COUNTS if c <= style.max_objects)  # what counting prompts draw
+    objects = _layout(_specs(tag, rng, counts), tag, size, rng, style)
     meta = _metadata(tag, objects)
     return Sample(sample_key(seed, index), draw(objects, background, size), meta["prompt"],
                   synthetic_caption(objects), objects, meta)

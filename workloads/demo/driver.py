@@ -58,7 +58,9 @@ def storage_of(cfg: DemoConf) -> str:
 
 def shapes_conf(cfg: DemoConf, at: Layout) -> MakeShapesConf:
     return MakeShapesConf(out=at.shapes, n=cfg.images, seed=cfg.seed, size=cfg.image_size,
-                          shard_size=cfg.shard_size, formats=["folder"], endpoint_url=cfg.endpoint_url)
+                          shard_size=cfg.shard_size, formats=["folder"], endpoint_url=cfg.endpoint_url,
+                          min_side=cfg.min_side, max_side=cfg.max_side, max_objects=cfg.max_objects,
+                          background_low=cfg.background_low)
 
 
 def preprocess_conf(cfg: DemoConf, at: Layout) -> PreprocessConf:
@@ -66,7 +68,7 @@ def preprocess_conf(cfg: DemoConf, at: Layout) -> PreprocessConf:
     return PreprocessConf(
         input=join(at.shapes, "folder"), output=at.data, input_format="folder", endpoint_url=cfg.endpoint_url,
         resolution=cfg.resolution, folder_shard_size=cfg.shard_size,
-        models=ModelsConf(kind="tiny", caption_max_new_tokens=8),
+        models=ModelsConf(kind="tiny", caption_max_new_tokens=8, latent_channels=cfg.latent_channels),
         compute=ComputeConf(use_gpu=False, decode_num_cpus=0.25, decode_batch_size=16, write_batch_size=16,
                             vae=stage, caption=stage, text=stage))
 
