@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -168,13 +169,55 @@ def ensure_ray(min_cpus: float = 0) -> None:
     quiet_ray()
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") and os.environ.get(LOCAL_RAY_OWNER) != str(os.getpid()):
         ray.init(logging_level=logging.WARNING)
         return
     local_train_environment()
-    num_cpus = max(os.cpu_count() or 1, int(-(-min_cpus // 1)))
-    ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
-             _system_config=local_ray_system_config(num_cpus))
+    start_local_ray(max(os.cpu_count() or 1, int(-(-min_cpus // 1))), logging_level=logging.WARNING)
+
+
+# Set beside RAY_ADDRESS by the process that started that local cluster: its own later start after a shutdown
+# starts a new one, while a child process (which inherits both) joins its parent's cluster.
+LOCAL_RAY_OWNER = "SD3_LOCAL_RAY_OWNER"
+
+
+def start_local_ray(num_cpus: int, **init: Any) -> str:
+    """Start a local Ray cluster with `num_cpus` logical CPUs and export its address as RAY_ADDRESS to every process
+    it starts (the raylet hands its environment to each worker) and to this one; returns the address.
+
+    Without it a second local cluster on the machine (another job's) breaks whatever in the job asks Ray's state API
+    without an address: it finds two clusters and gives up ("Found multiple active Ray instances"), as Ray Train's
+    placement group cleaner does on every run. The GCS port is chosen here, since the workers' environment is fixed
+    before the cluster exists; `ray.init(address="local")` ignores RAY_ADDRESS.
+    """
+    import ray
+
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    before = {name: os.environ.get(name) for name in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS", LOCAL_RAY_OWNER)}
+    os.environ.update({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address, LOCAL_RAY_OWNER: str(os.getpid())})
+    try:
+        ray.init(address="local", num_cpus=num_cpus, _system_config=local_ray_system_config(num_cpus), **init)
+    except BaseException:
+        _restore(before)
+        raise
+    _restore({"RAY_GCS_SERVER_PORT": before["RAY_GCS_SERVER_PORT"]})
+    return address
+
+
+def _restore(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def free_port() -> int:
+    """A TCP port no process on this machine listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def quiet_ray() -> None:
