@@ -10,6 +10,7 @@ from omegaconf import MISSING
 
 from conf.checks import Dtype, InputFormat, ModelsKind, SyntheticCaptions, at_least, positive
 from conf.pretrained import CAPTIONER, SD3_REPO
+from conf.shapes import AUTOENCODER_CHANNELS
 
 
 @dataclass
@@ -26,14 +27,15 @@ class ModelsConf:
     tiny_dir: str = "~/.cache/sd3-train/tiny-models"  # where `tiny` builds its models
     dtype: Dtype = Dtype.auto  # auto: fp16 on GPU, fp32 on CPU
     caption_max_new_tokens: int = 40
-    # models=tiny: the shipped shapes autoencoder's latent channels (`shapes_vae.SHIPPED_CHANNELS`: 4, 8 or 16)
+    # models=tiny: the shipped shapes autoencoder's latent channels (`conf.shapes.AUTOENCODER_CHANNELS`)
     latent_channels: int = 16
 
     def __post_init__(self) -> None:
         if self.caption_max_new_tokens < 1:
             raise ValueError(f"models.caption_max_new_tokens must be >= 1, got {self.caption_max_new_tokens}")
-        if self.latent_channels not in (4, 8, 16):  # the shipped shapes autoencoders (pipelines.synthetic.shapes_vae)
-            raise ValueError(f"models.latent_channels must be one of [4, 8, 16], got {self.latent_channels}")
+        if self.latent_channels not in AUTOENCODER_CHANNELS:  # the shipped shapes autoencoders
+            raise ValueError(f"models.latent_channels must be one of {list(AUTOENCODER_CHANNELS)}, got "
+                             f"{self.latent_channels}")
 
 
 @dataclass

@@ -24,10 +24,10 @@ from omegaconf import MISSING
 # the image-and-caption layouts preprocessing reads, and where it finds a synthetic caption in them
 from conf.choices import IMAGE_FORMATS
 from conf.shapes import Style
+from pipelines.runtime import cli, logger
 from pipelines.sources import PARQUET_SYNTHETIC_COLUMN, SYNTHETIC_SUFFIX
 from pipelines.storage import filesystem, is_remote, join, require_bucket
 from pipelines.synthetic.shapes import MIN_SIZE, Sample, make_sample
-from workloads.runtime import cli, logger
 
 PARQUET_SCHEMA = pa.schema(
     [

@@ -29,11 +29,11 @@ from pipelines import schema
 from pipelines.decode import DecodeLimits, parse_buckets
 from pipelines.encoders import caption_tokens
 from pipelines.output import Progress, completed_shards, remove_unfinished, write_batch
+from pipelines.runtime import cli, code_version, ensure_ray, logger
 from pipelines.sources import Shard, list_shards
 from pipelines.stages import CaptionStage, ScoreStage, TextStage, VAEStage, copy_caption, decode_batch, read_rows
 from pipelines.storage import Location, filesystem, join, write_bytes
 from pipelines.synthetic.tiny_models import build_tiny_models
-from workloads.runtime import cli, code_version, ensure_ray, logger
 
 LOG = logger("preprocess")
 

@@ -23,6 +23,7 @@ import pyarrow as pa
 import ray
 
 from conf.checks import validate
+from conf.choices import IMAGE_FORMATS
 from conf.dedup import DedupConf, register
 from pipelines import schema
 from pipelines.dedup import clusters
@@ -41,10 +42,10 @@ from pipelines.dedup.stages import (
     write_parquet,
 )
 from pipelines.output import Progress, completed_shards, read_markers, remove_unfinished
-from pipelines.sources import IMAGE_FORMATS, Shard, list_shards
+from pipelines.runtime import cli, code_version, ensure_ray, logger
+from pipelines.sources import Shard, list_shards
 from pipelines.stages import read_rows
 from pipelines.storage import Location
-from workloads.runtime import cli, code_version, ensure_ray, logger
 
 LOG = logger("dedup")
 SETTINGS = "_settings.json"  # what the embeddings depend on; another embedder needs another output

@@ -6,8 +6,8 @@ trained without their GAN and LPIPS terms), then given `shift_factor` and `scali
 statistics (mean and 1/std of the latents of held-out images), as SD3's VAE was. Held-out PSNR and the GenEval-shapes
 score of round-trip images (encode, decode, detect) are written to `<out>/training.json`.
 
-The repository ships the weights this command wrote with its defaults (`SHIPPED`), and with `latent_channels=4` and
-`8` (`shipped(n)`); a test checks it still trains.
+The repository ships the weights this command wrote with its defaults (`SHIPPED`) and with other `latent_channels`
+(`shipped(n)`, `conf.shapes.AUTOENCODER_CHANNELS`); a test checks it still trains.
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from diffusers import AutoencoderKL
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from conf.shapes import AUTOENCODER_CHANNELS
 from pipelines.synthetic.shapes import generate, make_sample
 
 SHIPPED = Path(__file__).with_name("weights") / "shapes-vae"
-SHIPPED_CHANNELS = (4, 8, 16)  # the latent widths shipped: SD3's 16, and the 4 and 8 of the paper's Table 3
 
 
 def shipped(latent_channels: int = 16) -> Path:
     """The folder of the shipped autoencoder with `latent_channels` (16: `SHIPPED`, else `shapes-vae-c<n>`)."""
-    if latent_channels not in SHIPPED_CHANNELS:
-        raise ValueError(f"shapes autoencoders ship with {list(SHIPPED_CHANNELS)} latent channels, got "
+    if latent_channels not in AUTOENCODER_CHANNELS:
+        raise ValueError(f"shapes autoencoders ship with {list(AUTOENCODER_CHANNELS)} latent channels, got "
                          f"{latent_channels}")
     return SHIPPED if latent_channels == 16 else SHIPPED.with_name(f"shapes-vae-c{latent_channels}")
 _TRAIN_SEED, _HELD_OUT_SEED = 1_000, 2_000  # image seeds: training draws, and the held-out images
@@ -164,7 +164,7 @@ ConfigStore.instance().store(name="shapes_vae", node=ShapesVAEConf)
 
 
 def main() -> None:
-    from workloads.runtime import cli
+    from pipelines.runtime import cli
 
     cli("shapes_vae", lambda cfg: print(json.dumps(train(cfg)["held_out"], indent=1)), doc=__doc__)
 

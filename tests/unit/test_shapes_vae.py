@@ -36,3 +36,17 @@ def test_tiny_models_carry_the_shipped_autoencoder(tmp_path):
     assert copied.config.scaling_factor == shapes_vae.load().config.scaling_factor
     marker = json.loads((tmp_path / "tiny" / "COMPLETE.json").read_text())
     assert marker["vae"] == shipped_vae_version() != "missing"
+
+
+def test_every_shipped_width_loads_through_the_tiny_models_and_reconstructs(tmp_path):
+    from conf.shapes import AUTOENCODER_CHANNELS
+
+    for channels in AUTOENCODER_CHANNELS:
+        vae = shapes_vae.load(shapes_vae.shipped(channels))
+        assert vae.config.latent_channels == channels
+        figures = json.loads((shapes_vae.shipped(channels) / "training.json").read_text())
+        assert figures["config"]["latent_channels"] == channels if channels != 16 else True  # 16: from before the field
+        assert shapes_vae.evaluate(vae, 16, 128)["psnr"] > 27
+    four = build_tiny_models(str(tmp_path / "tiny"), latent_channels=4)
+    assert AutoencoderKL.from_pretrained(four.repo, subfolder="vae").config.latent_channels == 4
+    assert "latent-c4" in four.repo
