@@ -17,11 +17,13 @@ import logging
 import os
 import shlex
 import sys
+import textwrap
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from conf.jobs import JOBS, Job
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -30,25 +32,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_PORT = 8265
 
 
-@dataclass(frozen=True)
-class Job:
-    """A project entry point: the module run with `python -m`, its Hydra config and what registers that config."""
-
-    module: str
-    config: str  # the config_name of the module's @hydra.main
-    register: str  # "module:function" that fills the ConfigStore, or a module whose import does
-
-
-JOBS: dict[str, Job] = {
-    "preprocess": Job("pipelines.preprocess", "preprocess", "conf.preprocess:register"),
-    "make_shapes": Job("pipelines.make_shapes", "make_shapes", "pipelines.make_shapes"),
-    "dedup": Job("pipelines.dedup", "dedup", "conf.dedup:register"),
-    "train": Job("workloads.train", "train", "conf.train:register"),
-    "sweep": Job("workloads.sweep", "sweep", "conf.sweep:register"),
-    "demo": Job("workloads.demo", "demo", "conf.demo:register"),
-    "reproduce": Job("workloads.reproduce", "reproduce", "conf.reproduce:register"),
-    "bench_train": Job("workloads.bench.train", "bench_train", "conf.bench:register_train"),
-}
 COMMANDS = ("status", "logs", "stop", "list")
 
 # Settings, not secrets, that a job should see as the submitter does. Credentials are never forwarded: jobs get
@@ -67,6 +50,14 @@ def entrypoint(job: Job, overrides: Sequence[str]) -> str:
     return shlex.join(["python", "-m", job.module, *overrides])
 
 
+def register_schema(job: Job) -> None:
+    """Fill Hydra's ConfigStore with the job's config, as the job's module does when it starts."""
+    module, _, function = job.register.partition(":")
+    registered = importlib.import_module(module)
+    if function:
+        getattr(registered, function)()
+
+
 def check_overrides(job: Job, overrides: Sequence[str]) -> None:
     """Compose the job's config from this checkout's schema, so a typo fails here instead of on the cluster."""
     from hydra import compose, initialize
@@ -74,10 +65,7 @@ def check_overrides(job: Job, overrides: Sequence[str]) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    module, _, function = job.register.partition(":")
-    registered = importlib.import_module(module)
-    if function:
-        getattr(registered, function)()
+    register_schema(job)
     try:
         with initialize(version_base=None):
             cfg = compose(config_name=job.config, overrides=list(overrides))
@@ -277,12 +265,13 @@ EPILOG = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    jobs = "\n".join(f"  {job.line}" for job in JOBS.values())
     parser = argparse.ArgumentParser(
-        prog="python -m cluster.submit",
-        description="Submit a project job to a Ray cluster through the Jobs API, or manage submitted jobs. "
-                    f"Jobs: {', '.join(f'{name} ({job.module})' for name, job in JOBS.items())}. "
-                    f"Commands: status <id>, logs <id> [--follow], stop <id>, list. Options go before the job.",
-        epilog=EPILOG)
+        prog="python -m cluster.submit", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Submit a project job to a Ray cluster through the Jobs API, or manage submitted jobs. Options go "
+                    f"before the job.\n\njobs (conf/jobs.py):\n{jobs}\n\n"
+                    "commands: status <id>, logs <id> [--follow], stop <id>, list",
+        epilog=textwrap.fill(EPILOG, 100))
     parser.add_argument("--address", help=f"the Jobs API, http://<head>:{DASHBOARD_PORT}; default: "
                                           "RAY_API_SERVER_ADDRESS, then RAY_ADDRESS")
     parser.add_argument("--working-dir", help="uploaded as the job's working directory (default: the repo root); "

@@ -8,7 +8,6 @@ Hydra schema and run through the job's config checks, so a misspelt override fai
 from __future__ import annotations
 
 import copy
-import importlib
 import importlib.util
 import re
 import shlex
@@ -21,8 +20,12 @@ import pytest
 import ray
 import yaml
 from hydra import compose, initialize
+from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
+
+from cluster.submit import register_schema
+from conf.jobs import JOBS
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -239,13 +242,13 @@ def check_dedup(cfg) -> None:
     validate(cfg)
 
 
-# module -> (its Hydra config name, the checks of its config that need no data or network)
-JOBS: dict[str, tuple[str, Callable[[Any], None]]] = {
-    "workloads.train": ("train", check_train),
-    "workloads.sweep": ("sweep", check_sweep),
-    "workloads.reproduce": ("reproduce", check_reproduce),
-    "pipelines.preprocess": ("preprocess", check_preprocess),
-    "pipelines.dedup": ("dedup", check_dedup),
+# The checks of a job's config that need no data or network, by the module a RayJob runs.
+CHECKS: dict[str, Callable[[Any], None]] = {
+    "workloads.train": check_train,
+    "workloads.sweep": check_sweep,
+    "workloads.reproduce": check_reproduce,
+    "pipelines.preprocess": check_preprocess,
+    "pipelines.dedup": check_dedup,
 }
 
 
@@ -257,15 +260,11 @@ def job_command(path: Path) -> tuple[str, list[str]]:
 
 
 def compose_job(module: str, overrides: list[str]) -> Any:
-    from cluster.submit import JOBS as SUBMITTED
-
-    (job,) = [j for j in SUBMITTED.values() if j.module == module]
-    registers, _, function = job.register.partition(":")  # fills Hydra's ConfigStore the way `submit` does
-    registered = importlib.import_module(registers)
-    if function:
-        getattr(registered, function)()
+    """The job's config, its schema registered the way `cluster.submit` registers it."""
+    (job,) = [job for job in JOBS.values() if job.module == module]
+    register_schema(job)
     with initialize(version_base=None):
-        cfg = compose(config_name=JOBS[module][0], overrides=overrides)
+        cfg = compose(config_name=job.config, overrides=overrides)
     return OmegaConf.to_object(cfg)
 
 
@@ -287,7 +286,23 @@ def gpu_demand(module: str, cfg: Any) -> tuple[int, float]:
 
 
 def test_rayjobs_exist():
-    assert {job_command(path)[0] for path in RAYJOBS} == set(JOBS)
+    assert {job_command(path)[0] for path in RAYJOBS} == set(CHECKS)
+
+
+@pytest.mark.parametrize("job", JOBS.values(), ids=lambda job: job.name)
+def test_every_registered_job_is_a_packaged_module_that_composes_its_config(job):
+    """What `cluster.submit` relies on: the module is shipped, registering its schema stores the config it composes,
+    and its `cli(...)` composes that config."""
+    spec = importlib.util.find_spec(job.module)
+    assert spec is not None and Path(spec.origin).is_relative_to(ROOT), f"{job.module} is not in this repository"
+    packaged = [p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
+    assert job.module.split(".")[0] in packaged, f"{job.module} is not installed into the image"
+    sources = [Path(spec.origin)] if spec.submodule_search_locations is None else \
+        sorted(Path(spec.origin).parent.glob("*.py"))
+    assert any(f'cli("{job.config}"' in path.read_text() for path in sources), (
+        f"{job.module} does not call cli({job.config!r})")
+    register_schema(job)
+    assert f"{job.config}.yaml" in ConfigStore.instance().repo, f"{job.register} does not store {job.config!r}"
 
 
 @pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.stem)
@@ -309,7 +324,7 @@ def test_rayjob_command_composes_and_checks(path):
     assert spec is not None and Path(spec.origin).is_relative_to(ROOT), f"{module} is not in this repository"
     packaged = [p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
     assert module.split(".")[0] in packaged, f"{module} is not installed into the image"
-    JOBS[module][1](compose_job(module, overrides))
+    CHECKS[module](compose_job(module, overrides))
 
 
 def test_a_misspelt_override_fails_composition():

@@ -1,4 +1,4 @@
-"""The documentation's relative links resolve, and the README's job table matches `cluster.submit.JOBS`."""
+"""The documentation's relative links resolve, and the README's job table is the job registry, `conf.jobs.JOBS`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.submit import JOBS
+from conf.jobs import JOBS
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -42,32 +42,34 @@ def test_link_parser() -> None:
     assert relative_links(text) == ["docs/x.md", "img.png"]
 
 
-def job_table(text: str) -> dict[str, tuple[str, str]]:
-    """The README's job table: job name -> (module, submit column), parsed from the table under `## Jobs`."""
+def job_table(text: str) -> dict[str, list[str]]:
+    """The README's job table: job name -> its cells (module, submit, what it does, command), parsed from the table
+    under `## Jobs`."""
     section = text.split("\n## Jobs\n", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in rows[0].strip("|").split("|")]
-    assert header[:3] == ["job", "module", "submit"], f"the job table's columns changed: {header}"
+    assert header == ["job", "module", "submit", "what it does", "command"], f"the job table's columns: {header}"
     table = {}
     for row in rows[2:]:  # after the header and its --- line
-        name, module, submit = (cell.strip().strip("`") for cell in row.strip("|").split("|")[:3])
+        name, module, submit, what, command = (cell.strip() for cell in row.strip("|").split("|"))
+        name = name.strip("`")
         assert name not in table, f"job {name!r} appears twice in the README's job table"
-        table[name] = (module, submit)
+        table[name] = [module.strip("`"), submit, what, command]
     return table
 
 
-def test_readme_job_table_matches_submit_jobs() -> None:
+def test_readme_job_table_is_the_job_registry() -> None:
     table = job_table(README.read_text())
-    submittable = {name for name, (_, submit) in table.items() if submit == "yes"}
-    assert submittable == set(JOBS), (
-        f"README job table's submit=yes rows {sorted(submittable)} differ from cluster.submit.JOBS {sorted(JOBS)}")
+    assert list(table) == list(JOBS), f"README job table's rows {list(table)} differ from conf.jobs.JOBS {list(JOBS)}"
     for name, job in JOBS.items():
-        assert table[name][0] == job.module, f"README lists {name} as {table[name][0]}, JOBS runs {job.module}"
-    assert {submit for _, submit in table.values()} <= {"yes", "no"}, "the submit column holds yes or no"
+        module, submit, what, _ = table[name]
+        assert module == job.module, f"README lists {name} as {module}, conf.jobs runs {job.module}"
+        assert submit == "yes", f"README marks {name} as not submittable; every registered job is"
+        assert what == job.description, f"README describes {name} as {what!r}, conf.jobs as {job.description!r}"
 
 
-def test_readme_job_table_modules_exist() -> None:
-    for name, (module, _) in job_table(README.read_text()).items():
-        path = ROOT / module.replace(".", "/")
+def test_registered_job_modules_exist() -> None:
+    for job in JOBS.values():
+        path = ROOT / job.module.replace(".", "/")
         assert path.with_suffix(".py").exists() or (path / "__main__.py").exists(), (
-            f"README job {name!r}: module {module} has no file")
+            f"job {job.name!r}: module {job.module} has no file")

@@ -128,7 +128,8 @@ def test_the_traceback_flag_shows_the_traceback(tmp_path):
 
 
 def test_submit_checks_a_schemas_own_rules_before_submitting():
-    from cluster.submit import JOBS, SubmitError, check_overrides
+    from cluster.submit import SubmitError, check_overrides
+    from conf.jobs import JOBS
 
     with pytest.raises(SubmitError, match=r"divisible by trainer\.num_workers"):
         check_overrides(JOBS["train"], ["data=/data", "trainer.batch_size=3"])
