@@ -23,6 +23,8 @@ class ModelConf:
     pos_embed_max_size: int | None = None
     sample_size: int | None = None
     qk_norm: str | None = None
+    parametrization: str | None = None  # sp (default) or mup: `model.parametrization=mup model.mup_base_width=128`
+    mup_base_width: int | None = None  # muP's base width, where it equals SP (default 128, the debug flavor's)
 
     def __post_init__(self) -> None:
         self.build()  # a bad flavor or field fails when the config is made, naming it

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
 QKNorm = Literal["none", "rms"]
+Parametrization = Literal["sp", "mup"]
 HEAD_DIM = 64  # the paper's width rule: hidden 64*d with d heads
+MUP_BASE_WIDTH = 128  # the debug flavor's width: muP's learning rates and inits are the standard ones there
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,14 @@ class MMDiTConfig:
     pos_embed_max_size: int = 192  # maximum patch grid side; 192 patches = 3072 px at 8x VAE, patch 2
     sample_size: int = 128  # latent side the position scale refers to (SD3: 128 latents = 1024 px)
     qk_norm: QKNorm = "none"
+    # "mup": maximal update parametrization (`model.mup`), the same as "sp" at `mup_base_width` (heads of 64): a
+    # training choice that exports fold away, so the weights keep SD3's format and function either way
+    parametrization: Parametrization = "sp"
+    mup_base_width: int = MUP_BASE_WIDTH
 
     def __post_init__(self) -> None:
         positive = ("depth", "hidden_size", "num_heads", "patch_size", "in_channels", "mlp_ratio",
-                    "context_dim", "pooled_dim", "pos_embed_max_size", "sample_size")
+                    "context_dim", "pooled_dim", "pos_embed_max_size", "sample_size", "mup_base_width")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -42,6 +49,11 @@ class MMDiTConfig:
             )
         if self.qk_norm not in ("none", "rms"):
             raise ValueError(f"MMDiTConfig.qk_norm must be one of 'none', 'rms', got {self.qk_norm!r}")
+        if self.parametrization not in ("sp", "mup"):
+            raise ValueError(f"MMDiTConfig.parametrization must be one of 'sp', 'mup', got {self.parametrization!r}")
+        if self.mup_base_width % 4:
+            raise ValueError(f"MMDiTConfig.mup_base_width ({self.mup_base_width}) must be divisible by 4, "
+                             "as any hidden size")
         if self.sample_size % self.patch_size:
             raise ValueError(
                 f"MMDiTConfig.sample_size ({self.sample_size}) must be divisible by patch_size ({self.patch_size})"
@@ -59,6 +71,25 @@ class MMDiTConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def width_multiplier(self) -> float:
+        """muP's width ratio hidden_size / mup_base_width, by which hidden learning rates shrink; 1 under SP."""
+        return self.hidden_size / self.mup_base_width if self.parametrization == "mup" else 1.0
+
+    @property
+    def attention_scale(self) -> float | None:
+        """Scale of the attention logits; None: SDPA's (and SD3's) 1/sqrt(head_dim). muP scales them by 1/head_dim,
+        as sqrt(HEAD_DIM)/head_dim so that the base model's heads of 64 keep SD3's scale: under the width rule (heads of
+        64 at every width) so does every muP network; other head widths differ, folded into the weights at export."""
+        if self.parametrization == "sp" or self.head_dim == HEAD_DIM:
+            return None
+        return math.sqrt(HEAD_DIM) / self.head_dim
+
+    def exported(self) -> MMDiTConfig:
+        """This shape as its diffusers export reads back (`interop.config_from_diffusers`): in the standard
+        parametrization, muP's attention scale folded into the weights."""
+        return replace(self, parametrization="sp", mup_base_width=MUP_BASE_WIDTH)
 
     @property
     def mlp_hidden(self) -> int:

@@ -3,11 +3,13 @@
 Our names group by stream (`blocks.i.img.*`, `blocks.i.txt.*`) with a fused QKV; diffusers' split Q/K/V
 into `attn.to_*` (image) and `attn.add_*_proj` (text). Two layouts differ beyond names: the fused QKV, and
 diffusers' `AdaLayerNormContinuous` (pre-only text stream, final layer) emitting (scale, shift) where
-ours emits (shift, scale).
+ours emits (shift, scale). A muP network whose attention scale is not SD3's (`MMDiTConfig.attention_scale`) has the
+ratio folded into its queries on the way out and back out of them on the way in.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,10 +115,37 @@ def _check_keys(state_dict: StateDict, expected: set[str], side: str) -> None:
         )
 
 
+def query_scale(config: MMDiTConfig) -> float:
+    """Our attention logits over SD3's (1/sqrt(head_dim)) for the same weights: 1 but under muP off its head width."""
+    return 1.0 if config.attention_scale is None else config.attention_scale * math.sqrt(config.head_dim)
+
+
+def _scaled_rows(tensor: torch.Tensor, rows: int, factor: float) -> torch.Tensor:
+    return torch.cat([tensor[:rows] * factor, tensor[rows:]])
+
+
+def _scale_queries(state_dict: StateDict, config: MMDiTConfig, factor: float) -> StateDict:
+    """The state with every attention's logits scaled by `factor` through its queries: their rows of the fused QKV
+    (weight and bias), or under QK-norm, which takes out any scale of its input, the query norm's gain."""
+    if factor == 1.0:
+        return state_dict
+    out = dict(state_dict)
+    for i in range(config.depth):
+        for stream in ("img", "txt"):
+            prefix = f"blocks.{i}.{stream}"
+            if config.qk_norm == "rms":
+                out[f"{prefix}.q_norm.weight"] = state_dict[f"{prefix}.q_norm.weight"] * factor
+            else:
+                for name in (f"{prefix}.qkv.weight", f"{prefix}.qkv.bias"):
+                    out[name] = _scaled_rows(state_dict[name], config.hidden_size, factor)
+    return out
+
+
 def to_diffusers(state_dict: StateDict, config: MMDiTConfig) -> StateDict:
-    """Our state dict -> `SD3Transformer2DModel` names and layouts."""
+    """Our state dict -> `SD3Transformer2DModel` names and layouts (muP's attention scale folded into the queries)."""
     rules = _rules(config)
     _check_keys(state_dict, {r.ours for r in rules}, "MMDiT")
+    state_dict = _scale_queries(state_dict, config, query_scale(config))
     out: StateDict = {}
     for rule in rules:
         out.update(zip(rule.theirs, rule.to_theirs([state_dict[rule.ours]]), strict=True))
@@ -124,10 +153,11 @@ def to_diffusers(state_dict: StateDict, config: MMDiTConfig) -> StateDict:
 
 
 def from_diffusers(state_dict: StateDict, config: MMDiTConfig) -> StateDict:
-    """`SD3Transformer2DModel` state dict -> our names and layouts."""
+    """`SD3Transformer2DModel` state dict -> our names and layouts (for a muP `config`, the same function)."""
     rules = _rules(config)
     _check_keys(state_dict, {t for r in rules for t in r.theirs}, "SD3Transformer2DModel")
-    return {r.ours: r.to_ours([state_dict[t] for t in r.theirs])[0] for r in rules}
+    ours = {r.ours: r.to_ours([state_dict[t] for t in r.theirs])[0] for r in rules}
+    return _scale_queries(ours, config, 1.0 / query_scale(config))
 
 
 LORA_PREFIX = "transformer"  # the pipeline component diffusers' SD3 LoRA loaders route these keys to
@@ -137,13 +167,17 @@ def lora_to_diffusers(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], con
     """LoRA factors of our linear layers (layer -> (A, B), the scale folded into B) -> the state dict diffusers'
     `SD3Transformer2DModel.load_lora_adapter` and `StableDiffusion3Pipeline.load_lora_weights` read
     (`transformer.<their layer>.lora_A.weight`, no alphas: scale 1). A fused QKV's adapter becomes one per
-    projection with the same A and B's rows split; the layouts that reorder output rows reorder B's."""
+    projection with the same A and B's rows split; the layouts that reorder output rows reorder B's. Without QK-norm,
+    a QKV adapter's query rows take the fold of muP's attention scale, as the query weights do."""
     rules = {r.ours: r for r in _rules(config)}
+    fold = query_scale(config) if config.qk_norm == "none" else 1.0
     out: StateDict = {}
     for layer, (a, b) in factors.items():
         rule = rules.get(f"{layer}.weight")
         if rule is None or rule.ours in ("img_in.weight",):
             raise ValueError(f"no diffusers linear layer corresponds to {layer!r}: its adapter cannot be exported")
+        if layer.endswith(".qkv") and fold != 1.0:
+            b = _scaled_rows(b, config.hidden_size, fold)
         for theirs, rows in zip(rule.theirs, rule.to_theirs([b]), strict=True):
             name = theirs.removesuffix(".weight")
             out[f"{LORA_PREFIX}.{name}.lora_A.weight"] = a.clone()  # one copy each: a file holds no aliases
@@ -208,13 +242,17 @@ def export_diffusers(model: MMDiT, path: str | os.PathLike, dtype: torch.dtype |
     target.save_pretrained(os.fspath(path), safe_serialization=True, max_shard_size=max_shard_size)
 
 
-def load_diffusers(path: str | os.PathLike, subfolder: str | None = None,
-                   dtype: torch.dtype = torch.float32) -> MMDiT:
-    """Read an `SD3Transformer2DModel` folder or hub id (e.g. the `transformer` subfolder of SD3) as our MM-DiT."""
+def load_diffusers(path: str | os.PathLike, subfolder: str | None = None, dtype: torch.dtype = torch.float32,
+                   config: MMDiTConfig | None = None) -> MMDiT:
+    """Read an `SD3Transformer2DModel` folder or hub id (e.g. the `transformer` subfolder of SD3) as our MM-DiT: in
+    the folder's own (standard) parametrization, or as `config`, a network of the same shape (a muP one, say)."""
     from diffusers import SD3Transformer2DModel
 
     source = SD3Transformer2DModel.from_pretrained(os.fspath(path), subfolder=subfolder, torch_dtype=dtype)
-    config = config_from_diffusers(dict(source.config))
+    found = config_from_diffusers(dict(source.config))
+    if config is not None and config.exported() != found:
+        raise ValueError(f"{os.fspath(path)} holds a different network ({found}) than the one asked for ({config})")
+    config = config or found
     state = from_diffusers(source.state_dict(), config)
     with torch.device("meta"):
         model = MMDiT(config)

@@ -6,6 +6,7 @@ S = L + N joint sequence, D hidden size, K heads, E head dim, P patch size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,7 @@ from model.layers import (
     sincos_pos_embed_2d,
     timestep_embedding,
 )
+from model.mup import INPUT_LAYERS
 
 
 def check_skip_layers(skip_layers: Sequence[int], depth: int) -> None:
@@ -74,6 +76,7 @@ class MMDiTBlock(nn.Module):
         super().__init__()
         self.img = StreamBlock(config)
         self.txt = StreamBlock(config, pre_only=last)
+        self.attention_scale = config.attention_scale  # None: SDPA's 1/sqrt(E), as SD3
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor,
                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,11 +88,11 @@ class MMDiTBlock(nn.Module):
         if self.txt.pre_only:
             # Text outputs of the last block are discarded, so only image tokens query: same result, less work.
             # The text query weights stay, unused, for SD3 checkpoint compatibility.
-            attn = nn.functional.scaled_dot_product_attention(img_q, k, v)  # (B, K, N, E)
+            attn = nn.functional.scaled_dot_product_attention(img_q, k, v, scale=self.attention_scale)  # (B, K, N, E)
             img_attn = rearrange(attn, "b k n e -> b n (k e)")  # (B, N, D)
             return self.img.post_attention(img, img_attn, img_mods), None
         q = torch.cat([txt_q, img_q], dim=2)  # (B, K, S, E)
-        attn = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, K, S, E)
+        attn = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.attention_scale)  # (B, K, S, E)
         attn = rearrange(attn, "b k s e -> b s (k e)")  # (B, S, D)
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]  # (B, L, D), (B, N, D)
         img = self.img.post_attention(img, img_attn, img_mods)  # (B, N, D)
@@ -133,7 +136,9 @@ class MMDiT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Explicit init (call after `to_empty` when built on the meta device): Xavier linears,
-        N(0, 0.02) embedders, zero adaLN modulation and final linear (adaLN-Zero), sin-cos positions."""
+        N(0, 0.02) embedders, zero adaLN modulation and final linear (adaLN-Zero), sin-cos positions.
+        Under muP (`model.mup`) the same at the base width; wider, the input layers keep the base width's variance
+        and the embedders' width-to-width layers scale theirs as 1/width, as Xavier does the others'."""
         for module in self.modules():
             self.init_module(module)
         self.init_buffers()
@@ -146,12 +151,19 @@ class MMDiT(nn.Module):
         if not isinstance(module, nn.Linear):
             return
         nn.init.zeros_(module.bias)
+        c = self.config
         embedders = {e.lin1 for e in (self.time_in, self.vec_in)} | {e.lin2 for e in (self.time_in, self.vec_in)}
         zeroed = {m.lin for m in self.modules() if isinstance(m, AdaLN)} | {self.final.linear}
+        inputs = {self.get_submodule(name) for name in INPUT_LAYERS}
         if module in zeroed:
             nn.init.zeros_(module.weight)
         elif module in embedders:
-            nn.init.normal_(module.weight, std=0.02)
+            std = 0.02 if module in inputs else 0.02 / math.sqrt(c.width_multiplier)  # 1 under SP
+            nn.init.normal_(module.weight, std=std)
+        elif module in inputs and c.parametrization == "mup":
+            # Xavier's bound with the base width as fan-out: a variance that the fixed fan-in alone sets
+            bound = math.sqrt(3.0) * math.sqrt(2.0 / float(module.in_features + c.mup_base_width))
+            nn.init.uniform_(module.weight, -bound, bound)
         else:
             nn.init.xavier_uniform_(module.weight)
 

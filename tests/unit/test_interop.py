@@ -118,6 +118,59 @@ def test_export_in_bf16_and_sharded(tmp_path):
     assert interop.load_diffusers(tmp_path).config == c
 
 
+_SMALL = {"context_dim": 32, "pooled_dim": 16, "pos_embed_max_size": 10, "sample_size": 8, "parametrization": "mup"}
+MUP_CONFIGS = {  # off the base width 128 (multipliers 1.5, 0.75, 0.5), with each way muP's attention scale folds
+    "mup-heads-64": model.MMDiTConfig.from_depth(2, hidden_size=192, num_heads=3, **_SMALL),  # SD3's scale: no fold
+    "mup-heads-32": model.MMDiTConfig.from_depth(2, hidden_size=96, num_heads=3, **_SMALL),  # into the Q rows
+    "mup-heads-16-rms": model.MMDiTConfig.from_depth(2, hidden_size=64, num_heads=4, qk_norm="rms",
+                                                     **_SMALL),  # into the query norm's gain
+}
+
+
+def _perturbed(c: model.MMDiTConfig) -> model.MMDiT:
+    torch.manual_seed(0)
+    net = model.MMDiT(c).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # non-zero everywhere (adaLN-Zero would make every output 0)
+            p.add_(torch.randn_like(p) * 0.1)
+    return net
+
+
+@pytest.mark.parametrize("name", sorted(MUP_CONFIGS))
+def test_a_mup_network_exports_to_the_same_function(name):
+    c = MUP_CONFIGS[name]
+    ours = _perturbed(c)
+    theirs = SD3Transformer2DModel(**interop.diffusers_config(c)).eval()
+    theirs.load_state_dict(interop.to_diffusers(ours.state_dict(), c), strict=True)
+    unfolded = SD3Transformer2DModel(**interop.diffusers_config(c)).eval()
+    unfolded.load_state_dict(interop.to_diffusers(ours.state_dict(), c.exported()), strict=True)
+    inputs, tol = _inputs(c), {"rtol": 1e-5, "atol": 1e-4}  # float32 rounding of outputs up to about 7
+    with torch.no_grad():
+        torch.testing.assert_close(_theirs(theirs, *inputs), ours(*inputs), **tol)
+        # the fold is what makes them equal where muP's attention scale is not SD3's (off by 0.3 and more)
+        same = torch.allclose(_theirs(unfolded, *inputs), ours(*inputs), **tol)
+    assert same == (c.attention_scale is None)
+    back = interop.from_diffusers(interop.to_diffusers(ours.state_dict(), c), c)
+    for key, tensor in ours.state_dict().items():
+        torch.testing.assert_close(back[key], tensor, rtol=1e-6, atol=0)
+
+
+def test_a_mup_export_loads_back_in_either_parametrization(tmp_path):
+    c = MUP_CONFIGS["mup-heads-16-rms"]
+    ours = _perturbed(c)
+    interop.export_diffusers(ours, tmp_path)
+    inputs = _inputs(c)
+    with torch.no_grad():
+        standard = interop.load_diffusers(tmp_path)
+        assert standard.config == c.exported() and standard.config.parametrization == "sp"
+        torch.testing.assert_close(standard(*inputs), ours(*inputs), rtol=1e-5, atol=1e-5)
+        again = interop.load_diffusers(tmp_path, config=c)  # e.g. a muP run's next stage, `init_from` this one
+        assert again.config == c
+        torch.testing.assert_close(again(*inputs), ours(*inputs), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="different network"):
+        interop.load_diffusers(tmp_path, config=MUP_CONFIGS["mup-heads-32"])
+
+
 def test_unsupported_diffusers_variants_are_rejected():
     base = interop.diffusers_config(CONFIGS["qk-rms"])
     with pytest.raises(ValueError, match="dual_attention_layers"):

@@ -13,6 +13,9 @@ from workloads.train.distribute import full_numel, trained
 
 CONFIG = model.MMDiTConfig.from_depth(2, hidden_size=64, num_heads=2, context_dim=32, pooled_dim=16,
                                       pos_embed_max_size=10, sample_size=8, qk_norm="rms")
+# muP with heads of 32 and no QK-norm: the attention scale folds into the query rows, an adapter's B's too
+MUP_CONFIG = model.MMDiTConfig.from_depth(2, hidden_size=96, num_heads=3, context_dim=32, pooled_dim=16,
+                                          pos_embed_max_size=10, sample_size=8, parametrization="mup")
 
 
 def _inputs(c: model.MMDiTConfig = CONFIG):
@@ -21,18 +24,18 @@ def _inputs(c: model.MMDiTConfig = CONFIG):
             torch.randn(2, 7, c.context_dim, generator=gen), torch.randn(2, c.pooled_dim, generator=gen))
 
 
-def _base(seed: int = 0) -> model.MMDiT:
+def _base(seed: int = 0, config: model.MMDiTConfig = CONFIG) -> model.MMDiT:
     torch.manual_seed(seed)
-    net = model.MMDiT(CONFIG)
+    net = model.MMDiT(config)
     with torch.no_grad():
         for p in net.parameters():  # non-zero everywhere (adaLN-Zero would make every output 0)
             p.copy_(torch.randn_like(p) * 0.1)
     return net.eval()
 
 
-def _adapted(conf: LoraConf, seed: int = 0) -> model.MMDiT:
+def _adapted(conf: LoraConf, seed: int = 0, config: model.MMDiTConfig = CONFIG) -> model.MMDiT:
     """The base with adapters whose B is no longer zero (as after training)."""
-    net = lora.apply_lora(_base(seed), conf, seed=1)
+    net = lora.apply_lora(_base(seed, config), conf, seed=1)
     with torch.no_grad():
         for name, p in net.named_parameters():
             if ".lora_B." in name:
@@ -83,24 +86,24 @@ def test_merged_weights_give_the_adapted_output(alpha):
         torch.testing.assert_close(plain(*_inputs()), net(*_inputs()), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("alpha", [None, 16.0])
-def test_the_adapter_export_loads_into_diffusers_and_matches(tmp_path, alpha):
+@pytest.mark.parametrize(("alpha", "config"), [(None, CONFIG), (16.0, CONFIG), (None, MUP_CONFIG)])
+def test_the_adapter_export_loads_into_diffusers_and_matches(tmp_path, alpha, config):
     """The base exported as diffusers weights, the adapters through the SD3 pipeline's own LoRA reader and the
     transformer's `load_lora_adapter`: diffusers' output equals ours (the fused QKV split into three adapters,
-    the pre-only text stream's modulation reordered)."""
+    the pre-only text stream's modulation reordered, muP's attention scale folded)."""
     conf = LoraConf(rank=4, alpha=alpha)
-    net = _adapted(conf)
+    net = _adapted(conf, config=config)
     base_state = {k.replace(".base_layer.", "."): v for k, v in net.state_dict().items() if ".lora_" not in k}
-    theirs = SD3Transformer2DModel(**interop.diffusers_config(CONFIG))
-    theirs.load_state_dict(interop.to_diffusers(base_state, CONFIG), strict=True)
-    size = lora.export_lora(net.state_dict(), conf, CONFIG, tmp_path)
+    theirs = SD3Transformer2DModel(**interop.diffusers_config(config))
+    theirs.load_state_dict(interop.to_diffusers(base_state, config), strict=True)
+    size = lora.export_lora(net.state_dict(), conf, config, tmp_path)
     assert size == (tmp_path / lora.LORA_WEIGHTS).stat().st_size > 0
     state = StableDiffusion3Pipeline.lora_state_dict(str(tmp_path))
     assert all(k.startswith("transformer.") for k in state)
     theirs.load_lora_adapter(state, prefix="transformer")
     theirs.eval()
     with torch.no_grad():
-        torch.testing.assert_close(_theirs(theirs, *_inputs()), net(*_inputs()), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(_theirs(theirs, *_inputs(config)), net(*_inputs(config)), rtol=1e-4, atol=1e-5)
 
 
 def test_the_merged_export_loads_in_diffusers(tmp_path):

@@ -155,7 +155,9 @@ def test_wrong_shapes_name_the_tensor(args, message):
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [({"hidden_size": 65}, "hidden_size"), ({"num_heads": 3}, "num_heads"), ({"qk_norm": "layer"}, "qk_norm"),
-     ({"depth": 0}, "depth"), ({"patch_size": -2}, "patch_size"), ({"sample_size": 33}, "sample_size")],
+     ({"depth": 0}, "depth"), ({"patch_size": -2}, "patch_size"), ({"sample_size": 33}, "sample_size"),
+     ({"parametrization": "ntk"}, "parametrization"), ({"mup_base_width": 0}, "mup_base_width"),
+     ({"mup_base_width": 130}, "mup_base_width")],
 )
 def test_config_validation_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):

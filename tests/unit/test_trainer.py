@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from support import random_batch, random_step_batch
 
+from conf.model import ModelConf
 from conf.train import TrainConf
 from model import FLAVORS, MMDiT
 from model.conditioning import TINY_TEXT
@@ -69,6 +70,20 @@ def test_overfitting_one_batch_drives_the_loss_down(process_group, stage):
     fixed = batch()
     losses = [t.step(fixed, step).loss for step in range(1, 61)]
     assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10])  # fresh noise and t each step: not to zero
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_mup_groups_keep_their_learning_rates_through_the_warmup(process_group, stage):
+    """DeepSpeed's optimizer keeps muP's groups (hidden weights at base/width = 1/2 the learning rate here) and the
+    warm-up scales each; the step reports the base learning rate."""
+    cfg = conf(stage)
+    cfg.model = ModelConf("debug", hidden_size=256, num_heads=4, parametrization="mup")
+    cfg.optim.warmup_steps = 4
+    t = trainer(cfg)
+    for step in range(1, 4):
+        assert [g["lr"] for g in t.optimizer.param_groups] == pytest.approx([2e-3 * step / 4, 1e-3 * step / 4])
+        result = t.step(batch(), step)
+        assert not result.skipped and result.lr == pytest.approx(2e-3 * step / 4)
 
 
 def test_nonfinite_loss_skips_the_step_without_touching_the_weights(process_group):

@@ -34,7 +34,7 @@ def weight_loader(init_from: Location | str):
             if source.remote:
                 source.fs.get(source.root.rstrip("/") + "/", tmp + "/", recursive=True)
                 local = tmp
-            previous = load_diffusers(local)
+            previous = load_diffusers(local, config=net.config)  # a muP run reads it back as muP
         net.load_state_dict(previous.state_dict(), strict=True)
         LOG.info(f"initialised from {source}")
 

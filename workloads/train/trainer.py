@@ -21,6 +21,7 @@ from model import MMDiT
 from model.conditioning import TextConditioningConfig
 from model.formulations import get_formulation
 from model.interop import export_diffusers
+from model.mup import param_groups
 from model.objective import default_dpo_beta, dpo_loss, training_loss
 from model.precision import resolve_dtype
 from pipelines import schema
@@ -99,8 +100,12 @@ class Trainer:
         if self.compiled:
             apply_compile(net, str(cfg.trainer.compile_backend), cfg.trainer.compile_dynamic)
         warmup = warmup_lambda(cfg.optim.warmup_steps)
+        # one group per learning rate (muP's hidden weights learn slower when wider; SP: one group); the warm-up
+        # multiplies each group's own
+        groups = param_groups(net, cfg.optim.lr, self.config, cfg.optim.weight_decay)
+        self.lr_multiplier = groups[0]["lr"] / cfg.optim.lr  # the logged lr is the base one
         self.engine, self.optimizer, _, self.scheduler = load_deepspeed(device).initialize(
-            model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds_config,
+            model=net, model_parameters=groups, config=ds_config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, warmup))
         self.ema = EMA(local_shards(trained(self.engine.module), self.stage), cfg.ema.decay, cfg.ema.warmup)
         self.formulation = get_formulation(cfg.objective.formulation)
@@ -145,7 +150,7 @@ class Trainer:
         else:
             stats[1] = 1
         dist.all_reduce(stats)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.scheduler.get_last_lr()[0] / self.lr_multiplier
         counts = stats[2 + n_bins:k]
         bin_means = [float(s / c) if c > 0 else None for s, c in zip(stats[2:2 + n_bins], counts, strict=True)]
         if stats[1] > 0:
