@@ -98,5 +98,13 @@ def test_the_report_ranks_trials_and_names_the_best_per_cpu_minute(tmp_path):
     analysis = recipe.analyze(cfg, rows())
     assert analysis.table["trial"].tolist() == ["lr=0.003", "base", "depth=3"]
     assert analysis.table["cpu_minutes"].tolist() == [10.0, 10.0, 5.0]
-    assert "Highest GenEval-shapes per CPU-minute: `lr=0.003` (0.400 in 10.0 CPU-minutes)" in analysis.markdown
+    assert ("Highest GenEval-shapes per CPU-minute among the trials that trained their whole budget: `lr=0.003` "
+            "(0.400 in 10.0 CPU-minutes" in analysis.markdown)
     assert set(analysis.plots) == {"recipe.png"}
+
+
+def test_a_trials_row_is_the_one_that_got_furthest():
+    rows = [{"trial": "base", "reports": 1, "run": "a"}, {"trial": "base", "reports": 3, "run": "b"},
+            {"trial": "lr=0.003", "reports": 2, "run": "c"}]
+    assert sorted((r["trial"], r["run"]) for r in recipe.latest_rows(rows)) == [("base", "b"), ("lr=0.003", "c")]
+    assert recipe.trial_file("object_size=0.3-0.45") == "stopped-object_size=0.3-0.45.json"

@@ -226,8 +226,11 @@ def read_rows(cfg: SweepConf) -> pd.DataFrame:
     results = results_location(cfg).refreshed()
     folder = results.path("trials")
     files = sorted(results.fs.glob(join(folder, "*.json"))) if results.fs.exists(folder) else []
-    wanted = {trial_train_conf(cfg, p).run.name for p in studies.trial_params(cfg)}
     rows = [json.loads(results.fs.cat_file(f)) for f in files]
+    if cfg.study == "recipe":  # its trials by name: a study's runs keep their names when the code keying them changes
+        wanted = {p["trial"] for p in studies.trial_params(cfg)}
+        return pd.DataFrame(recipe.latest_rows([r for r in rows if r.get("trial") in wanted]))
+    wanted = {trial_train_conf(cfg, p).run.name for p in studies.trial_params(cfg)}
     return pd.DataFrame([r for r in rows if r["run"] in wanted])
 
 

@@ -196,9 +196,12 @@ def analyze(cfg: SweepConf, results: pd.DataFrame):
     if not effect.empty:
         lines += ["Knobs ranked by their effect on the score against the base (at the last report both reached):",
                   "", markdown_table(effect), ""]
-    best = results.sort_values("geneval_per_cpu_minute", ascending=False).iloc[0]
-    lines.append(f"Highest GenEval-shapes per CPU-minute: `{best['trial']}` ({best['geneval']:.3f} in "
-                 f"{best['cpu_minutes']:.1f} CPU-minutes).")
+    # a trial ASHA stopped spent less, so per CPU-minute is compared among the trials that spent their budget
+    whole = results[results["stopped_at"].isna()] if results["stopped_at"].isna().any() else results
+    best = whole.sort_values("geneval_per_cpu_minute", ascending=False).iloc[0]
+    lines.append(f"Highest GenEval-shapes per CPU-minute among the trials that trained their whole budget: "
+                 f"`{best['trial']}` ({best['geneval']:.3f} in {best['cpu_minutes']:.1f} CPU-minutes; CPU-minutes "
+                 "from the median training rate, on a machine shared with other work).")
     lines += sampling_lines(cfg)
     fig, ax = pyplot().subplots(1, 1, figsize=(7, 4.5))
     for _, row in results.iterrows():
@@ -250,25 +253,43 @@ def finished_row(cfg: SweepConf, params: dict, c: TrainConf, summary: dict) -> d
 
 
 def record_stopped(cfg: SweepConf, grid) -> None:
-    """Write the row of each trial ASHA stopped (it never reached the end that writes one): its last report."""
+    """Write the row of each trial ASHA stopped (it never reached the end that writes one), from what it reported to
+    Tune: its scores at each report and its last report's figures. A trial that finished reported its row last
+    (it has a `run`), and wrote it itself."""
     from pipelines.geneval.credit import overall_credit
     from workloads.sweep.driver import results_location, trial_train_conf
-    from workloads.train.driver import run_location
 
     out = results_location(cfg)
+    metric = cfg.recipe.metric
     for result in grid:
+        m = result.metrics or {}
+        if result.error is not None or "run" in m or "step" not in m:
+            continue
         params = result.config["params"]
         c = trial_train_conf(cfg, params)
-        if result.error is not None or out.refreshed().exists(f"trials/{c.run.name}.json") or not result.metrics:
-            continue
-        m = result.metrics
-        scores = curve(run_location(c), cfg.recipe.metric)
+        history = result.metrics_dataframe
+        scores = [float(v) for v in history[metric].dropna()] if history is not None and metric in history else []
         row = {**{k: params[k] for k in ("depth", "train_shift", "formulation")}, "run": c.run.name,
                "trial": params["trial"], "knobs": json.dumps(params["knobs"]), "reports": len(scores),
                "stopped_at": len(scores), "curve": scores, "val_loss": m.get("val_loss"), "geneval": m.get("geneval"),
                "train_flops": m["step"] * c.trainer.batch_size * flops_per_sample(c, params["knobs"]),
                **overall_credit(m), **_timing(c, m["step"], m.get("samples_per_s"))}
-        out.write_bytes(f"trials/{c.run.name}.json", json.dumps(row).encode())
+        out.write_bytes(f"trials/{trial_file(params['trial'])}", json.dumps(row).encode())
+
+
+def trial_file(trial: str) -> str:
+    """The row file of a trial ASHA stopped, by its name (stable however the code that keys runs changes)."""
+    return "stopped-" + "".join(ch if ch.isalnum() or ch in "=.-" else "_" for ch in trial) + ".json"
+
+
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """One row per trial: the one that got furthest (a trial's finished row over an earlier stopped one)."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        kept = best.get(row["trial"])
+        if kept is None or row.get("reports", 0) > kept.get("reports", 0):
+            best[row["trial"]] = row
+    return list(best.values())
 
 
 def sampling_setting(cfg: SweepConf, c: TrainConf, knobs: dict):
@@ -345,6 +366,7 @@ def try_sampling(cfg: SweepConf, results: pd.DataFrame) -> None:
     table = {}
     for _, row in done.sort_values(r.metric, ascending=False).head(r.sampling_top).iterrows():
         c = trial_train_conf(cfg, next(p for p in trial_params(cfg) if p["trial"] == row["trial"]))
+        c.run.name = row["run"]  # the run the trial trained, as it named it
         task = ray.remote(sampling_scores).options(num_cpus=c.trainer.cpus_per_worker,
                                                    num_gpus=int(c.trainer.use_gpu))
         table[row["trial"]] = ray.get(task.remote(cfg, c, settings))
