@@ -93,7 +93,7 @@ def recipe_presets() -> dict[str, dict]:
                             "geneval_prompts_per_task": 4, "geneval_images_per_prompt": 2}}
     default = {
         "axes": {"object_size": [[0.3, 0.45]], "max_objects": [3], "background_low": [255], "resolution": [128],
-                 "latent_channels": [4], "patch_size": [1, 4], "depth": [3], "lr": [3e-4, 3e-3],
+                 "latent_channels": [4, 8], "patch_size": [1, 4], "depth": [3], "lr": [3e-4, 3e-3],
                  "batch_size": [16, 64], "ema_decay": [0.999], "warmup_steps": [300],
                  "guidance": [1.0, 2.0, 3.0, 5.0], "guidance_below": [0.6, 0.8], "sampling_shift": [3.0],
                  "sample_steps": [40]},

@@ -12,8 +12,8 @@ SIDE_RANGE = (0.1, 0.6)
 BACKGROUND_RANGE = (215, 255)
 OBJECTS_RANGE = (2, 4)  # GenEval's counting prompts ask for two to four objects (`pipelines.geneval.COUNTS`)
 # the latent widths of the shapes autoencoders the repository ships (`pipelines.synthetic.shapes_vae.shipped`):
-# SD3's 16, and 4 of the paper's Table 3 (its 8 when trained and shipped)
-AUTOENCODER_CHANNELS = (4, 16)
+# SD3's 16, and the 4 and 8 of the paper's Table 3
+AUTOENCODER_CHANNELS = (4, 8, 16)
 
 
 @dataclass(frozen=True)

