@@ -48,6 +48,15 @@ class TrainerConf:
     # that dimension dynamic, then no more); True: dynamic from the start (one compile for every bucket); False: one
     # compile per shape (each bucket's own kernels; more compiles)
     compile_dynamic: bool | None = None
+    # Seconds a collective (torch.distributed's, so DeepSpeed's too) waits for the other ranks before it fails the
+    # step and Ray Train restarts the group from the last checkpoint (trainer.max_failures); when a step runs that
+    # long, each rank dumps its Python stacks to <run>/stacks/rank<k>.txt and logs where it is. The session's start-up
+    # and first step get `first_step_timeout_s` (compiles, first reads, resume), as torchtitan's init timeout.
+    collective_timeout_s: float = 300.0
+    first_step_timeout_s: float = 600.0
+    # Test hook, never set in real runs: "<kind>@<step>:<rank>" makes that rank stall (`stall`: sleeps an hour) or
+    # raise MemoryError (`oom`) at that step, in every attempt, e.g. `stall@3:1`
+    fault_injection: str | None = None
 
     def compiles(self, device_type: str) -> bool:
         """Whether the blocks compile on a device of `device_type`: `compile`, or (None) on a GPU only."""
@@ -57,11 +66,32 @@ class TrainerConf:
         at_least(self, 1, "num_workers", "max_steps", "batch_size", "max_nonfinite")
         at_least(self, 0, "cpus_per_worker")
         at_least(self, -1, "max_failures")  # -1: forever
+        positive(self, "collective_timeout_s", "first_step_timeout_s")
+        if self.fault_injection is not None:
+            FaultInjection.parse(self.fault_injection, self.num_workers)
         if self.batch_size % self.num_workers:
             raise ValueError(f"trainer.batch_size={self.batch_size} (global) must be divisible by "
                              f"trainer.num_workers={self.num_workers}")
         if self.dtype == Dtype.float16:
             raise ValueError("trainer.dtype must be auto, float32 or bfloat16 (float16 training needs loss scaling)")
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """`trainer.fault_injection` parsed: which rank fails how at which step (a test hook)."""
+
+    KINDS = ("stall", "oom")
+    kind: str
+    step: int
+    rank: int
+
+    @classmethod
+    def parse(cls, text: str, num_workers: int) -> FaultInjection:
+        match = re.fullmatch(r"(\w+)@(\d+):(\d+)", text.strip())
+        if not match or match[1] not in cls.KINDS or int(match[2]) < 1 or int(match[3]) >= num_workers:
+            raise ValueError(f"trainer.fault_injection must be <kind>@<step>:<rank> with kind one of {cls.KINDS}, "
+                             f"step >= 1 and rank < trainer.num_workers={num_workers} (e.g. stall@3:1), got {text!r}")
+        return cls(match[1], int(match[2]), int(match[3]))
 
 
 @dataclass

@@ -19,9 +19,15 @@ from typing import Any
 
 LOGGER_PREFIX = "sd3."
 TRACEBACK_FLAG = "--traceback"
+
+
+class JobStopped(RuntimeError):
+    """A job stopped itself for a reason its message gives, with what to change (e.g. the same failure twice)."""
+
+
 # Errors a user fixes by changing the command: bad overrides, values a config rejects, missing inputs.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
-                                                 FileExistsError, PermissionError)
+                                                 FileExistsError, PermissionError, JobStopped)
 
 
 def logger(name: str) -> logging.Logger:

@@ -190,7 +190,7 @@ def _near(a, b, gap: int = 3) -> bool:
 def test_the_generators_style_draws_larger_fewer_objects_on_white_and_stays_true():
     from conf.shapes import OBJECTS_RANGE, Style
 
-    assert OBJECTS_RANGE == (min(geneval.COUNTS), max(geneval.COUNTS))  # the style's bound is GenEval's counts
+    assert (min(geneval.COUNTS), max(geneval.COUNTS)) == OBJECTS_RANGE  # the style's bound is GenEval's counts
 
     assert [make_sample(4, i, 64).caption for i in range(20)] == [make_sample(4, i, 64, Style()).caption
                                                                   for i in range(20)]

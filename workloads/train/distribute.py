@@ -4,6 +4,7 @@ rank's own slice of the weights, activation checkpointing per block and torch.co
 
 from __future__ import annotations
 
+import datetime
 import os
 import warnings
 from collections.abc import Callable
@@ -29,17 +30,21 @@ def load_deepspeed(device: torch.device) -> ModuleType:
     return deepspeed
 
 
-def init_distributed(device: torch.device) -> None:
-    """DeepSpeed's process group: NCCL on GPUs, gloo on CPUs. On CPU DeepSpeed's backend would first JIT-compile a
-    shared-memory all-reduce (`deepspeed_shm_comm`: about 40 s on 2 cores, again for every new environment) that only
-    its inference kernels call (`inference_all_reduce`); ZeRO's collectives go through torch.distributed. Marking
-    the op incompatible (the probe's cache is meant to be edited) skips the build."""
+def init_distributed(device: torch.device, timeout_s: float | None = None) -> None:
+    """DeepSpeed's process group: NCCL on GPUs, gloo on CPUs, collectives failing after `timeout_s` (None: torch's
+    default); under Ray Train the group exists already, made with `TorchConfig(timeout_s=...)`.
+
+    On CPU DeepSpeed's backend would first JIT-compile a shared-memory all-reduce (`deepspeed_shm_comm`: about 40 s
+    on 2 cores, again for every new environment) that only its inference kernels call (`inference_all_reduce`);
+    ZeRO's collectives go through torch.distributed. Marking the op incompatible (the probe's cache is meant to be
+    edited) skips the build."""
     deepspeed = load_deepspeed(device)
     if device.type == "cpu":
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
         deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", **timeout)
 
 
 def deepspeed_config(ds: DeepSpeedConf, optim: OptimConf, global_batch: int, world_size: int, bf16: bool,

@@ -11,6 +11,8 @@ checkpoint; running the same command again after the whole job died resumes it t
 from __future__ import annotations
 
 import json
+import math
+import uuid
 from dataclasses import dataclass
 
 from conf.checks import Objective, validate
@@ -21,9 +23,10 @@ from model.interop import config_from_diffusers
 from pipelines.geneval import TAGS
 from pipelines.storage import Location, join
 from workloads.evaluate.inline import PromptSet, encode_prompt_set
-from workloads.runtime import cli, ensure_ray, logger
+from workloads.runtime import JobStopped, cli, ensure_ray, logger
 from workloads.train import streaming
 from workloads.train.data import TENSOR_COLUMNS, check_spec, latent_shape, read_spec, training_columns
+from workloads.train.faults import FailureLog, stopped_reason
 from workloads.train.initialize import init_source
 from workloads.train.runlog import SUMMARY
 from workloads.train.validation import ValGroup, read_val_set
@@ -53,6 +56,7 @@ class Plan:
     geneval: PromptSet | object | None = None
     # what the training stream reads: the captions it can draw (`data.training_columns`), DPO's loser too
     tensor_columns: tuple[str, ...] = TENSOR_COLUMNS
+    session: str = ""  # this job's id: its failed attempts are counted apart from an earlier job's (`faults`)
 
 
 def check(cfg: TrainConf) -> None:
@@ -156,11 +160,13 @@ def run(cfg: TrainConf, callbacks: list | None = None):
     p = plan(cfg)
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from workloads.train.worker import train_loop
 
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2)  # + room for Ray Data's readers
+    p.session = uuid.uuid4().hex[:12]
+    failures = FailureLog(p.run.uri, cfg.endpoint_url, p.session)
     if cfg.validation.geneval_every:
         p.geneval = geneval_prompts(cfg, p.vae)
     files = {b: f for b, f in p.train_files.items() if p.batches.get(b)}
@@ -172,11 +178,15 @@ def run(cfg: TrainConf, callbacks: list | None = None):
         train_loop, train_loop_config={"cfg": cfg, "plan": p},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
                                                resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
-        run_config=run_config(cfg, callbacks),
+        run_config=run_config(cfg, [failures, *(callbacks or [])]),
         datasets=streaming.bucket_datasets(p.data, files, cfg.trainer.seed, materialize, p.holdout,
                                            p.tensor_columns),
-        dataset_config=streaming.ordered_ingest())
+        dataset_config=streaming.ordered_ingest(),
+        # the start-up and first step's collective timeout; the workers lower it after (`faults.StepDeadline`)
+        torch_config=TorchConfig(timeout_s=math.ceil(cfg.trainer.first_step_timeout_s)))
     result = trainer.fit()
+    if (reason := stopped_reason(p.run, p.session)) is not None:
+        raise JobStopped(reason)
     LOG.info(summary_table(p.run, cfg))
     return result
 

@@ -16,9 +16,10 @@ from ray.train.torch import get_device
 from conf.train import TrainConf
 from pipelines.storage import Location
 from workloads.runtime import logger, quiet_ray, setup_logging
-from workloads.train import checkpointing
+from workloads.train import checkpointing, faults
 from workloads.train.checkpointing import Checkpointer, TrainState
 from workloads.train.distribute import init_distributed
+from workloads.train.faults import StepDeadline
 from workloads.train.initialize import weight_loader
 from workloads.train.mfu import peak_tflops
 from workloads.train.progress import Progress
@@ -72,7 +73,9 @@ def worker(cfg: TrainConf, plan) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device() if cfg.trainer.use_gpu else torch.device("cpu")
-    init_distributed(device)
+    init_distributed(device, cfg.trainer.first_step_timeout_s)
+    if faults.stop_if_repeated(plan.run, plan.session):
+        return
     load = weight_loader(Location.of(cfg.init_from, cfg.endpoint_url)) if cfg.init_from else None
     trainer = Trainer(cfg, plan.text, device, load)
     state, source = resume(trainer, plan.run)
@@ -91,19 +94,27 @@ def worker(cfg: TrainConf, plan) -> None:
             LOG.info(f"GenEval-shapes of the starting weights: {before['geneval']:.3f}")
     checkpointer = Checkpointer(trainer, cfg.checkpoint.every, log, cfg.checkpoint.final)
     stream = epoch_stream(cfg, plan, rank, world)
-    while state.step < t.max_steps:
-        for index, bucket, batch in progress.timed(stream.epoch(state.epoch, state.offset)):
-            result = trainer.step(batch, state.step + 1)
-            state.step, state.offset = state.step + 1, index + 1
-            track_nonfinite(state, result.skipped, t.max_nonfinite)
-            final = state.step >= t.max_steps
-            record = progress.record(state, bucket, result) | validator.maybe_run(state.step, final)
-            progress.maybe_print(record, final)
-            checkpointer.maybe_save(state, final, progress.last)
-            if final:
-                break
-        else:
-            state.epoch, state.offset = state.epoch + 1, 0
+    deadline = StepDeadline(plan.run, rank, t.first_step_timeout_s, t.collective_timeout_s)
+    try:
+        while state.step < t.max_steps:
+            for index, bucket, batch in progress.timed(stream.epoch(state.epoch, state.offset)):
+                deadline.arm(state.step + 1)
+                faults.inject(t.fault_injection, t, rank, state.step + 1)
+                result = trainer.step(batch, state.step + 1)
+                state.step, state.offset = state.step + 1, index + 1
+                track_nonfinite(state, result.skipped, t.max_nonfinite)
+                final = state.step >= t.max_steps
+                record = progress.record(state, bucket, result) | validator.maybe_run(state.step, final)
+                progress.maybe_print(record, final)
+                checkpointer.maybe_save(state, final, progress.last)
+                if final:
+                    break
+            else:
+                state.epoch, state.offset = state.epoch + 1, 0
+    except Exception as error:
+        raise faults.step_failure(error, deadline.step or state.step + 1, rank, cfg) from error
+    finally:
+        deadline.close()
     finish(cfg, trainer, plan, state, progress, log, checkpointer.last_bytes)
 
 
