@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conf.sweep import register
@@ -32,7 +33,7 @@ def test_every_trial_is_scored_at_equal_compute_and_asha_stops_only_after_its_gr
     for _, row in results.iterrows():
         assert 1 <= row["reports"] <= cfg.recipe.reports and len(row["curve"]) == row["reports"]
         assert 0 <= row["geneval"] <= 1 and 0 <= row["credit_count"] <= 1 and "chance_count" in row
-        stopped = row["stopped_at"] == row["stopped_at"]  # not NaN: ASHA stopped it
+        stopped = not pd.isna(row["stopped_at"])  # ASHA stopped it
         assert row["reports"] == (row["stopped_at"] if stopped else cfg.recipe.reports)
         assert row["stopped_at"] >= cfg.recipe.grace if stopped else True
     budget = results.loc[results["stopped_at"].isna(), "train_flops"]

@@ -153,8 +153,10 @@ def test_the_interrupted_command_resumes_and_each_run_trains_once(reproduced):
     # two trials train side by side (concurrent_trials): the second may also have finished before the signal landed
     assert 1 <= len(interrupted) <= len(FORMULATIONS) and "[sweep] resuming" in printed
     trials = study(cfg, "formulation") / "trials"
-    for name, (record, mtime) in interrupted.items():  # a trial finished before the signal is kept, not re-run
-        assert (trials / name).read_bytes() == record and (trials / name).stat().st_mtime_ns == mtime, name
+    # a trial finished before the signal keeps its record (Tune may report it once more when the signal landed before
+    # it recorded the trial's end: the same row, rewritten from the finished run, not a retrained one)
+    for name, (record, _) in interrupted.items():
+        assert (trials / name).read_bytes() == record, name
     runs = trained_runs(cfg)
     # d1 and d2 (depth; d2 is also the formulation, steps, 32-px shift and original-captions run), eps/linear at
     # d2, d2 at 64 px, the caption mix at d2; DPO too when the 4-step runs drew a correct and an incorrect image

@@ -189,8 +189,8 @@ def test_killed_worker_is_replaced_and_the_trajectory_is_unchanged(request, stag
     result = outcome["result"]
     assert result.error is None and result.metrics["step"] == STEPS
     events = read_records(uri, EVENTS)
-    assert [e["event"] for e in events] == ["started", "resumed", "finished"]
-    assert events[1]["step"] in (4, 8)
+    assert [e["event"] for e in events] == ["started", "failed", "resumed", "finished"]  # the kill is recorded
+    assert events[2]["step"] in (4, 8)
     assert losses(uri) == losses(expected)
 
 
@@ -388,8 +388,8 @@ def test_dpo_on_zero3_trains_only_lora_adapters_scores_before_and_after_and_expo
     assert 0.0 <= summary["geneval_before"] <= 1.0 and summary["geneval_after"] == records[-1]["geneval"]
     assert set(summary["geneval_tasks_before"]) == set(summary["geneval_tasks_after"]) >= {"counting", "position"}
     events = read_records(str(folder), EVENTS)
-    assert [e["event"] for e in events] == ["started", "geneval_before", "resumed", "finished"]
-    assert events[2]["step"] in (2, 4)
+    assert [e["event"] for e in events] == ["started", "geneval_before", "failed", "resumed", "finished"]
+    assert events[3]["step"] in (2, 4)
     assert summary["trained_params"] == lora_numel(FLAVORS["debug"], cfg.lora) < summary["params"] / 5
     full = sum(p.stat().st_size for p in (base / checkpointing.dir_name(STEPS)).rglob("*") if p.is_file())
     assert summary["checkpoint_bytes"] < full / 3  # adapters and their optimizer state only, no frozen base

@@ -27,7 +27,7 @@ def tiny_overrides(data: str, storage: str, name: str, workers: int, steps: int)
     """A run of a few steps that validates and checkpoints only where a test asks (command-line form)."""
     return [f"data={data}", f"run.storage={storage}", f"run.name={name}", f"trainer.num_workers={workers}",
             f"trainer.batch_size={2 * workers}", f"trainer.max_steps={steps}", "validation.every=1000",
-            "validation.samples=2", "validation.batch_size=2", "validation.grid_prompts=1",
+            f"validation.samples={4 * workers}", "validation.batch_size=2", "validation.grid_prompts=1",
             "validation.grid_per_prompt=1", "validation.sample_steps=1", "validation.text_gap=false",
             "checkpoint.every=1000", "checkpoint.final=false", "metrics.tensorboard=false", "export=false",
             "loader.materialize=true", "loader.shuffle_buffer=8"]
