@@ -14,6 +14,7 @@ OBJECTS_RANGE = (2, 4)  # GenEval's counting prompts ask for two to four objects
 # the latent widths of the shapes autoencoders the repository ships (`pipelines.synthetic.shapes_vae.shipped`):
 # SD3's 16, and the 4 and 8 of the paper's Table 3
 AUTOENCODER_CHANNELS = (4, 8, 16)
+AUTOENCODER_DOWNSAMPLE = 8  # every shipped one shrinks each side 8x, as SD3's VAE: latents are 1/8 of the pixels
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,12 @@ def test_tiny_models_carry_the_shipped_autoencoder(tmp_path):
 
 
 def test_every_shipped_width_loads_through_the_tiny_models_and_reconstructs(tmp_path):
-    from conf.shapes import AUTOENCODER_CHANNELS
+    from conf.shapes import AUTOENCODER_CHANNELS, AUTOENCODER_DOWNSAMPLE
+    from pipelines.encoders import downsample
 
     for channels in AUTOENCODER_CHANNELS:
         vae = shapes_vae.load(shapes_vae.shipped(channels))
-        assert vae.config.latent_channels == channels
+        assert vae.config.latent_channels == channels and downsample(vae) == AUTOENCODER_DOWNSAMPLE
         figures = json.loads((shapes_vae.shipped(channels) / "training.json").read_text())
         assert figures["config"]["latent_channels"] == channels if channels != 16 else True  # 16: from before the field
         assert shapes_vae.evaluate(vae, 16, 128)["psnr"] > 25  # 27.8-31.8 dB on 256 held-out images

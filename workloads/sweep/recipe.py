@@ -19,12 +19,12 @@ from typing import Any
 import pandas as pd
 
 from conf.recipe import KNOBS, RecipeConf
+from conf.shapes import AUTOENCODER_DOWNSAMPLE
 from conf.sweep import SweepConf
 from conf.train import TrainConf
 from pipelines.storage import Location, join
 
 BASE = "base"
-SHAPES_VAE_DOWNSAMPLE = 8  # every shapes autoencoder halves the side four times... three: 8x, as SD3's
 
 
 def knob_value(value: Any) -> Any:
@@ -111,7 +111,7 @@ def flops_per_sample(c: TrainConf, knobs: dict) -> float:
     from model import train_flops
     from model.conditioning import TINY_TEXT
 
-    side = int(knobs["resolution"]) // SHAPES_VAE_DOWNSAMPLE
+    side = int(knobs["resolution"]) // AUTOENCODER_DOWNSAMPLE
     return train_flops(c.model.build(), side, side, text_tokens=TINY_TEXT.text_tokens)
 
 
@@ -124,7 +124,7 @@ def trial_conf(cfg: SweepConf, knobs: dict) -> TrainConf:
     c.model = c.model.with_depth(int(knobs["depth"]))
     c.model.patch_size = int(knobs["patch_size"])
     c.model.in_channels = int(knobs["latent_channels"])
-    c.model.sample_size = max(c.model.build().sample_size, int(knobs["resolution"]) // SHAPES_VAE_DOWNSAMPLE)
+    c.model.sample_size = max(c.model.build().sample_size, int(knobs["resolution"]) // AUTOENCODER_DOWNSAMPLE)
     c.optim.lr, c.optim.warmup_steps = float(knobs["lr"]), int(knobs["warmup_steps"])
     c.trainer.batch_size, c.ema.decay = int(knobs["batch_size"]), float(knobs["ema_decay"])
     per_report = max(1, math.floor(r.budget_flops / (flops_per_sample(c, knobs) * c.trainer.batch_size * r.reports)))
