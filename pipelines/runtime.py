@@ -215,6 +215,16 @@ def start_local_ray(num_cpus: int, **init: Any) -> str:
     return address
 
 
+def stop_local_ray() -> None:
+    """Shut down this process's Ray; when this process started that cluster (`start_local_ray`), its RAY_ADDRESS goes
+    with it, so nothing later in the process (Ray's job client, another `ensure_ray`) reaches for a dead cluster."""
+    import ray
+
+    ray.shutdown()
+    if os.environ.get(LOCAL_RAY_OWNER) == str(os.getpid()):
+        _restore({"RAY_ADDRESS": None, LOCAL_RAY_OWNER: None})
+
+
 def _restore(values: dict[str, str | None]) -> None:
     for name, value in values.items():
         if value is None:

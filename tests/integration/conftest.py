@@ -58,23 +58,21 @@ def s3() -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def ray_local(s3: S3Server) -> Iterator[None]:
-    """One local Ray for the session, started after the S3 environment so its workers inherit it.
+    """One local Ray for the session, started after the S3 environment so its workers inherit it, with its address
+    exported as a job's is (`start_local_ray`), so a cluster of another process on the machine does not confuse it.
 
     More logical CPUs than the 2 cores: the job's decode tasks and three model actor pools (fractional CPUs) must be
     schedulable at once, or the pipeline waits forever (FIELD_NOTES).
     """
-    import ray
-
-    from workloads.runtime import local_ray_system_config, local_train_environment
+    from pipelines.runtime import start_local_ray, stop_local_ray
+    from workloads.runtime import local_train_environment
 
     local_train_environment(health_check_s=0.2)  # the controller notices a report or a run's end sooner still
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
-             _system_config=local_ray_system_config(4))
+    start_local_ray(4, include_dashboard=False, configure_logging=False)
     try:
         yield
     finally:
-        ray.shutdown()
+        stop_local_ray()
 
 
 @pytest.fixture(scope="session")
