@@ -80,6 +80,15 @@ def in_unit_interval(owner: object, *names: str, open_right: bool = False) -> No
             raise ValueError(f"{section}.{name} must be in [0, 1{')' if open_right else ']'}, got {value}")
 
 
+def guidance_interval(owner: object) -> None:
+    """Raise ValueError naming `<section>.guidance_below` unless it is in (0, 1]: CFG applies at t <= it, 1 at every
+    step (`model.sampling.guided_velocity`)."""
+    value = owner.guidance_below
+    if not 0.0 < value <= 1.0:
+        section = getattr(owner, "SECTION", type(owner).__name__)
+        raise ValueError(f"{section}.guidance_below must be in (0, 1] (1: guidance at every step), got {value}")
+
+
 @dataclass
 class SkipLayerFields:
     """The skip-layer guidance fields every sampling job's config takes (validation, evaluation, pairs, the sweep):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from conf.checks import Device, Sampler, SkipLayerFields, at_least, positive
+from conf.checks import Device, Sampler, SkipLayerFields, at_least, guidance_interval, positive
 
 INCEPTION = "inception-2015-12-05.pt"  # the FID network's file: TensorFlow's FID Inception, as TorchScript
 
@@ -69,6 +69,7 @@ class EvaluateConf(SkipLayerFields):
     resolution: int = 64
     steps: int = 28
     guidance: float = 4.0
+    guidance_below: float = 1.0  # CFG only at t <= this (a guidance interval); 1: at every step
     shift: float = 1.0
     sampler: Sampler = Sampler.euler
     seed: int = 0
@@ -88,6 +89,7 @@ class EvaluateConf(SkipLayerFields):
         at_least(self, 1, "batch_size", "images_per_prompt", "steps", "resolution")
         at_least(self, 0, "grid_images", "guidance")
         positive(self, "shift")
+        guidance_interval(self)
         at_least(self, 1, "prompts_per_task", optional=True)
         if self.resolution % 8:
             raise ValueError(f"evaluate.resolution must be a multiple of 8, got {self.resolution}")

@@ -16,6 +16,7 @@ from conf.checks import (
     SkipLayerFields,
     ZeroStage,
     at_least,
+    guidance_interval,
     in_unit_interval,
     positive,
 )
@@ -217,6 +218,7 @@ class ValidationConf(SkipLayerFields):
     sample_steps: int = 28
     sampler: Sampler = Sampler.euler
     guidance: float = 5.0
+    guidance_below: float = 1.0  # CFG only at t <= this (a guidance interval); 1: at every step
     shift: float | None = None  # sampling shift; None: the training shift
     # GenEval on shapes (`workloads.evaluate`) of the EMA weights every `geneval_every` steps and at the end, with
     # the sampling settings above; 0: off. Logs `geneval` and `geneval_<task>` to metrics.jsonl and TensorBoard.
@@ -239,6 +241,7 @@ class ValidationConf(SkipLayerFields):
         at_least(self, 0, "geneval_every", "guidance")
         if self.shift is not None and self.shift <= 0:
             raise ValueError(f"validation.shift must be positive, got {self.shift}")
+        guidance_interval(self)
         self.check_skip_layer_fields()
 
 

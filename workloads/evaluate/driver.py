@@ -177,7 +177,8 @@ def sample_prompts(cfg: EvaluateConf, out: Location) -> Location:
         LOG.info(f"sampling {len(prompts)} prompts x {cfg.images_per_prompt} images with {cfg.run}")
         return generate(prompts, cfg.images_per_prompt, out, cfg.batch_size, export=export, models=models,
                         resolution=cfg.resolution, steps=cfg.steps, guidance=cfg.guidance, shift=cfg.shift,
-                        sampler=str(cfg.sampler), seed=cfg.seed, slg=cfg.skip_layer_guidance)
+                        sampler=str(cfg.sampler), seed=cfg.seed, slg=cfg.skip_layer_guidance,
+                        guidance_below=cfg.guidance_below)
 
 
 def real_image_metrics(cfg: EvaluateConf, items: list[Item], images: Location) -> dict[str, float]:

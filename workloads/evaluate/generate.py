@@ -25,7 +25,7 @@ class Generator:
 
     def __init__(self, export: str, models: str, resolution: int, steps: int, guidance: float, shift: float,
                  sampler: str, seed: int, use_gpu: bool, threads: int = 0, keep_latents: bool = False,
-                 slg: SkipLayerGuidance | None = None) -> None:
+                 slg: SkipLayerGuidance | None = None, guidance_below: float = 1.0) -> None:
         from pipelines.encoders import TextEncoders, downsample
         from workloads.train.validation import LatentDecoder
 
@@ -43,7 +43,7 @@ class Generator:
                              f"{(net.context_dim, net.pooled_dim)}: pass the models= its data was preprocessed with")
         self.latent_side = resolution // downsample(self.decoder.vae)
         self.steps, self.guidance, self.shift, self.sampler, self.seed = steps, guidance, shift, sampler, seed
-        self.slg = slg
+        self.slg, self.guidance_below = slg, guidance_below
         self.keep_latents = keep_latents
 
     @torch.no_grad()
@@ -55,7 +55,8 @@ class Generator:
         noise = fixed_noise(batch["prompt_index"], batch["k"], (c, self.latent_side, self.latent_side),
                             self.seed).to(self.device)
         latents = sample(self.network, noise, context, pooled, steps=self.steps, guidance=self.guidance,
-                         shift=self.shift, method=self.sampler, slg=self.slg)
+                         shift=self.shift, method=self.sampler, slg=self.slg,
+                         guidance_below=self.guidance_below)
         pixels = to_uint8(self.decoder(latents))  # (B, H, W, 3)
         pngs = []
         for image in pixels:

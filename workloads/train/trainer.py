@@ -198,14 +198,15 @@ class Trainer:
         with self.ema_weights():
             return sample_latents(self.engine, group, self.text, v.grid_prompts, v.grid_per_prompt, v.sample_steps,
                                   v.guidance, o.shift if v.shift is None else v.shift, v.sampler, o.formulation,
-                                  self.cfg.trainer.seed, self.device, self.dtype, slg=v.skip_layer_guidance)
+                                  self.cfg.trainer.seed, self.device, self.dtype, slg=v.skip_layer_guidance,
+                                  guidance_below=v.guidance_below)
 
     def geneval_latents(self, prompts: PromptSet, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """Latents of the GenEval prompt set with the EMA weights, each rank sampling its share (all on every
         rank): (n, C, h, w)."""
         v, o = self.cfg.validation, self.cfg.objective
         how = Sampling(v.sample_steps, v.guidance, o.shift if v.shift is None else v.shift, str(v.sampler),
-                       o.formulation, self.cfg.trainer.seed, v.skip_layer_guidance)
+                       o.formulation, self.cfg.trainer.seed, v.skip_layer_guidance, v.guidance_below)
         with self.ema_weights():
             return sample_prompt_set(self.engine, prompts, self.text, latent_shape, how, self.device, self.dtype,
                                      v.batch_size)

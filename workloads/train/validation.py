@@ -117,16 +117,17 @@ def distributed_val_loss(network, groups: list[ValGroup], text: TextConditioning
 def sample_latents(network, group: ValGroup, text: TextConditioningConfig, prompts: int, per_prompt: int,
                    steps: int, guidance: float, shift: float, method: str, formulation: str, seed: int,
                    device: torch.device, dtype: torch.dtype,
-                   slg: SkipLayerGuidance | None = None) -> tuple[torch.Tensor, list[str]]:
-    """CFG samples (with skip-layer guidance `slg` if set) for the group's first `prompts` captions, `per_prompt`
-    fixed noises each: (P * n, C, h, w)."""
+                   slg: SkipLayerGuidance | None = None,
+                   guidance_below: float = 1.0) -> tuple[torch.Tensor, list[str]]:
+    """CFG samples (with skip-layer guidance `slg` if set, CFG only at t <= `guidance_below`) for the group's first
+    `prompts` captions, `per_prompt` fixed noises each: (P * n, C, h, w)."""
     rows = np.repeat(np.arange(min(prompts, len(group))), per_prompt)
     batch = {k: v.to(device) for k, v in group.tensors(rows).items()}
     _, context, pooled = to_model_inputs(choose_captions(batch, False), text, drop_prob=0.0, dtype=dtype)
     shape = tuple(batch[schema.LATENT].shape[1:])
     noise = torch.randn((len(rows), *shape), generator=torch.Generator().manual_seed(seed)).to(device, dtype)
     latents = sample(network, noise, context, pooled, steps=steps, guidance=guidance, shift=shift, method=method,
-                     formulation=formulation, slg=slg)
+                     formulation=formulation, slg=slg, guidance_below=guidance_below)
     return latents.float().cpu(), [group.captions[i] for i in range(min(prompts, len(group)))]
 
 
