@@ -7,6 +7,7 @@ Nothing is written into files.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -15,6 +16,64 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+# A write refused for want of room: no space left on the device, or over the user's quota. Neither goes away by
+# retrying, so the jobs stop on it once (`DiskFull`) instead of spending their retries.
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+FULL_WORDS = ("No space left on device", "Disk quota exceeded")
+
+
+class DiskFull(OSError):
+    """A write that found no room, with where, how many bytes it needed and how many were free (None: unknown)."""
+
+    def __init__(self, path: str, needed: int | None, free: int | None, then: str = "") -> None:
+        super().__init__(errno.ENOSPC, disk_full_message(path, needed, free, then))
+        self.path, self.needed, self.free, self.then = path, needed, free, then
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # crosses Ray's boundary (a task's or a worker's error) with its fields
+        return (type(self), (self.path, self.needed, self.free, self.then))
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "an unknown number of bytes"
+    return f"{n:,} bytes ({n / 2**20:.1f} MiB)"
+
+
+def disk_full_message(path: str, needed: int | None, free: int | None, then: str = "") -> str:
+    """One line: the path a write failed on, the bytes it needed, the bytes free there, and what to do."""
+    then = then or "free space there (or write elsewhere) and run the same command again"
+    return f"disk full: writing {path} needs {_size(needed)}, {_size(free)} free; {then}"
+
+
+def free_bytes(path: str) -> int | None:
+    """Bytes free to this user on the local filesystem holding `path` (its nearest existing folder); None for an
+    object store or a path that cannot be examined. A quota (EDQUOT) may allow less than this."""
+    if is_remote(path):
+        return None
+    path = os.path.abspath(path.removeprefix("file://"))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is a write refused for want of room (ENOSPC or EDQUOT;
+    pyarrow's and Ray's wrappers carry only the message)."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, DiskFull) or (isinstance(error, OSError) and error.errno in FULL_ERRNOS):
+            return True
+        if any(word in str(error) for word in FULL_WORDS):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 def endpoint_from_env() -> str | None:
@@ -112,9 +171,9 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         return
     path = fs._strip_protocol(path)
     folder = os.path.dirname(path)
-    os.makedirs(folder or ".", exist_ok=True)
     temporary = _temporary_name(path)
     try:
+        os.makedirs(folder or ".", exist_ok=True)
         # os.open rather than mkstemp: the file gets the usual permissions (0o666 less the umask), not 0o600
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
@@ -125,9 +184,11 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
+        if is_disk_full(error) and not isinstance(error, DiskFull):
+            raise DiskFull(path, len(data), free_bytes(path)) from error
         raise
     _fsync_folder(folder or ".")
 
@@ -158,17 +219,28 @@ def write_folder(fs: fsspec.AbstractFileSystem, local: str, path: str) -> None:
         os.rename(aside, path)  # a kill between the two renames below: the old folder is whole, put it back
     for leftover in (staging, aside):
         shutil.rmtree(leftover, ignore_errors=True)
-    shutil.copytree(local, staging)
-    for folder, _, files in os.walk(staging):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_folder(folder)
+    try:
+        shutil.copytree(local, staging)
+        for folder, _, files in os.walk(staging):
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
+            _fsync_folder(folder)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk leaves no staging folder behind
+        if is_disk_full(error):
+            raise DiskFull(path, folder_bytes(local), free_bytes(path)) from error
+        raise
     if os.path.exists(path):
         os.rename(path, aside)
     os.rename(staging, path)
     _fsync_folder(os.path.dirname(path) or ".")
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def folder_bytes(local: str) -> int:
+    """The bytes of the files under a local folder."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local) for f in files)
 
 
 def _temporary_name(path: str) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines.storage import Location, join
+from pipelines.storage import DiskFull, Location, folder_bytes, free_bytes, is_disk_full, join
 from workloads.runtime import logger
 
 LOG = logger("train")
@@ -138,34 +138,102 @@ def full_ema(folder: Path) -> tuple[list[str], list[torch.Tensor]]:
 
 
 class Checkpointer:
-    """Saves a checkpoint every `checkpoint.every` steps and, with `at_end`, at the last: every rank writes its part
-    into its own folder and `ray.train.report` merges them into `<run>/checkpoint_step=N/` (a barrier: all ranks call
-    it)."""
+    """Saves a checkpoint every `checkpoint.every` steps and, with `at_end`, at the last (or when asked, `save`):
+    every rank writes its part into a local folder and copies it into `<run>/checkpoint_step=N/`, its completeness
+    list last; once every rank's copy is there, `ray.train.report` registers the folder with Ray Train (a barrier:
+    all ranks call it). A full disk on any rank removes the half-written folder and raises `DiskFull` on every rank,
+    with the bytes the checkpoint needs and the bytes free."""
 
-    def __init__(self, trainer, every: int, log, at_end: bool = True) -> None:
-        self.trainer, self.every, self.log, self.at_end = trainer, every, log, at_end
+    def __init__(self, trainer, every: int, log, at_end: bool = True, run: Location | None = None) -> None:
+        self.trainer, self.every, self.log, self.at_end, self.run = trainer, every, log, at_end, run
         self.last_bytes: int | None = None  # the last checkpoint's size over all ranks
+        self.last_step: int | None = None  # the step of the last checkpoint this session wrote
 
     def maybe_save(self, state: TrainState, final: bool, metrics: dict) -> bool:
         if state.step % self.every and not (final and self.at_end):
             return False
+        self.save(state, metrics)
+        return True
+
+    def save(self, state: TrainState, metrics: dict) -> None:
         import tempfile
 
         import ray.train
         import torch.distributed as dist
 
+        target = self.run.child(dir_name(state.step))
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            self.trainer.save(Path(tmp), state)
+            error: BaseException | None = None
+            try:
+                self.trainer.save(Path(tmp), state)
+            except Exception as caught:
+                error = disk_full_or_raise(caught, tmp, state.step)
             # on the trainer's device: a GPU job's process group is NCCL only, which refuses CPU tensors
-            size = torch.tensor([sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())],
-                                dtype=torch.float64, device=self.trainer.device)
-            dist.all_reduce(size)
-            self.last_bytes = int(size.item())
+            sizes = torch.tensor([folder_bytes(tmp), float(error is not None)], dtype=torch.float64,
+                                 device=self.trainer.device)
+            dist.all_reduce(sizes)
+            self.last_bytes = int(sizes[0].item())
+            if not sizes[1].item():
+                try:
+                    upload(Path(tmp), target)
+                except Exception as caught:
+                    error = disk_full_or_raise(caught, target.uri, state.step)
+            failed = torch.tensor([float(error is not None)], device=self.trainer.device)
+            dist.all_reduce(failed)  # also: every rank's copy is complete before rank 0 looks at the folder
+            if failed.item():
+                self.give_up(target, state.step, error)
             if self.log is not None:
                 self.log.sync()
-            if self.log is not None:
                 LOG.info(f"checkpoint {state.step}: {self.last_bytes / 2**20:.1f} MiB over all ranks")
             report = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)}
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=dir_name(state.step))
-        return True
+            storage = ray.train.get_context().get_storage()
+            # Ray seam: the ranks copied their files themselves (above), so Ray Train only registers the folder
+            checkpoint = ray.train.Checkpoint(path=f"{storage.experiment_fs_path}/{dir_name(state.step)}",
+                                              filesystem=storage.storage_filesystem)
+            ray.train.report(report, checkpoint=checkpoint if self.log is not None else None,
+                             checkpoint_dir_name=dir_name(state.step),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        self.last_step = state.step
+
+    def give_up(self, target: Location, step: int, error: BaseException | None) -> None:
+        """A rank found no room: rank 0 removes the half-written folder, and every rank raises the first message."""
+        import torch.distributed as dist
+
+        if self.log is not None and target.refreshed().exists():
+            target.fs.rm(target.root, recursive=True)
+        mine = None
+        if isinstance(error, DiskFull):  # the run folder (all ranks' bytes), or this rank's local temporary folder
+            needed = self.last_bytes if error.path == target.uri else error.needed
+            mine = str(DiskFull(error.path, needed, free_bytes(error.path), resume_hint(self.run, step)))
+        messages: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, mine)
+        raise CheckpointDiskFull(next(m for m in messages if m is not None))
+
+
+class CheckpointDiskFull(RuntimeError):
+    """Every rank's error when a checkpoint found no room: the one-line message of the rank that hit it."""
+
+
+def resume_hint(run: Location, step: int) -> str:
+    latest = find_latest(run)
+    where = f"from {latest.uri}" if latest is not None else "from the start (no complete checkpoint yet)"
+    return f"free space, then run the same command: it resumes {where}; checkpoint {step} was not kept"
+
+
+def disk_full_or_raise(error: BaseException, path: str, step: int) -> DiskFull:
+    """A write error that is a full disk, as a DiskFull naming `path`; any other error is raised again."""
+    if not is_disk_full(error):
+        raise error
+    LOG.error(f"no room for checkpoint {step} at {path}: {error}")
+    return error if isinstance(error, DiskFull) else DiskFull(path, None, free_bytes(path))
+
+
+def upload(local: Path, target: Location) -> None:
+    """This rank's checkpoint files into the run's checkpoint folder, its completeness list last (so a copy cut short
+    is never taken for a complete one). Ranks write different names into the same folder."""
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name.startswith("complete_rank"))
+    for path in files:
+        relative = path.relative_to(local).as_posix()
+        destination = target.path(relative)
+        target.fs.makedirs(destination.rsplit("/", 1)[0], exist_ok=True)
+        target.fs.put_file(str(path), destination)

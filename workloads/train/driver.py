@@ -24,9 +24,9 @@ from pipelines.geneval import TAGS
 from pipelines.storage import Location, join
 from workloads.evaluate.inline import PromptSet, encode_prompt_set
 from workloads.runtime import JobStopped, cli, ensure_ray, logger
-from workloads.train import streaming
+from workloads.train import preemption, streaming
 from workloads.train.data import TENSOR_COLUMNS, check_spec, latent_shape, read_spec, training_columns
-from workloads.train.faults import FailureLog, stopped_reason
+from workloads.train.faults import STOPPED, FailureLog, stopped_reason
 from workloads.train.initialize import init_source
 from workloads.train.runlog import SUMMARY
 from workloads.train.validation import ValGroup, read_val_set
@@ -57,6 +57,7 @@ class Plan:
     # what the training stream reads: the captions it can draw (`data.training_columns`), DPO's loser too
     tensor_columns: tuple[str, ...] = TENSOR_COLUMNS
     session: str = ""  # this job's id: its failed attempts are counted apart from an earlier job's (`faults`)
+    stop: object | None = None  # the driver's `preemption.StopRequest` actor: how its SIGTERM reaches the workers
 
 
 def check(cfg: TrainConf) -> None:
@@ -166,6 +167,7 @@ def run(cfg: TrainConf, callbacks: list | None = None):
 
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2)  # + room for Ray Data's readers
     p.session = uuid.uuid4().hex[:12]
+    p.stop = preemption.StopRequest.remote()
     failures = FailureLog(p.run.uri, cfg.endpoint_url, p.session)
     if cfg.validation.geneval_every:
         p.geneval = geneval_prompts(cfg, p.vae)
@@ -184,9 +186,15 @@ def run(cfg: TrainConf, callbacks: list | None = None):
         dataset_config=streaming.ordered_ingest(),
         # the start-up and first step's collective timeout; the workers lower it after (`faults.StepDeadline`)
         torch_config=TorchConfig(timeout_s=math.ceil(cfg.trainer.first_step_timeout_s)))
-    result = trainer.fit()
-    if (reason := stopped_reason(p.run, p.session)) is not None:
+    with preemption.driver_sigterm(p.stop):
+        result = trainer.fit()
+    outcome = result.return_value or {}
+    if (reason := outcome.get(STOPPED) or stopped_reason(p.run, p.session)) is not None:
         raise JobStopped(reason)
+    if (where := outcome.get(preemption.INTERRUPTED)) is not None:
+        LOG.warning(f"stopped by SIGTERM after step {where['step']} of {cfg.trainer.max_steps}: checkpoint "
+                    f"{where['checkpoint']}; run the same command to resume")
+        return result
     LOG.info(summary_table(p.run, cfg))
     return result
 

@@ -12,11 +12,13 @@ import datetime
 import json
 import math
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines.storage import Location, join, write_bytes
+from pipelines.storage import DiskFull, Location, disk_full_message, free_bytes, is_disk_full, join, write_bytes
 from workloads.runtime import logger
 
 LOG = logger("train")
@@ -56,7 +58,7 @@ def jsonl(records: list[dict]) -> bytes:
 
 class RunLog:
     def __init__(self, run: Location, resume_step: int, tensorboard: bool = True) -> None:
-        self.fs, self.root = run.fs, run.root
+        self.fs, self.root, self.uri = run.fs, run.root, run.uri
         self.remote = run.remote
         self.local = Path(tempfile.mkdtemp(prefix="run-")) if self.remote else Path(self.root)
         self.local.mkdir(parents=True, exist_ok=True)
@@ -64,8 +66,10 @@ class RunLog:
         # mid-rewrite leaves the old file, and a line a killed run cut short is gone before the next append.
         local = LocalFileSystem()
         kept = [r for r in read_records(run, METRICS) if r["step"] <= resume_step]
-        write_bytes(local, str(self.local / METRICS), jsonl(kept))
-        write_bytes(local, str(self.local / EVENTS), jsonl(read_records(run, EVENTS)))
+        self.full: str | None = None  # a write found no room: the message; the run stops at the next step boundary
+        with self.room(METRICS):
+            write_bytes(local, str(self.local / METRICS), jsonl(kept))
+            write_bytes(local, str(self.local / EVENTS), jsonl(read_records(run, EVENTS)))
         # unbuffered: each record is one write call of a whole line
         self.metrics = (self.local / METRICS).open("ab", buffering=0)
         self.writer = None
@@ -80,8 +84,25 @@ class RunLog:
         out.parent.mkdir(parents=True, exist_ok=True)
         return out
 
+    @contextmanager
+    def room(self, name: str) -> Iterator[None]:
+        """A write of `name` that finds the disk full is dropped and remembered in `full` (the run stops cleanly at
+        the next step boundary, every rank agreeing) instead of failing this rank alone."""
+        try:
+            yield
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            if self.full is None:
+                path = join(self.uri, name)
+                self.full = str(error) if isinstance(error, DiskFull) else disk_full_message(
+                    path, None, free_bytes(path), "free space there, then run the same command: it resumes from the "
+                    "last checkpoint")
+                LOG.error(self.full)
+
     def log(self, record: dict) -> None:
-        self.metrics.write((json.dumps(record) + "\n").encode())
+        with self.room(METRICS):
+            self.metrics.write((json.dumps(record) + "\n").encode())
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float) and math.isfinite(value):
@@ -90,7 +111,7 @@ class RunLog:
     def event(self, kind: str, **fields) -> None:
         """One line in `events.jsonl`, the run's history (starts, resumptions, the end); never truncated."""
         record = {"event": kind, "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **fields}
-        with (self.local / EVENTS).open("ab", buffering=0) as events:
+        with self.room(EVENTS), (self.local / EVENTS).open("ab", buffering=0) as events:
             events.write((json.dumps(record) + "\n").encode())  # one write call of a whole line
         self.sync((EVENTS,))
 

@@ -14,10 +14,10 @@ import torch.distributed as dist
 from ray.train.torch import get_device
 
 from conf.train import TrainConf
-from pipelines.storage import Location
+from pipelines.storage import DiskFull, Location
 from workloads.runtime import logger, quiet_ray, setup_logging
-from workloads.train import checkpointing, faults
-from workloads.train.checkpointing import Checkpointer, TrainState
+from workloads.train import checkpointing, faults, preemption
+from workloads.train.checkpointing import CheckpointDiskFull, Checkpointer, TrainState
 from workloads.train.distribute import init_distributed
 from workloads.train.faults import StepDeadline
 from workloads.train.initialize import weight_loader
@@ -56,26 +56,36 @@ def track_nonfinite(state: TrainState, skipped: bool, limit: int) -> None:
                                  "the data, then resume from the last checkpoint")
 
 
-def export(trainer: Trainer, run: Location, log: RunLog | None) -> None:
+def export(trainer: Trainer, run: Location, log: RunLog | None) -> str | None:
     """<run>/export/: the EMA weights for diffusers (every rank joins: the ZeRO-3 gather is collective). It replaces
     an earlier export whole (`Location.write_folder`): on local disk a kill leaves the old export or the new one,
-    never half of one; on an object store, whole files of both until the write is done."""
+    never half of one; on an object store, whole files of both until the write is done. Returns rank 0's disk-full
+    message when the export found no room (nothing of it is left; the checkpoints are kept)."""
+    full = None
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         trainer.export(Path(tmp))
         if log is not None:
-            run.write_folder("export", tmp)
+            try:
+                run.write_folder("export", tmp)
+            except DiskFull as error:
+                full = str(DiskFull(error.path, error.needed, error.free, "free space there, then run the same "
+                                    "command: it writes the export from the last checkpoint"))
     dist.barrier()
+    return full
 
 
-def worker(cfg: TrainConf, plan) -> None:
+def worker(cfg: TrainConf, plan) -> dict | None:
     """One rank: resume, then steps until `trainer.max_steps`, each component keeping its own cadence; at the end
-    the diffusers export and (rank 0) the session's summary."""
+    the diffusers export and (rank 0) the session's summary. Between steps the ranks agree whether to stop
+    (`preemption.Notice`): a preemption checkpoints and restarts, a driver stop checkpoints and returns, a full disk
+    returns. Rank 0's return value is what the driver reads (`Outcome`)."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device() if cfg.trainer.use_gpu else torch.device("cpu")
     init_distributed(device, cfg.trainer.first_step_timeout_s)
     if faults.stop_if_repeated(plan.run, plan.session):
-        return
+        return None
+    notice = preemption.Notice(plan.stop, rank, world, device)
     load = weight_loader(Location.of(cfg.init_from, cfg.endpoint_url)) if cfg.init_from else None
     trainer = Trainer(cfg, plan.text, device, load)
     state, source = resume(trainer, plan.run)
@@ -92,11 +102,12 @@ def worker(cfg: TrainConf, plan) -> None:
         if log is not None:
             log.event(GENEVAL_BEFORE, **before)
             LOG.info(f"GenEval-shapes of the starting weights: {before['geneval']:.3f}")
-    checkpointer = Checkpointer(trainer, cfg.checkpoint.every, log, cfg.checkpoint.final)
+    checkpointer = Checkpointer(trainer, cfg.checkpoint.every, log, cfg.checkpoint.final, plan.run)
     stream = epoch_stream(cfg, plan, rank, world)
     deadline = StepDeadline(plan.run, rank, t.first_step_timeout_s, t.collective_timeout_s)
+    stop = None
     try:
-        while state.step < t.max_steps:
+        while state.step < t.max_steps and stop is None:
             for index, bucket, batch in progress.timed(stream.epoch(state.epoch, state.offset)):
                 deadline.arm(state.step + 1)
                 faults.inject(t.fault_injection, t, rank, state.step + 1)
@@ -107,15 +118,53 @@ def worker(cfg: TrainConf, plan) -> None:
                 record = progress.record(state, bucket, result) | validator.maybe_run(state.step, final)
                 progress.maybe_print(record, final)
                 checkpointer.maybe_save(state, final, progress.last)
-                if final:
+                notice.disk_full = notice.disk_full or (log.full if log is not None else None)
+                if final or (stop := notice.check()) is not None:
                     break
             else:
                 state.epoch, state.offset = state.epoch + 1, 0
+    except CheckpointDiskFull as full:
+        return stopped(log, plan, str(full))
     except Exception as error:
         raise faults.step_failure(error, deadline.step or state.step + 1, rank, cfg) from error
     finally:
         deadline.close()
-    finish(cfg, trainer, plan, state, progress, log, checkpointer.last_bytes)
+        notice.close()
+    if stop is not None:
+        return interrupt(stop, notice, checkpointer, state, progress, log, plan)
+    return finish(cfg, trainer, plan, state, progress, log, checkpointer.last_bytes)
+
+
+def stopped(log: RunLog | None, plan, reason: str) -> dict | None:
+    """The run ends without retrying (a full disk): rank 0 records why, if it still can, and returns it."""
+    if log is None:
+        return None
+    log.event(faults.STOPPED, session=plan.session, reason=reason)
+    log.close()
+    return {faults.STOPPED: reason}
+
+
+def interrupt(stop: preemption.Stop, notice: preemption.Notice, checkpointer: Checkpointer, state: TrainState,
+              progress: Progress, log: RunLog | None, plan) -> dict | None:
+    """The agreed stop at this step boundary: a full disk ends the run; otherwise this step is checkpointed (unless
+    it just was), then a preemption restarts the workers and a driver stop returns where the run stopped."""
+    if stop.kind == preemption.DISK_FULL:
+        return stopped(log, plan, notice.disk_full_message())
+    if checkpointer.last_step != state.step:
+        try:
+            checkpointer.save(state, progress.last)
+        except CheckpointDiskFull as full:
+            return stopped(log, plan, str(full))
+    where = plan.run.child(checkpointing.dir_name(state.step)).uri
+    if log is not None:
+        log.event(stop.kind, step=state.step, checkpoint=where, reason=stop.reason, session=plan.session)
+        log.close()
+    if stop.kind == preemption.PREEMPTED:
+        if log is not None:
+            LOG.warning(f"preempted ({stop.reason}) after step {state.step}: checkpoint {where} written; the workers "
+                        "restart from it (not counted in trainer.max_failures)")
+        preemption.restart_now(dist.get_rank())
+    return {preemption.INTERRUPTED: {"step": state.step, "checkpoint": where}} if log is not None else None
 
 
 def epoch_stream(cfg: TrainConf, plan, rank: int, world: int) -> EpochStream:
@@ -128,12 +177,13 @@ def epoch_stream(cfg: TrainConf, plan, rank: int, world: int) -> EpochStream:
 
 
 def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: Progress, log: RunLog | None,
-           checkpoint_bytes: int | None = None) -> None:
+           checkpoint_bytes: int | None = None) -> dict | None:
     """The diffusers export (every rank joins), then rank 0 writes the summary and closes the run log."""
-    if cfg.export:
-        export(trainer, plan.run, log)
+    full = export(trainer, plan.run, log) if cfg.export else None
     if log is None:
-        return
+        return None
+    if full is not None:
+        return stopped(log, plan, full)
     last = progress.last
     if last:  # not when a finished run was only started again
         n = sum(plan.batches.values())
@@ -148,6 +198,7 @@ def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: 
         log.path(SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     log.event("finished", step=state.step)
     log.close()
+    return None
 
 
 def before_and_after(run: Location, last: dict) -> dict:
@@ -162,8 +213,9 @@ def before_and_after(run: Location, last: dict) -> dict:
             "geneval_tasks_after": tasks(last)}
 
 
-def train_loop(config: dict) -> None:
-    """One Ray Train worker (the function `TorchTrainer` runs on every rank)."""
+def train_loop(config: dict) -> dict | None:
+    """One Ray Train worker (the function `TorchTrainer` runs on every rank); rank 0's return value reaches the
+    driver as `Result.return_value`."""
     setup_logging()
     quiet_ray()
-    worker(config["cfg"], config["plan"])
+    return worker(config["cfg"], config["plan"])
