@@ -43,6 +43,8 @@ JOBS: dict[str, Job] = {job.name: job for job in (
     Job("make_pairs", "workloads.make_pairs", "make_pairs", "conf.pairs:register",
         "preference pairs of a run's samples, judged by GenEval-shapes"),
     Job("demo", "workloads.demo", "demo", "conf.demo:register", "all of the above on the shapes data"),
+    Job("reference", "workloads.reference", "reference", "conf.reference:register",
+        "the shapes reference model: its data and long run, resumable; ships its EMA export"),
     Job("reproduce", "workloads.reproduce", "reproduce", "conf.reproduce:register",
         "the paper's studies on the shapes data, with verdicts"),
     Job("bench_train", "workloads.bench.train", "bench_train", "conf.bench:register_train",

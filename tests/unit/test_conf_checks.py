@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import conf.evaluate  # noqa: F401  (registers `evaluate` on import)
-from conf import bench, dedup, demo, pairs, preprocess, reproduce, sweep, train
+from conf import bench, dedup, demo, pairs, preprocess, reference, reproduce, sweep, train
 from workloads import runtime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,6 +20,7 @@ JOBS: dict[str, list[str]] = {
     "train": ["data=/data"],
     "sweep": ["data=/data"],
     "reproduce": [],
+    "reference": [],
     "demo": [],
     "evaluate": ["images=/images", "out=/out"],
     "make_pairs": ["run=/run", "out=/out", "data=/data"],
@@ -33,8 +34,8 @@ JOBS: dict[str, list[str]] = {
 
 @pytest.fixture(scope="module", autouse=True)
 def registered() -> None:
-    for register in (train.register, sweep.register, reproduce.register, demo.register, pairs.register,
-                     dedup.register, preprocess.register, bench.register, bench.register_train,
+    for register in (train.register, sweep.register, reproduce.register, reference.register, demo.register,
+                     pairs.register, dedup.register, preprocess.register, bench.register, bench.register_train,
                      bench.register_compile):
         register()
 
@@ -69,6 +70,10 @@ BAD = [
     ("reproduce", "sampling_steps=[0,50]", "reproduce.sampling_steps must all be >= 1"),
     ("reproduce", "geneval_guidance=-1", "reproduce.geneval_guidance must be >= 0"),
     ("reproduce", "train.optim.betas=[1.5,0.9]", "optim.betas must be two values in [0, 1)"),
+    ("reference", "latent_channels=5", "reference.latent_channels must be one of [4, 8, 16]"),
+    ("reference", "train.model.in_channels=16", "reference.train.model.in_channels (16) must equal"),
+    ("reference", "resolution=100", "reference.resolution must be a multiple of 8"),
+    ("reference", "train.optim.lr=0", "optim.lr must be > 0"),
     ("demo", "geneval_guidance=-1", "demo.geneval_guidance must be >= 0"),
     ("demo", "geneval_prompts_per_task=0", "demo.geneval_prompts_per_task must be >= 1 (or null)"),
     ("demo", "depths=[0,2]", "demo.depths must be positive"),

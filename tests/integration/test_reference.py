@@ -1,0 +1,51 @@
+"""The reference model's command runs its first steps on the real jobs (shapes, Ray Data preprocessing, Ray Train +
+DeepSpeed on the recipe's network) and ships what it trained: float16 weights that load as the recipe's MM-DiT, and
+a card that says how it was made; run again, it resumes and trains nothing twice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conf.reference import register
+from model.interop import load_diffusers
+from workloads.reference import driver as reference
+from workloads.runtime import compose
+from workloads.train.runlog import read_records
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def made(ray_local, tmp_path_factory):
+    register()
+    storage, ship = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("shipped")
+    overrides = [f"storage={storage}", f"ship_to={ship}", "images=48", "shard_size=16",
+                 f"train.trainer.max_steps={STEPS}", "train.trainer.batch_size=8", "train.validation.samples=8",
+                 f"train.validation.every={STEPS}", "train.validation.geneval_every=0",
+                 "train.validation.grid_prompts=1", "train.validation.grid_per_prompt=1",
+                 "train.validation.sample_steps=2", f"train.checkpoint.every={STEPS}"]
+    cfg = compose("reference", overrides)
+    return cfg, reference.run(cfg), ship
+
+
+def test_the_command_trains_the_recipe_network_and_ships_its_ema_export_in_float16(made):
+    _, _, ship = made
+    card = json.loads((ship / reference.CARD).read_text())
+    assert card["step"] == STEPS and card["train_flops"] > 0 and "not SD3" in card["name"]
+    assert card["autoencoder"] == "shapes-vae-c4" and card["resolution"] == 128
+    assert card["recipe"]["train"]["model"]["depth"] == 3 and card["command"].startswith("python -m")
+    weights = load_file(ship / reference.WEIGHTS)
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
+    network = load_diffusers(ship)
+    assert (network.config.depth, network.config.hidden_size, network.config.in_channels) == (3, 192, 4)
+
+
+def test_run_again_it_resumes_and_trains_nothing(made):
+    cfg, run, _ = made
+    before = len(read_records(run))
+    assert reference.run(cfg) == run
+    assert len(read_records(run)) == before

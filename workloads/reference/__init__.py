@@ -1,0 +1,1 @@
+"""`python -m workloads.reference`: the shapes reference model made again (`driver`); its shipped copy (`shipped`)."""

@@ -1,0 +1,3 @@
+from workloads.reference.driver import main
+
+main()
