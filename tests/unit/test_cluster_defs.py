@@ -124,6 +124,41 @@ def test_ray_up_installs_the_synced_checkout(ray_up):
     assert not any("constraints" in c for c in setup), "the constraints file pins the CPU build of torch"
 
 
+SPOT_NOTICE_S = 120  # AWS announces a spot reclaim this long ahead
+
+
+def drain_deadline(command: str | list[str]) -> float:
+    """The `--deadline-s` of a `python -m cluster.drain` command (fails when there is none)."""
+    tokens = shlex.split(command) if isinstance(command, str) else command
+    start = tokens.index("cluster.drain")
+    return float(tokens[tokens.index("--deadline-s", start) + 1])
+
+
+def test_ray_up_gpu_workers_run_on_spot_and_drain_before_the_reclaim(ray_up):
+    """A spot GPU worker turns the 120 s interruption notice into a Ray drain whose deadline leaves the instance time
+    to stop; its own setup commands replace the shared ones (Ray's launcher), so they must repeat them."""
+    config = prepared(ray_up)
+    _, gpu = ray_up_workers(config)
+    assert gpu["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    setup = gpu["worker_setup_commands"]
+    assert all(command in setup for command in ray_up["setup_commands"]), "the shared setup commands are missing"
+    (watcher,) = [c for c in setup if "cluster.drain" in c]
+    assert "spot/instance-action" in watcher and "nohup" in watcher
+    deadline = drain_deadline(watcher[watcher.index("python -m cluster.drain"):].split("'")[0])
+    assert 60 <= deadline < SPOT_NOTICE_S
+
+
+def test_drain_command_parses_its_arguments():
+    from cluster import drain
+
+    with pytest.raises(SystemExit) as shown:
+        drain.main(["--help"])
+    assert shown.value.code == 0
+    with pytest.raises(SystemExit) as missing:
+        drain.main([])
+    assert missing.value.code == 2
+
+
 # ---------------------------------------------------------------- KubeRay RayCluster
 
 
@@ -182,6 +217,18 @@ def test_raycluster_worker_groups(raycluster):
         (volume,) = [v for v in pod["volumes"] if v["name"] == shm]
         assert volume["emptyDir"]["medium"] == "Memory", "NCCL and DeepSpeed need a real /dev/shm"
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+
+
+def test_raycluster_gpu_pods_drain_for_a_checkpoint_before_they_stop(raycluster):
+    """A deleted or evicted GPU pod runs `cluster.drain` (Ray's drain, then a wait for the training workers) before
+    its container, `ray start --block`, gets SIGTERM; the grace period covers that deadline with room to stop."""
+    _, gpu = kuberay_groups(raycluster)
+    pod = gpu["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    deadline = drain_deadline([str(part) for part in command])
+    assert deadline >= 60 and pod["terminationGracePeriodSeconds"] >= deadline + 15
+    assert "block" not in gpu["rayStartParams"] or gpu["rayStartParams"]["block"] in (True, "true")
 
 
 def test_raycluster_head_is_internal(raycluster):
