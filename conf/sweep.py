@@ -20,6 +20,7 @@ class Study(StrEnum):
     formulation = "formulation"  # the paper's Table 1 formulations at one depth
     steps = "steps"  # sample quality at fewer sampling steps, per depth
     recipe = "recipe"  # the toy's and the recipe's knobs at equal training compute, with ASHA (`conf.recipe`)
+    transfer = "transfer"  # learning rate x width under SP and muP: does the best learning rate move with width
 
 
 def toy_train() -> TrainConf:
@@ -51,6 +52,11 @@ class SweepConf(SkipLayerFields):
     training_shifts: list[float] = field(default_factory=lambda: [1.0, 3.0])  # shift study: trial axis
     sampling_shifts: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
     sampling_steps: list[int] = field(default_factory=lambda: [5, 10, 20, 50])  # steps study; the last is the reference
+    # The transfer study: every depth of `depths` (widths 64*d) at every learning rate, under each parametrization
+    # (`train.model.parametrization`; muP's base width is `train.model.mup_base_width`), scored by the final EMA
+    # validation loss at equal steps.
+    lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    parametrizations: list[str] = field(default_factory=lambda: ["sp", "mup"])
     formulations: list[str] = field(default_factory=lambda: [
         "rf/lognorm(0.00,1.00)", "rf/mode(1.29)", "rf/cosmap", "eps/linear", "v/cos", "edm(-1.20,1.20)"])
     eval_samples: int = 64  # validation rows the sample metrics compare against
@@ -83,7 +89,11 @@ class SweepConf(SkipLayerFields):
         for name in ("training_shifts", "sampling_shifts", "sampling_steps"):
             if not all(v > 0 for v in getattr(self, name)):
                 raise ValueError(f"sweep.{name} must all be > 0, got {list(getattr(self, name))}")
-        if self.study in (Study.depth, Study.steps) and (not self.depths or min(self.depths) < 1):
+        if not all(lr > 0 for lr in self.lrs):
+            raise ValueError(f"sweep.lrs must all be > 0, got {list(self.lrs)}")
+        if self.study == Study.transfer:
+            self._check_transfer()
+        if self.study in (Study.depth, Study.steps, Study.transfer) and (not self.depths or min(self.depths) < 1):
             raise ValueError(f"sweep.depths must be positive depths, got {list(self.depths)}")
         if self.study == Study.steps and len(self.sampling_steps) < 2:
             raise ValueError("the steps study needs at least two sampling_steps (the largest is the reference)")
@@ -92,6 +102,17 @@ class SweepConf(SkipLayerFields):
         if self.train.data or self.train.val_data:
             raise ValueError("set data= and val_data= at the sweep level (they feed every trial), not in train")
         self.check_skip_layer_fields()
+
+    def _check_transfer(self) -> None:
+        if len(set(self.lrs)) < 3:
+            raise ValueError(f"the transfer study needs at least three distinct lrs (an optimum between two), got "
+                             f"{list(self.lrs)}")
+        if len(set(self.depths)) < 2:
+            raise ValueError(f"the transfer study needs at least two depths (widths to compare), got "
+                             f"{list(self.depths)}")
+        kinds = list(self.parametrizations)
+        if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= {"sp", "mup"}:
+            raise ValueError(f"sweep.parametrizations must be distinct values of ['sp', 'mup'], got {kinds}")
 
 
 PRESETS: dict[str, dict] = {

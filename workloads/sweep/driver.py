@@ -60,6 +60,8 @@ def trial_train_conf(cfg: SweepConf, params: dict) -> TrainConf:
         c.data, c.val_data, c.endpoint_url = cfg.data, cfg.val_data, cfg.endpoint_url
         c.model = cfg.train.model.with_depth(int(params["depth"]))
         c.objective.formulation, c.objective.shift = params["formulation"], float(params["train_shift"])
+        if "lr" in params:  # the transfer study
+            c.optim.lr, c.model.parametrization = float(params["lr"]), params["parametrization"]
     c.run.storage = join(cfg.storage, "runs")
     c.run.name = run_key(c)
     return c
@@ -71,7 +73,8 @@ def run_key(c: TrainConf) -> str:
     settings.pop("run")
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     slug = re.sub(r"[^a-z0-9.]+", "-", c.objective.formulation.lower()).strip("-")
-    return f"d{c.model.depth}-{slug}-shift{c.objective.shift:g}-{digest}"
+    mup = "-mup" if c.model.parametrization == "mup" else ""
+    return f"d{c.model.depth}{mup}-{slug}-shift{c.objective.shift:g}-{digest}"
 
 
 def finished(c: TrainConf) -> dict | None:

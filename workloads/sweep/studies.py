@@ -29,6 +29,9 @@ def trial_params(cfg: SweepConf) -> list[dict]:
                 for p in recipe.trials(cfg.recipe)]
     if cfg.study in ("depth", "steps"):
         return [{"depth": d, "train_shift": t.shift, "formulation": t.formulation} for d in cfg.depths]
+    if cfg.study == "transfer":
+        return [{"depth": d, "train_shift": t.shift, "formulation": t.formulation, "lr": float(lr),
+                 "parametrization": kind} for kind in cfg.parametrizations for d in cfg.depths for lr in cfg.lrs]
     if cfg.study == "shift":
         return [{"depth": cfg.study_depth, "train_shift": a, "formulation": t.formulation} for a in cfg.training_shifts]
     return [{"depth": cfg.study_depth, "train_shift": t.shift, "formulation": f} for f in cfg.formulations]
@@ -267,7 +270,14 @@ def _recipe(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
     return recipe.analyze(cfg, results)
 
 
-ANALYSES = {"depth": _depth, "shift": _shift, "formulation": _formulation, "steps": _steps, "recipe": _recipe}
+def _transfer(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
+    from workloads.sweep import transfer
+
+    return transfer.analyze(cfg, results)
+
+
+ANALYSES = {"depth": _depth, "shift": _shift, "formulation": _formulation, "steps": _steps, "recipe": _recipe,
+            "transfer": _transfer}
 
 
 def analyze(cfg: SweepConf, results: pd.DataFrame) -> Analysis:
