@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install bytecode test test-fast lint demo reproduce bench clean
+.PHONY: install bytecode test test-fast test-faults lint demo reproduce bench clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ test-fast: lint bytecode
 
 test: lint bytecode
 	$(BIN)/python -m pytest -q tests/unit tests/integration
+
+# The fault tests too long for the integration tier's budget (a SIGTERM to the training or preprocessing driver, a
+# full preprocessing output), with the ones it runs; CI runs this after `make test`.
+test-faults: bytecode
+	SD3_TEST_FAULTS=1 $(BIN)/python -m pytest -q tests/integration/test_preemption.py tests/integration/test_full_disk.py
 
 # `make demo storage=s3://bucket/prefix` keeps data, runs and the sweep in object storage; ARGS='...' passes any
 # other override of conf/demo.py (e.g. ARGS='train.steps=500 depths=[1,2,3,4]').

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 TRAIN_WORKER = "RayTrainWorker"
 
@@ -33,13 +34,14 @@ def drain_this_node(deadline_s: float, message: str) -> str:
 
 
 def train_workers_here() -> int:
-    """Ray Train worker processes on this machine."""
-    import psutil
-
+    """Ray Train worker processes on this machine (Linux: their command lines under /proc)."""
     count = 0
-    for process in psutil.process_iter(["cmdline"]):
-        if any(TRAIN_WORKER in part for part in process.info["cmdline"] or []):
-            count += 1
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                count += TRAIN_WORKER.encode() in (entry / "cmdline").read_bytes()
+            except OSError:  # the process ended meanwhile
+                continue
     return count
 
 

@@ -112,9 +112,10 @@ def write_batch(batch: Batch, output: str, endpoint_url: str | None, text: TextC
         else:
             path = join(root, schema.DATA_DIR, where, name)
             table = _table(batch, rows, text)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as f:
-            pq.write_table(table, f)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        # whole or absent: a kill or a full disk mid-write leaves no part of a file for a shard's count
+        write_bytes(fs, path, buffer.getvalue().to_pybytes())
         summary[shard]["files"].append(path)
     shards = sorted(summary)
     return {

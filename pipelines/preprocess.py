@@ -28,11 +28,12 @@ from model.conditioning import TextConditioningConfig
 from pipelines import schema
 from pipelines.decode import DecodeLimits, parse_buckets
 from pipelines.encoders import caption_tokens
+from pipelines.interrupt import Terminated, sigterm_stops
 from pipelines.output import Progress, completed_shards, remove_unfinished, write_batch
-from pipelines.runtime import cli, code_version, ensure_ray, logger
+from pipelines.runtime import JobStopped, cli, code_version, ensure_ray, logger
 from pipelines.sources import Shard, list_shards
 from pipelines.stages import CaptionStage, ScoreStage, TextStage, VAEStage, copy_caption, decode_batch, read_rows
-from pipelines.storage import Location, filesystem, join, write_bytes
+from pipelines.storage import Location, filesystem, find_disk_full, join, write_bytes
 from pipelines.synthetic.tiny_models import build_tiny_models
 
 LOG = logger("preprocess")
@@ -209,7 +210,8 @@ def process(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> dict:
 
 
 def run(cfg: PreprocessConf) -> dict:
-    """Process the shards not yet marked done, then write the manifest; returns it."""
+    """Process the shards not yet marked done, then write the manifest; returns it. A SIGTERM or a full disk ends the
+    job with one line (the finished shards are kept; the same command finishes the rest)."""
     start = time.perf_counter()
     p = plan(cfg)
     done = completed_shards(cfg.output, cfg.endpoint_url)
@@ -217,8 +219,21 @@ def run(cfg: PreprocessConf) -> dict:
     removed = remove_unfinished(cfg.output, [s.index for s in pending], cfg.endpoint_url)
     LOG.info(f"{len(p.shards)} {p.shards[0].format} shards: {len(done)} done, {len(pending)} to do"
           + (f" ({removed} leftover files of an interrupted run removed)" if removed else ""))
-    last_run = process(cfg, p, pending) if pending else {"shards": 0, "rows": 0, "seconds": 0.0}
-    manifest = write_manifest(cfg, p, completed_shards(cfg.output, cfg.endpoint_url), last_run)
+    try:
+        with sigterm_stops():
+            last_run = process(cfg, p, pending) if pending else {"shards": 0, "rows": 0, "seconds": 0.0}
+        manifest = write_manifest(cfg, p, completed_shards(cfg.output, cfg.endpoint_url), last_run)
+    except Terminated:
+        finished = len(completed_shards(cfg.output, cfg.endpoint_url))
+        LOG.warning(f"stopped by SIGTERM: {finished} of {len(p.shards)} shards done and kept in {cfg.output}; run the "
+                    "same command to finish the rest")
+        return {"stopped": True, "shards_done": finished}
+    except Exception as error:
+        full = find_disk_full(error)
+        if full is None:
+            raise
+        finished = len(completed_shards(cfg.output, cfg.endpoint_url))
+        raise JobStopped(f"{full} ({finished} of {len(p.shards)} shards done and kept)") from None
     c = manifest["counts"]
     LOG.info(f"{c['read']} rows read = {c['written']} written + {c['rejected']} rejected "
           f"in {time.perf_counter() - start:.0f} s; manifest {join(cfg.output, schema.MANIFEST)}")

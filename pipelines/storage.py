@@ -76,6 +76,19 @@ def is_disk_full(error: BaseException | None) -> bool:
     return False
 
 
+def find_disk_full(error: BaseException | None) -> DiskFull | None:
+    """The DiskFull behind `error` (through Ray's task errors and chained causes), or None."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, DiskFull) and type(error) is DiskFull:
+            return error
+        cause = getattr(error, "cause", None)  # a Ray task's error carries the task's own exception as `cause`
+        if isinstance(cause, DiskFull):
+            return cause
+        error, seen = cause if isinstance(cause, BaseException) else error.__cause__ or error.__context__, seen + 1
+    return None
+
+
 def endpoint_from_env() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 

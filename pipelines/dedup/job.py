@@ -41,11 +41,12 @@ from pipelines.dedup.stages import (
     write_embeddings,
     write_parquet,
 )
+from pipelines.interrupt import Terminated, sigterm_stops
 from pipelines.output import Progress, completed_shards, read_markers, remove_unfinished
-from pipelines.runtime import cli, code_version, ensure_ray, logger
+from pipelines.runtime import JobStopped, cli, code_version, ensure_ray, logger
 from pipelines.sources import Shard, list_shards
 from pipelines.stages import read_rows
-from pipelines.storage import Location
+from pipelines.storage import Location, find_disk_full
 
 LOG = logger("dedup")
 SETTINGS = "_settings.json"  # what the embeddings depend on; another embedder needs another output
@@ -298,11 +299,21 @@ def run(cfg: DedupConf) -> dict:
     stage = cfg.embedder.stage  # a local Ray fits the actor pool and a read, a decode and a write task at once
     ensure_ray(min_cpus=stage.num_cpus * stage.min_actors + 3 * cfg.decode_num_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    embedding = embed(cfg, p)
-    embedded = completed_shards(p.out.child(EMBED_DIR).uri, cfg.endpoint_url)
-    centres, kmeans = centroids(cfg, p, embedded)
-    assigned, assign_seconds = assign(cfg, p, embedded, centres)
-    groups, search_seconds = search(cfg, p, assigned)
+    try:
+        with sigterm_stops():
+            embedding = embed(cfg, p)
+            embedded = completed_shards(p.out.child(EMBED_DIR).uri, cfg.endpoint_url)
+            centres, kmeans = centroids(cfg, p, embedded)
+            assigned, assign_seconds = assign(cfg, p, embedded, centres)
+            groups, search_seconds = search(cfg, p, assigned)
+    except Terminated:
+        LOG.warning(f"stopped by SIGTERM: the finished shards and groups are kept in {cfg.output}; run the same "
+                    "command to finish the rest")
+        return {"stopped": True}
+    except Exception as error:
+        if (full := find_disk_full(error)) is None:
+            raise
+        raise JobStopped(f"{full} (the finished shards and groups are kept)") from None
     last_run = {"embed_images": embedding["images"], "embed_seconds": embedding["seconds"],
                 "kmeans_seconds": kmeans["seconds"], "assign_seconds": assign_seconds,
                 "search_seconds": search_seconds, "seconds": time.perf_counter() - start}

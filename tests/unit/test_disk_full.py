@@ -84,3 +84,15 @@ def test_write_folder_on_a_full_disk_keeps_the_old_folder_and_no_staging(tmp_pat
     assert full.value.needed == 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "local"]
     assert (tmp_path / "export" / "old.bin").read_bytes() == b"old"
+
+
+def test_the_disk_full_behind_a_ray_task_error_is_found():
+    class TaskError(RuntimeError):  # Ray's RayTaskError keeps the task's own exception as `cause`
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("long traceback text")
+            self.cause = cause
+
+    full = DiskFull("/out/data/x.parquet", 100, 0)
+    assert storage.find_disk_full(TaskError(full)) is full
+    assert storage.find_disk_full(full) is full
+    assert storage.find_disk_full(TaskError(ValueError("x"))) is None

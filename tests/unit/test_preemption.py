@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,8 @@ def _rank(rank: int, world: int, store: str, results: str) -> None:
 def test_two_ranks_agree_on_the_same_step_boundary():
     """Bound checked: the stop is seen by every rank at the first check after the signal (zero extra steps)."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank, args=(2, f"{tmp}/store", tmp), nprocs=2, join=True)
+        # fork: the ranks reuse this process's imports (spawned ones import torch and Ray again, many seconds)
+        mp.start_processes(_rank, args=(2, f"{tmp}/store", tmp), nprocs=2, join=True, start_method="fork")
         outcomes = [Path(tmp, str(r)).read_text() for r in range(2)]
     assert outcomes[0] == outcomes[1]
     first, second, third, message = eval(outcomes[0], {"Stop": Stop})  # our own repr
@@ -91,3 +93,13 @@ def test_the_handler_is_only_installed_from_the_main_thread():
 def _clear_flag():
     yield
     preemption.SIGTERM_SEEN.clear()
+
+
+def test_a_sigterm_inside_a_data_job_raises_terminated_and_the_handler_is_restored_after():
+    from pipelines.interrupt import Terminated, sigterm_stops
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), sigterm_stops():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in the main thread as soon as the signal arrives
+    assert signal.getsignal(signal.SIGTERM) == before

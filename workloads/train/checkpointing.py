@@ -167,7 +167,7 @@ class Checkpointer:
             try:
                 self.trainer.save(Path(tmp), state)
             except Exception as caught:
-                error = disk_full_or_raise(caught, tmp, state.step)
+                error = disk_full_or_raise(caught, tmp)
             # on the trainer's device: a GPU job's process group is NCCL only, which refuses CPU tensors
             sizes = torch.tensor([folder_bytes(tmp), float(error is not None)], dtype=torch.float64,
                                  device=self.trainer.device)
@@ -177,7 +177,7 @@ class Checkpointer:
                 try:
                     upload(Path(tmp), target)
                 except Exception as caught:
-                    error = disk_full_or_raise(caught, target.uri, state.step)
+                    error = disk_full_or_raise(caught, target.uri)
             failed = torch.tensor([float(error is not None)], device=self.trainer.device)
             dist.all_reduce(failed)  # also: every rank's copy is complete before rank 0 looks at the folder
             if failed.item():
@@ -220,11 +220,10 @@ def resume_hint(run: Location, step: int) -> str:
     return f"free space, then run the same command: it resumes {where}; checkpoint {step} was not kept"
 
 
-def disk_full_or_raise(error: BaseException, path: str, step: int) -> DiskFull:
+def disk_full_or_raise(error: BaseException, path: str) -> DiskFull:
     """A write error that is a full disk, as a DiskFull naming `path`; any other error is raised again."""
     if not is_disk_full(error):
         raise error
-    LOG.error(f"no room for checkpoint {step} at {path}: {error}")
     return error if isinstance(error, DiskFull) else DiskFull(path, None, free_bytes(path))
 
 

@@ -122,7 +122,8 @@ def driver_sigterm(stop) -> Iterator[threading.Event]:
             previous(signum, frame)
             return
         seen.set()
-        stop.request.remote()
+        # from a thread: the handler interrupts the main thread inside Ray's own wait in `fit`
+        threading.Thread(target=lambda: ray.get(stop.request.remote()), daemon=True).start()
         LOG.warning("SIGTERM: the workers checkpoint at the next step boundary, then the job ends (a second SIGTERM "
                     "ends it now)")
 

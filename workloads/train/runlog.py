@@ -98,7 +98,6 @@ class RunLog:
                 self.full = str(error) if isinstance(error, DiskFull) else disk_full_message(
                     path, None, free_bytes(path), "free space there, then run the same command: it resumes from the "
                     "last checkpoint")
-                LOG.error(self.full)
 
     def log(self, record: dict) -> None:
         with self.room(METRICS):

@@ -78,7 +78,8 @@ def worker(cfg: TrainConf, plan) -> dict | None:
     """One rank: resume, then steps until `trainer.max_steps`, each component keeping its own cadence; at the end
     the diffusers export and (rank 0) the session's summary. Between steps the ranks agree whether to stop
     (`preemption.Notice`): a preemption checkpoints and restarts, a driver stop checkpoints and returns, a full disk
-    returns. Rank 0's return value is what the driver reads (`Outcome`)."""
+    returns. Rank 0's return value reaches the driver (`Result.return_value`): None, or {"stopped": why} or
+    {"interrupted": where}."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device() if cfg.trainer.use_gpu else torch.device("cpu")
@@ -129,9 +130,9 @@ def worker(cfg: TrainConf, plan) -> dict | None:
         raise faults.step_failure(error, deadline.step or state.step + 1, rank, cfg) from error
     finally:
         deadline.close()
-        notice.close()
-    if stop is not None:
+    if stop is not None:  # the SIGTERM handler stays for the checkpoint: a second signal still ends the process
         return interrupt(stop, notice, checkpointer, state, progress, log, plan)
+    notice.close()
     return finish(cfg, trainer, plan, state, progress, log, checkpointer.last_bytes)
 
 
