@@ -148,7 +148,9 @@ def local_ray_system_config(num_cpus: int) -> dict[str, int]:
     """Ray settings of a local cluster (this machine's, or a test session's): idle worker processes are kept for ten
     minutes instead of Ray's one second, up to three per CPU. A process that ran a decode task or hosted an actor's
     imports has paid seconds of CPU for torch and the pipeline, which the next stage or job then reuses; with Ray's
-    defaults each stage started over and imports took most of a small job's time."""
+    defaults each stage started over and imports took most of a small job's time. The raylet's warning that N
+    worker processes are 'Kx the maximum expected startup concurrency' counts these idle workers with the actors; it
+    limits nothing (docs/troubleshooting.md)."""
     return {"num_workers_soft_limit": 3 * num_cpus, "idle_worker_killing_time_threshold_ms": 600_000}
 
 

@@ -1,4 +1,5 @@
-"""`python -m cluster.submit` against a real Ray head on loopback, started and stopped by this module."""
+"""`python -m cluster.submit` against a real Ray head on loopback, started and stopped by this module. Past the
+checks and the runtime_env, the commands are `ray job`'s: the assertions read its output."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster.submit import JOBS, entrypoint, main, runtime_env
+from cluster.submit import api_address, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -132,15 +133,17 @@ def _cli(head: Head, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def _job_id(stdout: str) -> str:
-    match = re.search(r"^submitted job (\S+):", stdout, re.MULTILINE)
+    match = re.search(r"Job '([^']+)' submitted successfully", stdout)
     assert match, stdout
     return match.group(1)
 
 
 @pytest.fixture
 def manage(head: Head, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """`status`, `logs`, `list`, `stop` in this process: (exit status, stdout), the token sent as RAY_JOB_HEADERS."""
+    """`status`, `logs`, `list`, `stop`, `delete` in this process: (exit status, stdout), the token sent as
+    RAY_JOB_HEADERS; a RAY_ADDRESS of this session (a local cluster's, dead here) must lose to --address."""
     monkeypatch.setenv("RAY_JOB_HEADERS", json.dumps({"Authorization": f"Bearer {head.token}"}))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
 
     def run(*args: str) -> tuple[int, str]:
         code = main(["--address", head.address, *args])
@@ -150,19 +153,12 @@ def manage(head: Head, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
 
 
 def _client(head: Head):
+    """Ray's own client for the head, to check what cluster.submit did; made as cluster.submit makes its clients,
+    since Ray's client would take the `manage` fixture's RAY_ADDRESS over the address it is given."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"})
-
-
-def test_entrypoint_and_runtime_env_forward_settings_not_secrets(tmp_path: Path) -> None:
-    command = entrypoint(JOBS["make_shapes"], ["out=/data/my shapes", "formats=[folder,parquet]"])
-    assert command == "python -m pipelines.make_shapes 'out=/data/my shapes' 'formats=[folder,parquet]'"
-    local = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "id",
-             "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token", "HF_TOKEN": "hf"}
-    spec = runtime_env(tmp_path, {"AWS_REGION": "us-east-2", "X": "a=b"}, ["einops"], local)
-    assert spec == {"working_dir": str(tmp_path), "pip": ["einops"],
-                    "env_vars": {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "us-east-2", "X": "a=b"}}
+    with api_address(head.address):
+        return JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"})
 
 
 def test_unreachable_address_names_the_dashboard_port(capsys: pytest.CaptureFixture[str]) -> None:
@@ -178,6 +174,20 @@ def test_missing_token_is_explained(head: Head, capsys: pytest.CaptureFixture[st
     assert f"the cluster at {head.address} refused" in err and "RAY_AUTH_MODE=token" in err
 
 
+def test_address_from_the_environment_as_ray_reads_it(head: Head, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --address: RAY_ADDRESS, and RAY_API_SERVER_ADDRESS over it; RAY_JOB_HEADERS carries the token."""
+    monkeypatch.setenv("RAY_JOB_HEADERS", json.dumps({"Authorization": f"Bearer {head.token}"}))
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", head.address)
+    assert main(["list"]) == 0
+    assert head.address in capsys.readouterr().out  # Ray's "Job submission server address" line
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", head.address)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a GCS address: Ray would wait 40 s on it and fail
+    assert main(["list"]) == 0
+    assert head.address in capsys.readouterr().out  # Ray's "Job submission server address" line
+
+
 def test_submit_follows_job_to_success(head: Head, manage, tmp_path: Path) -> None:
     out = tmp_path / "shapes"
     # settings are forwarded, secrets only when passed explicitly (job info shows env var names, values redacted)
@@ -186,16 +196,17 @@ def test_submit_follows_job_to_success(head: Head, manage, tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = _job_id(result.stdout)
     assert f"[make_shapes] wrote {{'folder': 4, 'webdataset': 4, 'parquet': 4}} to {out}" in result.stdout
-    assert f"job {job_id}: SUCCEEDED" in result.stdout
+    assert job_id.startswith("make_shapes-") and f"Job '{job_id}' succeeded" in result.stdout
     assert json.loads((out / "shapes.json").read_text())["counts"]["parquet"] == 4
     assert len(list((out / "parquet").glob("*.parquet"))) == 2
     assert set(_client(head).get_job_info(job_id).runtime_env["env_vars"]) == {"AWS_REGION"}
 
-    assert manage("status", job_id) == (0, f"job {job_id}: SUCCEEDED (Job finished successfully.)\n")
+    code, status = manage("status", job_id)
+    assert code == 0 and f"Job '{job_id}' succeeded" in status
     code, logs = manage("logs", job_id)
     assert code == 0 and "[make_shapes] wrote" in logs
     code, listing = manage("list")
-    assert code == 0 and f"{job_id}\tSUCCEEDED\tpython -m pipelines.make_shapes" in listing
+    assert code == 0 and f"'{job_id}'" in listing and "python -m pipelines.make_shapes" in listing
 
 
 def test_invalid_override_fails_before_submitting(head: Head, tmp_path: Path) -> None:
@@ -210,7 +221,7 @@ def test_failing_job_exits_nonzero(head: Head, tmp_path: Path) -> None:
     result = _cli(head, "make_shapes", f"out={tmp_path}", "n=2", "size=8")  # schema-valid, rejected by the job
     assert result.returncode == 1, result.stdout + result.stderr
     assert "error: size must be >= 32, got 8" in result.stdout  # the job's one-line error, from the cluster
-    assert f"job {_job_id(result.stdout)}: FAILED" in result.stdout
+    assert f"Job '{_job_id(result.stdout)}' failed" in result.stdout + result.stderr  # Ray logs it as an error
 
 
 def test_ctrl_c_leaves_the_job_running_and_stop_ends_it(head: Head, manage, tmp_path: Path) -> None:
@@ -230,13 +241,21 @@ def test_ctrl_c_leaves_the_job_running_and_stop_ends_it(head: Head, manage, tmp_
     assert select.select([follow.stdout], [], [], 60)[0], "no log line"  # following, inside the event loop
     follow.send_signal(signal.SIGINT)
     _, err = follow.communicate(timeout=30)
-    assert follow.returncode == 130 and "job stop-me keeps running" in err and "stop stop-me" in err
-    assert manage("status", "stop-me") == (0, "job stop-me: RUNNING (Job is currently running.)\n")
+    assert follow.returncode == 130 and "job stop-me keeps running" in err
+    assert f"cluster.submit --address {head.address} stop stop-me" in err
+    code, status = manage("status", "stop-me")
+    assert code == 0 and "Status for job 'stop-me': RUNNING" in status
 
-    assert manage("stop", "stop-me") == (0, "job stop-me: STOPPED\n")
+    code, stopped = manage("stop", "stop-me")
+    assert code == 0 and "Attempting to stop job 'stop-me'" in stopped
+    assert _client(head).get_job_status("stop-me") == "STOPPED"
     written = len(list(folder.iterdir()))
     time.sleep(1.0)
     assert len(list(folder.iterdir())) == written  # the driver is gone, not only the record
+
+    code, deleted = manage("delete", "stop-me")
+    assert code == 0 and "Job 'stop-me' deleted successfully" in deleted
+    assert "stop-me" not in {job.submission_id for job in _client(head).list_jobs()}
 
 
 def test_env_reaches_the_job(head: Head, s3, tmp_path: Path) -> None:
