@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 
 from conf.checks import at_least
 from conf.optim import OptimConf
+from conf.shapes import AUTOENCODER_CHANNELS
 from conf.train import CheckpointConf, EMAConf, ObjectiveConf, TrainConf, TrainerConf, ValidationConf
 
 
@@ -21,6 +22,7 @@ class Finding(StrEnum):
     steps = "steps"  # Table 6: larger models lose less when sampled with fewer steps
     captions = "captions"  # Table 4: the 50/50 mix with synthetic captions raises GenEval
     dpo = "dpo"  # Table 5: preference tuning raises GenEval
+    autoencoder = "autoencoder"  # Table 3 and Fig. 10: reconstruction and generation against latent channels
 
 
 TABLE_1 = ["rf/lognorm(0.00,1.00)", "rf/lognorm(1.00,0.60)", "rf/mode(1.29)", "rf/cosmap", "rf/uniform",
@@ -88,12 +90,21 @@ class ReproduceConf:
     pairs_prompts_per_task: int = 16
     pairs_images_per_prompt: int = 8
     pairs_sample_steps: int = 10
+    # The autoencoder finding: the shipped shapes autoencoders with `channels` latent channels reconstruct
+    # `reconstruction_images` held-out images at `resolution` and `high_resolution` (Table 3; FID too with
+    # `fid_weights`, the TorchScript Inception file `conf.evaluate.INCEPTION`), and a depth series at
+    # `channel_depths` trains on each one's latents (Fig. 10; [] measures the reconstruction only).
+    channels: list[int] = field(default_factory=lambda: list(AUTOENCODER_CHANNELS))
+    channel_depths: list[int] = field(default_factory=lambda: [1, 2, 3])
+    reconstruction_images: int = 256
+    fid_weights: str | None = None
     train: TrainConf = field(default_factory=reproduce_train)
 
     def __post_init__(self) -> None:
         at_least(self, 1, "images", "image_size", "shard_size", "resolution", "high_resolution", "study_depth",
                  "geneval_prompts_per_task", "geneval_images_per_prompt", "geneval_steps", "eval_samples",
-                 "dpo_rank", "dpo_geneval_images_per_prompt", "pairs_prompts_per_task", "pairs_sample_steps")
+                 "dpo_rank", "dpo_geneval_images_per_prompt", "pairs_prompts_per_task", "pairs_sample_steps",
+                 "reconstruction_images")
         at_least(self, 0, "dpo_steps", "geneval_guidance")
         if not all(steps >= 1 for steps in self.sampling_steps):
             raise ValueError(f"reproduce.sampling_steps must all be >= 1, got {list(self.sampling_steps)}")
@@ -116,6 +127,8 @@ class ReproduceConf:
                 raise ValueError(f"sampling_shifts needs at least 2 positive shifts, got {list(self.sampling_shifts)}")
         if Finding.steps in findings and len(set(self.sampling_steps)) < 2:
             raise ValueError("sampling_steps needs at least two values (the largest is the reference)")
+        if Finding.autoencoder in findings:
+            self.check_channels()
         if self.concurrent_trials is not None and self.concurrent_trials < 1:
             raise ValueError(f"concurrent_trials must be >= 1 or None (as many as fit), got {self.concurrent_trials}")
         if not 0 < self.caption_mix <= 1:
@@ -126,6 +139,16 @@ class ReproduceConf:
             raise ValueError("train.data and train.objective.synthetic_caption_prob are set by the studies (the data "
                              "they make; caption_mix for the caption study), not in train")
 
+    def check_channels(self) -> None:
+        """The autoencoder finding's fields, checked when it is chosen."""
+        if not set(self.channels) <= set(AUTOENCODER_CHANNELS) or len(set(self.channels)) < 2:
+            raise ValueError(f"channels needs at least 2 distinct latent widths of the shipped shapes autoencoders "
+                             f"{list(AUTOENCODER_CHANNELS)}, got {list(self.channels)}")
+        if self.channel_depths and (len(set(self.channel_depths)) < 2 or min(self.channel_depths) < 1):
+            raise ValueError(f"channel_depths needs at least 2 distinct positive depths (the gap between channel "
+                             f"counts against depth), or [] for the reconstruction only; got "
+                             f"{list(self.channel_depths)}")
+
 
 PRESETS: dict[str, dict] = {
     # the machinery end to end in minutes: every finding, too small for its verdicts to mean much
@@ -134,18 +157,19 @@ PRESETS: dict[str, dict] = {
               "formulations": ["rf/lognorm(0.00,1.00)", "rf/uniform", "eps/linear"],
               "geneval_prompts_per_task": 3, "geneval_images_per_prompt": 1, "geneval_steps": 10, "eval_samples": 32,
               "dpo_steps": 10, "pairs_prompts_per_task": 4, "pairs_images_per_prompt": 4,
-              "dpo_geneval_images_per_prompt": 1,
+              "dpo_geneval_images_per_prompt": 1, "channel_depths": [1, 2], "reconstruction_images": 64,
               "train": {"trainer": {"max_steps": 150, "batch_size": 16}, "optim": {"warmup_steps": 20},
                         "ema": {"decay": 0.99}, "validation": {"every": 150, "samples": 32},
                         "checkpoint": {"every": 150}}},
-    # the 2-core default: 89.9 minutes end to end, two trials at a time (README)
+    # the 2-core default: 89.9 minutes end to end, two trials at a time (README), before the autoencoder finding,
+    # whose channel series add an estimated 20-25 minutes (docs/studies.md)
     "default": {"preset": "default"},
     # a GPU cluster: 8 workers a run, longer runs, GenEval's full prompt set at 4 images; 8 runs at a time fill the
     # project's RayCluster (its GPU group: 8 nodes of 8 GPUs), which the autoscaler starts as the trials ask
     "cluster": {"preset": "cluster", "images": 200_000, "shard_size": 1024, "depths": [2, 4, 6, 8, 10, 12],
                 "study_depth": 4, "geneval_prompts_per_task": 100, "geneval_images_per_prompt": 4,
                 "geneval_steps": 28, "eval_samples": 1024, "concurrent_trials": 8, "dpo_steps": 1000,
-                "pairs_prompts_per_task": 64,
+                "pairs_prompts_per_task": 64, "channel_depths": [2, 6, 12], "reconstruction_images": 1024,
                 "train": {"trainer": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8, "max_steps": 50_000,
                                       "batch_size": 256},
                           "optim": {"lr": 1e-4, "warmup_steps": 1000}, "ema": {"decay": 0.9999},

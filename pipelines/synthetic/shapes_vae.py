@@ -101,18 +101,36 @@ def _chunks(items: list, k: int) -> list[list]:
     return [items[i:i + k] for i in range(0, len(items), k)]
 
 
-def evaluate(vae: AutoencoderKL, n: int, size: int) -> dict:
-    """Held-out PSNR and the GenEval-shapes score of the round-trip images at `size`."""
+@dataclass
+class HeldOut:
+    """Held-out shapes images and their round trip through an autoencoder, as uint8 (N, H, W, 3)."""
+
+    samples: list  # the shapes samples (`pipelines.synthetic.shapes.Sample`), their GenEval metadata with them
+    original: np.ndarray
+    decoded: np.ndarray
+
+
+def held_out(vae: AutoencoderKL, n: int, size: int) -> HeldOut:
+    """The `n` held-out images at `size` (the same for every autoencoder) and their round trip through `vae`."""
+    samples = list(generate(n, _HELD_OUT_SEED, size))
+    decoded = np.concatenate([round_trip(vae, [s.image for s in chunk]) for chunk in _chunks(samples, 32)])
+    return HeldOut(samples, np.stack([np.asarray(s.image) for s in samples]), decoded)
+
+
+def round_trip_geneval(images: HeldOut) -> dict:
+    """The GenEval-shapes summary of the round-trip images, each scored against its own sample's prompt."""
     from pipelines.geneval.detect import ShapesDetector
     from pipelines.geneval.scoring import score_image, summarize
 
-    samples = list(generate(n, _HELD_OUT_SEED, size))
-    decoded = np.concatenate([round_trip(vae, [s.image for s in chunk]) for chunk in _chunks(samples, 32)])
     detector = ShapesDetector()
-    results = [{"tag": s.metadata["tag"], "prompt_index": i, "correct": score_image(s.metadata, detector(d))[0]}
-               for i, (s, d) in enumerate(zip(samples, decoded, strict=True))]
-    original = np.stack([np.asarray(s.image) for s in samples])
-    return {"size": size, "psnr": psnr(original, decoded), "geneval": summarize(results)}
+    return summarize([{"tag": s.metadata["tag"], "prompt_index": i, "correct": score_image(s.metadata, detector(d))[0]}
+                      for i, (s, d) in enumerate(zip(images.samples, images.decoded, strict=True))])
+
+
+def evaluate(vae: AutoencoderKL, n: int, size: int) -> dict:
+    """Held-out PSNR and the GenEval-shapes score of the round-trip images at `size`."""
+    images = held_out(vae, n, size)
+    return {"size": size, "psnr": psnr(images.original, images.decoded), "geneval": round_trip_geneval(images)}
 
 
 def train(cfg: ShapesVAEConf) -> dict:

@@ -21,8 +21,8 @@ import pytest
 from conf.reproduce import ReproduceConf
 from model.formulations import PAPER_GLOBAL_RANK, paper_global_rank
 from workloads import runtime
+from workloads.reproduce import autoencoder, findings
 from workloads.reproduce import driver as reproduce
-from workloads.reproduce import findings
 from workloads.train.runlog import EVENTS, read_records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,8 @@ SETTINGS = {"images": 48, "image_size": 64, "shard_size": 16, "resolution": 32, 
             "depths": [1, 2], "study_depth": 2, "sampling_steps": [2, 4], "sampling_shifts": [1.0, 3.0],
             "geneval_prompts_per_task": 1, "geneval_images_per_prompt": 1, "geneval_steps": 2, "eval_samples": 8,
             "dpo_steps": 2, "pairs_prompts_per_task": 1, "pairs_images_per_prompt": 2, "pairs_sample_steps": 2,
-            "dpo_geneval_images_per_prompt": 1}
+            "dpo_geneval_images_per_prompt": 1, "channels": [4, 16], "channel_depths": [],
+            "reconstruction_images": 4}  # the autoencoder finding's reconstruction only: its depth series cost minutes
 TRAIN = {"trainer.max_steps": 4, "trainer.batch_size": 8, "optim.warmup_steps": 1, "ema.decay": 0.9,
          "validation.every": 4, "validation.samples": 8, "validation.grid_prompts": 1,
          "validation.grid_per_prompt": 1, "validation.sample_steps": 2, "checkpoint.every": 4}
@@ -129,19 +130,21 @@ def expected_statuses(cfg: ReproduceConf) -> list[str]:
         statuses.append({1: findings.REPRODUCED, -1: findings.NOT_REPRODUCED, 0: findings.INCONCLUSIVE}[sign])
     else:
         statuses.append(findings.INCONCLUSIVE)  # DPO skipped: no pairs from the base run's samples
-    return statuses
+    reconstructed = autoencoder.reconstruction(cfg)  # deterministic: the same held-out images, the shipped weights
+    statuses += [autoencoder.reconstruction_verdict(reconstructed, size).status for size in (32, 64)]
+    return statuses + [findings.INCONCLUSIVE] * 2  # Fig. 10's two claims: not trained (channel_depths=[])
 
 
 def test_every_claim_gets_a_verdict_beside_the_papers_figure(reproduced):
     cfg, out, _, _ = reproduced
     verdicts = json.loads((out / "verdicts.json").read_text())
     assert [v["finding"] for v in verdicts] == ["formulation", "depth", "depth", "shift", "shift", "steps",
-                                                "captions", "dpo"]
+                                                "captions", "dpo", *["autoencoder"] * 4]
     assert all(v["reason"] for v in verdicts)
     assert [v["status"] for v in verdicts] == expected_statuses(cfg), verdicts
     report = (out / "report.md").read_text()
     assert report.count("| **") == len(verdicts)  # the verdict table: one row a claim
-    for figure in ("15.58", "4.30", "43.27", "49.78", "0.68 -> 0.71", "sqrt(m/n)"):
+    for figure in ("15.58", "4.30", "43.27", "49.78", "0.68 -> 0.71", "sqrt(m/n)", "PSNR 25.12 / 28.62"):
         assert figure in report, figure
     for plot in ("formulation-formulations.png", "depth-scaling.png", "steps-steps.png", "shift-32-shift.png",
                  "shift-64-shift.png"):

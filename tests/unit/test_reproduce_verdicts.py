@@ -211,28 +211,38 @@ def all_findings_inputs(cfg: ReproduceConf) -> tuple[dict[str, pd.DataFrame], ob
               "steps": SweepConf(study=Study.steps, data="unused", depths=[1, 2, 3, 4], sampling_steps=[5, 50]),
               **{f"shift-{r}": SweepConf(study=Study.shift, data="unused", sampling_shifts=[1.0, 2.0, 4.0])
                  for r in (cfg.resolution, cfg.high_resolution)}}
+    for channels, geneval in ((4, [0.40, 0.40]), (8, [0.30, 0.35]), (16, [0.10, 0.40])):  # 16 catches up
+        results[f"channels-c{channels}"] = pd.DataFrame({"depth": [1, 3], "val_loss": [0.6, 0.5], "geneval": geneval})
     return results, preference(0.30, 0.31), sweeps  # DPO: within the error, inconclusive
+
+
+# the shipped shapes autoencoders' reconstruction as first measured: PSNR c4 > c16 > c8 at 64 px
+RECONSTRUCTED = pd.DataFrame({"channels": [4, 8, 16], "size": 64, "psnr": [31.4, 27.5, 30.6],
+                              "ssim": [0.95, 0.93, 0.96], "round_trip_geneval": [0.72, 0.61, 0.47]})
 
 
 def test_every_finding_has_an_analysis():
     """`analyze` gives each chosen finding its own section, in the issue's order, decided on that finding's own
     results: each first verdict below follows from the inputs made for it, and no two findings share inputs."""
-    assert {s.value for s in Finding} == {"formulation", "depth", "shift", "steps", "captions", "dpo"}
+    assert {s.value for s in Finding} == {"formulation", "depth", "shift", "steps", "captions", "dpo", "autoencoder"}
     cfg = ReproduceConf(sampling_shifts=[1.0, 2.0, 4.0], sampling_steps=[5, 50], depths=[1, 2, 3, 4],
                         geneval_prompts_per_task=20, geneval_images_per_prompt=4, dpo_geneval_images_per_prompt=4)
     results, preference_result, sweeps = all_findings_inputs(cfg)
-    sections = findings.analyze(cfg, results, preference_result, sweeps)
+    sections = findings.analyze(cfg, results, preference_result, sweeps, RECONSTRUCTED)
     assert [s.finding for s in sections] == list(Finding)
     expected = {Finding.formulation: (findings.REPRODUCED, "Spearman 1.000"),
                 Finding.depth: (findings.NOT_REPRODUCED, "C^(-"),
                 Finding.shift: (findings.INCONCLUSIVE, "best 2 at 64 px"),
                 Finding.steps: (findings.REPRODUCED, "d1 8.0%, d2 6.0%, d3 4.0%, d4 2.0%"),
                 Finding.captions: (findings.NOT_REPRODUCED, "0.450 -> 0.300"),
-                Finding.dpo: (findings.INCONCLUSIVE, "0.300 -> 0.310")}
+                Finding.dpo: (findings.INCONCLUSIVE, "0.300 -> 0.310"),
+                Finding.autoencoder: (findings.NOT_REPRODUCED, "PSNR 31.4 / 27.5 / 30.6 dB")}
     for section in sections:
         status, ours = expected[section.finding]
         first = section.verdicts[0]
         assert (first.status, ours in first.ours) == (status, True), (section.finding, first)
+    fig_10 = sections[-1].verdicts[1:]  # from the channel series: 4 ahead at depth 1 by 0.30, even at depth 3
+    assert [v.status for v in fig_10] == [findings.REPRODUCED, findings.REPRODUCED], fig_10
     # one finding chosen: only its section, from its own results
     only = findings.analyze(ReproduceConf(findings=[Finding.steps], sampling_steps=[5, 50], depths=[1, 2, 3, 4]),
                             {"steps": results["steps"]}, None, {"steps": sweeps["steps"]})

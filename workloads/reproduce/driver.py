@@ -2,11 +2,12 @@
 
 On a local Ray cluster (or the one in RAY_ADDRESS): draw the shapes dataset with terse GenEval captions and rich
 synthetic captions from its ground truth, preprocess it at two resolutions, then run the studies as Ray Tune
-sweeps of `workloads.sweep` on the same storage — formulations (Table 1), depths (Fig. 8), sampling steps (Table 6),
-sampling shift at both resolutions (the sqrt(m/n) rule), original against mixed captions (Table 4) — and Diffusion-DPO
-of the best run (Table 5). Runs are keyed by their training config, so the studies share them (the study-depth run
-is trained once). `<out_dir>/report.md` sets each result beside the paper's figures with a verdict per finding.
-Running the same command again resumes: finished data, runs and trials are kept.
+sweeps of `workloads.sweep` on the same storage — formulations (Table 1), depths (Fig. 8), a depth series per
+autoencoder latent width (Fig. 10), sampling steps (Table 6), sampling shift at both resolutions (the sqrt(m/n) rule),
+original against mixed captions (Table 4) — and Diffusion-DPO of the best run (Table 5); the shipped shapes
+autoencoders' reconstruction (Table 3) is measured in the driver. Runs are keyed by their training config, so the
+studies share them (the study-depth run is trained once). `<out_dir>/report.md` sets each result beside the paper's
+figures with a verdict per finding. Running the same command again resumes: finished data, runs and trials are kept.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
 from pipelines.storage import Location, is_remote, join, require_bucket
 from workloads.demo import driver as demo
+from workloads.reproduce import autoencoder, report
 from workloads.reproduce import findings as analysis
-from workloads.reproduce import report
 from workloads.runtime import cli, ensure_ray, logger
 from workloads.sweep import driver as sweep_job
 from workloads.sweep import studies
 from workloads.train import driver as train_job
 
 LOG = logger("reproduce")
+DATA_CHANNELS = ModelsConf().latent_channels  # the studies' data: the default shipped shapes autoencoder's latents
 
 
 @dataclass(frozen=True)
@@ -53,20 +55,28 @@ class Layout:
         return cls(storage, join(storage, "shapes"), join(storage, f"data-{cfg.resolution}"),
                    join(storage, f"data-{cfg.high_resolution}"))
 
+    def latent_data(self, channels: int) -> str:
+        """The data at `resolution` in the latents of the shipped autoencoder with `channels` (the autoencoder
+        finding's depth series): the studies' own data for the default autoencoder, else `<data>-c<channels>`."""
+        return self.data if channels == DATA_CHANNELS else f"{self.data}-c{channels}"
+
 
 def shapes_conf(cfg: ReproduceConf, at: Layout) -> MakeShapesConf:
     return MakeShapesConf(out=at.shapes, n=cfg.images, seed=cfg.seed, size=cfg.image_size,
                           shard_size=cfg.shard_size, formats=["folder"], endpoint_url=cfg.endpoint_url)
 
 
-def preprocess_conf(cfg: ReproduceConf, at: Layout, resolution: int) -> PreprocessConf:
-    """The shapes at one resolution, the synthetic captions read from the input (no captioner model)."""
+def preprocess_conf(cfg: ReproduceConf, at: Layout, resolution: int,
+                    latent_channels: int = DATA_CHANNELS) -> PreprocessConf:
+    """The shapes at one resolution in the latents of the shipped autoencoder with `latent_channels`, the synthetic
+    captions read from the input (no captioner model)."""
     stage = StageConf(batch_size=32, num_cpus=0.5)
     return PreprocessConf(
-        input=join(at.shapes, "folder"), output=at.data if resolution == cfg.resolution else at.data_high,
+        input=join(at.shapes, "folder"),
+        output=at.latent_data(latent_channels) if resolution == cfg.resolution else at.data_high,
         input_format="folder", endpoint_url=cfg.endpoint_url, resolution=resolution,
         folder_shard_size=cfg.shard_size,
-        models=ModelsConf(kind="tiny", synthetic_captions=SyntheticCaptions.input),
+        models=ModelsConf(kind="tiny", synthetic_captions=SyntheticCaptions.input, latent_channels=latent_channels),
         compute=ComputeConf(use_gpu=cfg.train.trainer.use_gpu or None, decode_num_cpus=0.25, decode_batch_size=32,
                             write_batch_size=32, vae=stage, caption=stage, text=stage))
 
@@ -77,6 +87,22 @@ def study_train(cfg: ReproduceConf, caption_mix: float = 0.0) -> TrainConf:
     c.objective.synthetic_caption_prob = caption_mix
     c.validation.geneval_prompts_per_task = cfg.geneval_prompts_per_task
     return c
+
+
+def channel_train(cfg: ReproduceConf, channels: int) -> TrainConf:
+    """The studies' training settings on latents with `channels`: the network's input width follows them. A width
+    equal to the flavor's stays unset, so that series' runs are keyed as the depth study's and shared with it."""
+    c = study_train(cfg)
+    if channels != c.model.build().in_channels:
+        c.model.in_channels = channels
+    return c
+
+
+def channel_variants(cfg: ReproduceConf) -> list[int]:
+    """The latent widths whose data the autoencoder finding's depth series need beyond the studies' own data."""
+    if Finding.autoencoder not in cfg.findings or not cfg.channel_depths:
+        return []
+    return sorted(set(cfg.channels) - {DATA_CHANNELS})
 
 
 def sweep_conf(cfg: ReproduceConf, at: Layout, name: str, study: Study, **axes) -> SweepConf:
@@ -98,6 +124,10 @@ def sweeps(cfg: ReproduceConf, at: Layout) -> dict[str, SweepConf]:
         out["formulation"] = sweep_conf(cfg, at, "formulation", Study.formulation)
     if Finding.depth in wanted:
         out["depth"] = sweep_conf(cfg, at, "depth", Study.depth)
+    if Finding.autoencoder in wanted and cfg.channel_depths:  # after the depth study, whose runs it may share
+        for n in sorted(set(cfg.channels)):
+            out[f"channels-c{n}"] = sweep_conf(cfg, at, f"channels-c{n}", Study.depth, depths=list(cfg.channel_depths),
+                                               data=at.latent_data(n), train=channel_train(cfg, n))
     if Finding.steps in wanted:
         out["steps"] = sweep_conf(cfg, at, "steps", Study.steps)
     if Finding.shift in wanted:
@@ -133,6 +163,8 @@ def check(cfg: ReproduceConf) -> None:
     check_shapes(shapes_conf(cfg, at))
     for resolution in (cfg.resolution, cfg.high_resolution):
         validate(preprocess_conf(cfg, at, resolution))
+    for channels in channel_variants(cfg):
+        validate(preprocess_conf(cfg, at, cfg.resolution, channels))
     every = sweeps(cfg, at)
     for sweep in every.values():
         validate(sweep)
@@ -168,9 +200,17 @@ def run(cfg: ReproduceConf) -> Path:
     with step(f"shapes: {cfg.images} images ({cfg.image_size} px) in {at.shapes}", timings, "shapes"):
         make_shapes.run(shapes_conf(cfg, at))
     needed = [cfg.resolution] + ([cfg.high_resolution] if Finding.shift in cfg.findings else [])
-    with step(f"preprocessing at {' and '.join(f'{r} px' for r in needed)}", timings, "preprocess"):
+    variants = "".join(f", {cfg.resolution} px in {n} latent channels" for n in channel_variants(cfg))
+    with step(f"preprocessing at {' and '.join(f'{r} px' for r in needed)}{variants}", timings, "preprocess"):
         for resolution in needed:
             preprocess.run(preprocess_conf(cfg, at, resolution))
+        for channels in channel_variants(cfg):
+            preprocess.run(preprocess_conf(cfg, at, cfg.resolution, channels))
+    reconstructed = None
+    if Finding.autoencoder in cfg.findings:
+        with step(f"reconstruction of {cfg.reconstruction_images} held-out images by the shapes autoencoders with "
+                  f"{sorted(set(cfg.channels))} latent channels", timings, "reconstruction"):
+            reconstructed = autoencoder.reconstruction(cfg)
     results: dict[str, pd.DataFrame] = {}
     for name, sweep in sweeps(cfg, at).items():
         with step(f"study {name}: {len(studies.trial_params(sweep))} trial(s)", timings, name):
@@ -181,7 +221,7 @@ def run(cfg: ReproduceConf) -> Path:
         with step(f"DPO of {base.run.name}", timings, "dpo"):
             preference = demo.preference_tune(cfg, demo_layout(at), base)
     out = Path(cfg.out_dir).resolve()
-    sections = analysis.analyze(cfg, results, preference, sweeps(cfg, at))
+    sections = analysis.analyze(cfg, results, preference, sweeps(cfg, at), reconstructed)
     text = report.write(out, cfg, at.storage, sections, timings, time.perf_counter() - start)
     LOG.info("report.md:\n" + text)
     if is_remote(at.storage):

@@ -189,15 +189,18 @@ def geneval_comparison(claim: str, paper_says: str, before: tuple[str, float, di
     tags = [t for t in geneval.TAGS if t in tasks_a or t in tasks_b]
     table = pd.DataFrame({"": [label_a, label_b], "overall": [a, b],
                           **{t: [tasks_a.get(t, np.nan), tasks_b.get(t, np.nan)] for t in tags}})
-    sign = differs(a, b, geneval_se(a, images), geneval_se(b, images))
-    margin = 2 * math.hypot(geneval_se(a, images), geneval_se(b, images))
-    status, reason = {1: (REPRODUCED, f"+{b - a:.3f}, above twice the sampling error ({margin:.3f}, {images} images "
-                                      "each)"),
-                      -1: (NOT_REPRODUCED, f"{b - a:+.3f}: lower by more than twice the sampling error "
-                                           f"({margin:.3f})"),
-                      0: (INCONCLUSIVE, f"{b - a:+.3f}, within twice the sampling error ({margin:.3f}, {images} "
-                                        "images each)")}[sign]
+    status, reason = difference_verdict(a, b, geneval_se(a, images), geneval_se(b, images), f"{images} images each")
     return studies.markdown_table(table), Verdict(claim, paper_says, f"{a:.3f} -> {b:.3f}", status, reason)
+
+
+def difference_verdict(a: float, b: float, se_a: float, se_b: float, sampled: str) -> tuple[str, str]:
+    """The verdict on a claim that b exceeds a: reproduced beyond twice the standard error of the difference, not
+    reproduced below it by as much, else inconclusive; `sampled` says what the errors come from."""
+    margin = 2 * math.hypot(se_a, se_b)
+    return {1: (REPRODUCED, f"+{b - a:.3f}, above twice the sampling error ({margin:.3f}, {sampled})"),
+            -1: (NOT_REPRODUCED, f"{b - a:+.3f}: lower by more than twice the sampling error ({margin:.3f})"),
+            0: (INCONCLUSIVE, f"{b - a:+.3f}, within twice the sampling error ({margin:.3f}, {sampled})")}[
+        differs(a, b, se_a, se_b)]
 
 
 def tasks_of(row: pd.Series) -> dict[str, float]:
@@ -234,9 +237,10 @@ def dpo(cfg: ReproduceConf, preference) -> Section:
     return Section(Finding.dpo, "Preference tuning (Table 5)", body, [verdict])
 
 
-def analyze(cfg: ReproduceConf, results: dict[str, pd.DataFrame], preference,
-            sweeps: dict[str, SweepConf]) -> list[Section]:
-    """The sections of the chosen findings, in the issue's order."""
+def analyze(cfg: ReproduceConf, results: dict[str, pd.DataFrame], preference, sweeps: dict[str, SweepConf],
+            reconstructed: pd.DataFrame | None = None) -> list[Section]:
+    """The sections of the chosen findings, in `Finding`'s order; `reconstructed` is the autoencoder finding's
+    reconstruction table (`autoencoder.reconstruction`)."""
     out, wanted = [], set(cfg.findings)
     if Finding.formulation in wanted:
         out.append(formulation(cfg, results["formulation"], sweeps["formulation"]))
@@ -250,4 +254,9 @@ def analyze(cfg: ReproduceConf, results: dict[str, pd.DataFrame], preference,
         out.append(captions(cfg, results["captions-original"], results["captions-mix"]))
     if Finding.dpo in wanted:
         out.append(dpo(cfg, preference))
+    if Finding.autoencoder in wanted:
+        from workloads.reproduce import autoencoder  # it builds on this module's verdicts
+
+        series = {n: results[f"channels-c{n}"] for n in sorted(set(cfg.channels)) if f"channels-c{n}" in results}
+        out.append(autoencoder.section(cfg, reconstructed, series))
     return out
