@@ -21,20 +21,30 @@ from fsspec.implementations.local import LocalFileSystem
 # retrying, so the jobs stop on it once (`DiskFull`) instead of spending their retries.
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 FULL_WORDS = ("No space left on device", "Disk quota exceeded")
+NO_SPACE = FULL_WORDS[0]
 
 
 class DiskFull(OSError):
     """A write that found no room, with where, how many bytes it needed and how many were free (None: unknown)."""
 
-    def __init__(self, path: str, needed: int | None, free: int | None, then: str = "") -> None:
-        super().__init__(errno.ENOSPC, disk_full_message(path, needed, free, then))
-        self.path, self.needed, self.free, self.then = path, needed, free, then
+    def __init__(self, path: str, needed: int | None, free: int | None, then: str = "",
+                 reason: str = NO_SPACE) -> None:
+        super().__init__(errno.ENOSPC, disk_full_message(path, needed, free, then, reason))
+        self.path, self.needed, self.free, self.then, self.reason = path, needed, free, then, reason
+
+    @classmethod
+    def of(cls, error: BaseException, path: str, needed: int | None) -> DiskFull:
+        """`error`, a write refused for want of room, as a DiskFull at `path` (its own reason kept: a quota's)."""
+        if isinstance(error, DiskFull):
+            return error
+        quota = (isinstance(error, OSError) and error.errno == errno.EDQUOT) or FULL_WORDS[1] in str(error)
+        return cls(path, needed, free_bytes(path), reason=FULL_WORDS[1] if quota else NO_SPACE)
 
     def __str__(self) -> str:
         return self.strerror
 
     def __reduce__(self):  # crosses Ray's boundary (a task's or a worker's error) with its fields
-        return (type(self), (self.path, self.needed, self.free, self.then))
+        return (type(self), (self.path, self.needed, self.free, self.then, self.reason))
 
 
 def _size(n: int | None) -> str:
@@ -43,10 +53,11 @@ def _size(n: int | None) -> str:
     return f"{n:,} bytes ({n / 2**20:.1f} MiB)"
 
 
-def disk_full_message(path: str, needed: int | None, free: int | None, then: str = "") -> str:
+def disk_full_message(path: str, needed: int | None, free: int | None, then: str = "",
+                      reason: str = "No space left on device") -> str:
     """One line: the path a write failed on, the bytes it needed, the bytes free there, and what to do."""
     then = then or "free space there (or write elsewhere) and run the same command again"
-    return f"disk full: writing {path} needs {_size(needed)}, {_size(free)} free; {then}"
+    return f"disk full ({reason}): writing {path} needs {_size(needed)}, {_size(free)} free; {then}"
 
 
 def free_bytes(path: str) -> int | None:
@@ -201,7 +212,7 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         if is_disk_full(error) and not isinstance(error, DiskFull):
-            raise DiskFull(path, len(data), free_bytes(path)) from error
+            raise DiskFull.of(error, path, len(data)) from error
         raise
     _fsync_folder(folder or ".")
 
@@ -242,7 +253,7 @@ def write_folder(fs: fsspec.AbstractFileSystem, local: str, path: str) -> None:
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)  # a full disk leaves no staging folder behind
         if is_disk_full(error):
-            raise DiskFull(path, folder_bytes(local), free_bytes(path)) from error
+            raise DiskFull.of(error, path, folder_bytes(local)) from error
         raise
     if os.path.exists(path):
         os.rename(path, aside)

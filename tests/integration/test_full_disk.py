@@ -80,7 +80,8 @@ def test_a_full_run_folder_stops_at_the_checkpoint_once_and_the_same_command_res
     seconds = time.monotonic() - started
     assert stopped.value.code == 2
     (line,) = error_lines(capsys.readouterr().err)
-    assert line.startswith(f"error: disk full: writing {folder / checkpointing.dir_name(4)} needs "), line
+    assert line.startswith(f"error: disk full (No space left on device): writing {folder / checkpointing.dir_name(4)} "
+                           "needs "), line
     assert NEEDS_AND_FREE.search(line) and f"resumes from {folder / checkpointing.dir_name(2)}" in line
     latest = checkpointing.find_latest(str(folder))
     assert latest is not None and latest.uri.endswith(checkpointing.dir_name(2))
@@ -108,7 +109,8 @@ def test_a_full_preprocessing_output_keeps_the_finished_shards_and_the_rerun_com
         cli("preprocess", preprocess, argv=command)
     assert stopped.value.code == 2
     (line,) = error_lines(capsys.readouterr().err)
-    assert line.startswith(f"error: disk full: writing {output}/") and NEEDS_AND_FREE.search(line), line
+    assert line.startswith(f"error: disk full (No space left on device): writing {output}/"), line
+    assert NEEDS_AND_FREE.search(line), line
     kept = markers(output)
     assert 0 < len(kept) < 8 and leftovers(output) == []
     print(line)

@@ -16,8 +16,8 @@ from pipelines.storage import DiskFull, disk_full_message, is_disk_full
 
 def test_the_message_names_path_bytes_needed_and_free_on_one_line():
     message = disk_full_message("/runs/a/checkpoint_step=00000004", 5 * 2**20, 1024, "free space, then rerun")
-    assert message == ("disk full: writing /runs/a/checkpoint_step=00000004 needs 5,242,880 bytes (5.0 MiB), "
-                       "1,024 bytes (0.0 MiB) free; free space, then rerun")
+    assert message == ("disk full (No space left on device): writing /runs/a/checkpoint_step=00000004 needs "
+                       "5,242,880 bytes (5.0 MiB), 1,024 bytes (0.0 MiB) free; free space, then rerun")
     assert "\n" not in message
     assert "an unknown number of bytes" in disk_full_message("s3://b/x", None, None)
 
@@ -38,9 +38,11 @@ def test_disk_full_is_recognised_through_wrappers_and_quota():
 
 
 def test_disk_full_survives_pickling_with_its_fields():
-    error = pickle.loads(pickle.dumps(DiskFull("/x", 10, 2, "then")))
+    error = pickle.loads(pickle.dumps(DiskFull("/x", 10, 2, "then", "Disk quota exceeded")))
     assert (error.path, error.needed, error.free, error.errno) == ("/x", 10, 2, errno.ENOSPC)
-    assert str(error) == disk_full_message("/x", 10, 2, "then")
+    assert str(error) == disk_full_message("/x", 10, 2, "then", "Disk quota exceeded")
+    assert str(DiskFull.of(OSError(errno.EDQUOT, "Disk quota exceeded"), "/x", 1)).startswith(
+        "disk full (Disk quota exceeded): writing /x")
 
 
 def fill_after(monkeypatch, allowed: int) -> None:

@@ -49,7 +49,7 @@ def _rank(rank: int, world: int, store: str, results: str) -> None:
         second = notice.check()
         preemption.SIGTERM_SEEN.clear()
         if rank == 0:
-            notice.disk_full = "disk full: writing /x needs 1 bytes, 0 bytes free"
+            notice.disk_full = "disk full (No space left on device): writing /x"
         third = notice.check()
         message = notice.disk_full_message()
         Path(results, str(rank)).write_text(repr((first, second, third, message)))
@@ -68,7 +68,7 @@ def test_two_ranks_agree_on_the_same_step_boundary():
     first, second, third, message = eval(outcomes[0], {"Stop": Stop})  # our own repr
     assert first is None
     assert second == Stop(PREEMPTED, "SIGTERM to rank 1")
-    assert third.kind == DISK_FULL and message.startswith("disk full: writing /x")
+    assert third.kind == DISK_FULL and message.startswith("disk full (No space left on device): writing /x")
 
 
 def test_the_handler_is_only_installed_from_the_main_thread():

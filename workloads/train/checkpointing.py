@@ -204,7 +204,7 @@ class Checkpointer:
         mine = None
         if isinstance(error, DiskFull):  # the run folder (all ranks' bytes), or this rank's local temporary folder
             needed = self.last_bytes if error.path == target.uri else error.needed
-            mine = str(DiskFull(error.path, needed, free_bytes(error.path), resume_hint(self.run, step)))
+            mine = str(DiskFull(error.path, needed, free_bytes(error.path), resume_hint(self.run, step), error.reason))
         messages: list[str | None] = [None] * dist.get_world_size()
         dist.all_gather_object(messages, mine)
         raise CheckpointDiskFull(next(m for m in messages if m is not None))
@@ -224,7 +224,7 @@ def disk_full_or_raise(error: BaseException, path: str) -> DiskFull:
     """A write error that is a full disk, as a DiskFull naming `path`; any other error is raised again."""
     if not is_disk_full(error):
         raise error
-    return error if isinstance(error, DiskFull) else DiskFull(path, None, free_bytes(path))
+    return DiskFull.of(error, path, None)
 
 
 def upload(local: Path, target: Location) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines.storage import DiskFull, Location, disk_full_message, free_bytes, is_disk_full, join, write_bytes
+from pipelines.storage import DiskFull, Location, disk_full_message, is_disk_full, join, write_bytes
 from workloads.runtime import logger
 
 LOG = logger("train")
@@ -67,9 +67,8 @@ class RunLog:
         local = LocalFileSystem()
         kept = [r for r in read_records(run, METRICS) if r["step"] <= resume_step]
         self.full: str | None = None  # a write found no room: the message; the run stops at the next step boundary
-        with self.room(METRICS):
-            write_bytes(local, str(self.local / METRICS), jsonl(kept))
-            write_bytes(local, str(self.local / EVENTS), jsonl(read_records(run, EVENTS)))
+        write_bytes(local, str(self.local / METRICS), jsonl(kept))  # a full disk here raises DiskFull
+        write_bytes(local, str(self.local / EVENTS), jsonl(read_records(run, EVENTS)))
         # unbuffered: each record is one write call of a whole line
         self.metrics = (self.local / METRICS).open("ab", buffering=0)
         self.writer = None
@@ -95,9 +94,9 @@ class RunLog:
                 raise
             if self.full is None:
                 path = join(self.uri, name)
-                self.full = str(error) if isinstance(error, DiskFull) else disk_full_message(
-                    path, None, free_bytes(path), "free space there, then run the same command: it resumes from the "
-                    "last checkpoint")
+                full = DiskFull.of(error, path, None)
+                self.full = disk_full_message(full.path, full.needed, full.free, "free space there, then run the "
+                                              "same command: it resumes from the last checkpoint", full.reason)
 
     def log(self, record: dict) -> None:
         with self.room(METRICS):

@@ -69,7 +69,7 @@ def export(trainer: Trainer, run: Location, log: RunLog | None) -> str | None:
                 run.write_folder("export", tmp)
             except DiskFull as error:
                 full = str(DiskFull(error.path, error.needed, error.free, "free space there, then run the same "
-                                    "command: it writes the export from the last checkpoint"))
+                                    "command: it writes the export from the last checkpoint", error.reason))
     dist.barrier()
     return full
 
@@ -91,7 +91,15 @@ def worker(cfg: TrainConf, plan) -> dict | None:
     trainer = Trainer(cfg, plan.text, device, load)
     state, source = resume(trainer, plan.run)
     state = state or TrainState(world_size=world, zero_stage=cfg.deepspeed.stage)
-    log = RunLog(plan.run, state.step, cfg.metrics.tensorboard) if rank == 0 else None
+    log, full = None, None
+    if rank == 0:
+        try:
+            log = RunLog(plan.run, state.step, cfg.metrics.tensorboard)
+        except DiskFull as error:  # no room to rewrite the run's records: every rank stops before the first step
+            full = str(error)
+    notice.disk_full = full
+    if (stop := notice.check()) is not None and stop.kind == preemption.DISK_FULL:
+        return stopped(None, plan, notice.disk_full_message(), rank)
     if log is not None:
         log.event("resumed" if source else "started", step=state.step, checkpoint=source, workers=world)
     t = cfg.trainer
@@ -106,7 +114,7 @@ def worker(cfg: TrainConf, plan) -> dict | None:
     checkpointer = Checkpointer(trainer, cfg.checkpoint.every, log, cfg.checkpoint.final, plan.run)
     stream = epoch_stream(cfg, plan, rank, world)
     deadline = StepDeadline(plan.run, rank, t.first_step_timeout_s, t.collective_timeout_s)
-    stop = None
+    stop = None  # a signal seen before the first step is seen again at the first step boundary
     try:
         while state.step < t.max_steps and stop is None:
             for index, bucket, batch in progress.timed(stream.epoch(state.epoch, state.offset)):
@@ -124,8 +132,8 @@ def worker(cfg: TrainConf, plan) -> dict | None:
                     break
             else:
                 state.epoch, state.offset = state.epoch + 1, 0
-    except CheckpointDiskFull as full:
-        return stopped(log, plan, str(full))
+    except CheckpointDiskFull as error:
+        return stopped(log, plan, str(error), rank)
     except Exception as error:
         raise faults.step_failure(error, deadline.step or state.step + 1, rank, cfg) from error
     finally:
@@ -136,12 +144,13 @@ def worker(cfg: TrainConf, plan) -> dict | None:
     return finish(cfg, trainer, plan, state, progress, log, checkpointer.last_bytes)
 
 
-def stopped(log: RunLog | None, plan, reason: str) -> dict | None:
+def stopped(log: RunLog | None, plan, reason: str, rank: int) -> dict | None:
     """The run ends without retrying (a full disk): rank 0 records why, if it still can, and returns it."""
-    if log is None:
+    if rank != 0:
         return None
-    log.event(faults.STOPPED, session=plan.session, reason=reason)
-    log.close()
+    if log is not None:
+        log.event(faults.STOPPED, session=plan.session, reason=reason)
+        log.close()
     return {faults.STOPPED: reason}
 
 
@@ -149,13 +158,14 @@ def interrupt(stop: preemption.Stop, notice: preemption.Notice, checkpointer: Ch
               progress: Progress, log: RunLog | None, plan) -> dict | None:
     """The agreed stop at this step boundary: a full disk ends the run; otherwise this step is checkpointed (unless
     it just was), then a preemption restarts the workers and a driver stop returns where the run stopped."""
+    rank = dist.get_rank()
     if stop.kind == preemption.DISK_FULL:
-        return stopped(log, plan, notice.disk_full_message())
+        return stopped(log, plan, notice.disk_full_message(), rank)
     if checkpointer.last_step != state.step:
         try:
             checkpointer.save(state, progress.last)
-        except CheckpointDiskFull as full:
-            return stopped(log, plan, str(full))
+        except CheckpointDiskFull as error:
+            return stopped(log, plan, str(error), rank)
     where = plan.run.child(checkpointing.dir_name(state.step)).uri
     if log is not None:
         log.event(stop.kind, step=state.step, checkpoint=where, reason=stop.reason, session=plan.session)
@@ -164,7 +174,7 @@ def interrupt(stop: preemption.Stop, notice: preemption.Notice, checkpointer: Ch
         if log is not None:
             LOG.warning(f"preempted ({stop.reason}) after step {state.step}: checkpoint {where} written; the workers "
                         "restart from it (not counted in trainer.max_failures)")
-        preemption.restart_now(dist.get_rank())
+        preemption.restart_now(rank)
     return {preemption.INTERRUPTED: {"step": state.step, "checkpoint": where}} if log is not None else None
 
 
@@ -184,7 +194,7 @@ def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: 
     if log is None:
         return None
     if full is not None:
-        return stopped(log, plan, full)
+        return stopped(log, plan, full, 0)
     last = progress.last
     if last:  # not when a finished run was only started again
         n = sum(plan.batches.values())
