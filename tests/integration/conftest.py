@@ -68,7 +68,10 @@ def ray_local(s3: S3Server) -> Iterator[None]:
     from workloads.runtime import local_train_environment
 
     local_train_environment(health_check_s=0.2)  # the controller notices a report or a run's end sooner still
-    start_local_ray(4, include_dashboard=False, configure_logging=False)
+    # With its dashboard: Ray Train's placement-group cleaner asks the state API whether the run's controller lives,
+    # and a cluster without a dashboard is answered by whichever cluster's dashboard holds the default port (another
+    # job's on this machine), which knows no such actor: the cleaner then removes the run's placement group.
+    start_local_ray(4, configure_logging=False)
     try:
         yield
     finally:
