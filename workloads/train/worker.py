@@ -11,10 +11,11 @@ from pathlib import Path
 import ray.train
 import torch
 import torch.distributed as dist
+from fsspec.implementations.local import LocalFileSystem
 from ray.train.torch import get_device
 
 from conf.train import TrainConf
-from pipelines.storage import DiskFull, Location
+from pipelines.storage import DiskFull, Location, write_bytes
 from workloads.runtime import logger, quiet_ray, setup_logging
 from workloads.train import checkpointing, faults, preemption
 from workloads.train.checkpointing import CheckpointDiskFull, Checkpointer, TrainState
@@ -206,7 +207,8 @@ def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: 
                    "train_flops_per_sample": sum(plan.flops[b] * k for b, k in plan.batches.items()) / n}
         summary |= {k: v for k, v in last.items() if k.startswith(("credit_", "chance_"))}  # GenEval's partial credits
         summary |= before_and_after(plan.run, last)
-        log.path(SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+        # whole or not at all: a later start (the sweep, the reference job) reads it as the sign the run finished
+        write_bytes(LocalFileSystem(), str(log.path(SUMMARY)), (json.dumps(summary, indent=1) + "\n").encode())
     log.event("finished", step=state.step)
     log.close()
     return None
