@@ -51,7 +51,8 @@ demo: bytecode
 	$(BIN)/python -m workloads.demo $(if $(storage),storage=$(storage)) $(ARGS)
 
 # `make reproduce` runs the paper's studies on the shapes data and writes reproduce/report.md (the default preset,
-# about 90 minutes on 2 cores); `make reproduce preset=quick` checks the machinery in minutes; ARGS='...' overrides.
+# about 90 minutes on 2 cores before the autoencoder finding, which adds an estimated 20-25); `make reproduce
+# preset=quick` checks the machinery in minutes; ARGS='...' overrides.
 reproduce: bytecode
 	$(BIN)/python -m workloads.reproduce $(if $(preset),preset=$(preset)) $(ARGS)
 
