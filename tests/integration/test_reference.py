@@ -49,3 +49,24 @@ def test_run_again_it_resumes_and_trains_nothing(made):
     before = len(read_records(run))
     assert reference.run(cfg) == run
     assert len(read_records(run)) == before
+
+
+def test_the_shipped_model_loads_and_reads_its_prompts_above_chance(ray_local, tmp_path):
+    """The repository's reference model, scored by the evaluation job on held-out GenEval prompts (fixed seeds):
+    the whole prompt, the asked count and the asked shapes come out more often than under shuffled prompts (the
+    card's curve has the partial credits of each scored step, on twice these images)."""
+    from workloads.evaluate import driver as evaluate_job
+    from workloads.reference import shipped
+
+    card = shipped.card()
+    assert "not SD3" in card["name"] and card["step"] > 0 and card["curve"]
+    network = load_diffusers(shipped.folder())
+    assert network.config.in_channels == card["recipe"]["latent_channels"]
+    conf = shipped.evaluate_conf(str(tmp_path / "geneval"), str(tmp_path / "tiny"), prompts_per_task=4,
+                                 images_per_prompt=2, steps=20, guidance=2.0)
+    summary = evaluate_job.run(conf)
+    credit, chance = summary["credit"]["overall"], summary["chance"]["credit"]["overall"]
+    print({"overall": summary["overall"], "chance": summary["chance"]["geneval"], "credit": credit,
+           "chance_credit": chance})
+    assert summary["overall"] > summary["chance"]["geneval"]
+    assert credit["count"] > chance["count"] and credit["shapes"] > chance["shapes"]
