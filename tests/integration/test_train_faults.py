@@ -49,6 +49,7 @@ def test_a_job_beside_another_local_cluster_finishes(train_dataset, tmp_path):
     the machine. Each process the job starts finds its own cluster through RAY_ADDRESS; before, Ray Train's placement
     group cleaner (and any state API call without an address) gave up on "Found multiple active Ray instances"."""
     assert find_gcs_addresses(), "the session's cluster should be up"
+    before = os.environ.get("RAY_ADDRESS")  # the session's own cluster's
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", LOCAL_RAY_OWNER)}
     proc = subprocess.run([sys.executable, "-m", "workloads.train",
                            *tiny_overrides(train_dataset, str(tmp_path), "beside", workers=1, steps=2)],
@@ -57,7 +58,7 @@ def test_a_job_beside_another_local_cluster_finishes(train_dataset, tmp_path):
     assert proc.returncode == 0, output[-3000:]
     assert "Found multiple active Ray instances" not in output
     assert json.loads((tmp_path / "beside" / "summary.json").read_text())["step"] == 2
-    assert os.environ.get("RAY_ADDRESS") is None  # the test session's own environment is untouched
+    assert os.environ.get("RAY_ADDRESS") == before  # the test session's own environment is untouched
 
 
 def test_a_stalled_rank_fails_the_step_within_the_timeout_and_dumps_its_stack(train_dataset, tmp_path):
