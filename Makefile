@@ -40,8 +40,8 @@ test-fast: lint bytecode
 test: lint bytecode
 	$(BIN)/python -m pytest -q tests/unit tests/integration
 
-# The fault tests too long for the integration tier's budget (a SIGTERM to the training or preprocessing driver, a
-# full preprocessing output), with the ones it runs; CI runs this after `make test`.
+# The fault tests too long for the integration tier's budget (a SIGTERM to a training worker, to the training driver
+# and to the preprocessing driver; a full run folder and a full preprocessing output); CI runs this after `make test`.
 test-faults: bytecode
 	SD3_TEST_FAULTS=1 $(BIN)/python -m pytest -q tests/integration/test_preemption.py tests/integration/test_full_disk.py
 
