@@ -12,6 +12,7 @@ from conf.checks import Sampler, SkipLayerFields, at_least
 from conf.optim import OptimConf
 from conf.recipe import RecipeConf, recipe_presets
 from conf.train import CheckpointConf, EMAConf, TrainConf, TrainerConf, ValidationConf
+from model.config import PARAMETRIZATIONS
 
 
 class Study(StrEnum):
@@ -56,7 +57,7 @@ class SweepConf(SkipLayerFields):
     # (`train.model.parametrization`; muP's base width is `train.model.mup_base_width`), scored by the final EMA
     # validation loss at equal steps.
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
-    parametrizations: list[str] = field(default_factory=lambda: ["sp", "mup"])
+    parametrizations: list[str] = field(default_factory=lambda: list(PARAMETRIZATIONS))
     formulations: list[str] = field(default_factory=lambda: [
         "rf/lognorm(0.00,1.00)", "rf/mode(1.29)", "rf/cosmap", "eps/linear", "v/cos", "edm(-1.20,1.20)"])
     eval_samples: int = 64  # validation rows the sample metrics compare against
@@ -111,8 +112,8 @@ class SweepConf(SkipLayerFields):
             raise ValueError(f"the transfer study needs at least two depths (widths to compare), got "
                              f"{list(self.depths)}")
         kinds = list(self.parametrizations)
-        if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= {"sp", "mup"}:
-            raise ValueError(f"sweep.parametrizations must be distinct values of ['sp', 'mup'], got {kinds}")
+        if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(PARAMETRIZATIONS):
+            raise ValueError(f"sweep.parametrizations must be distinct values of {list(PARAMETRIZATIONS)}, got {kinds}")
 
 
 PRESETS: dict[str, dict] = {

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 QKNorm = Literal["none", "rms"]
 Parametrization = Literal["sp", "mup"]
+PARAMETRIZATIONS: tuple[str, ...] = get_args(Parametrization)
 HEAD_DIM = 64  # the paper's width rule: hidden 64*d with d heads
 MUP_BASE_WIDTH = 128  # the debug flavor's width: muP's learning rates and inits are the standard ones there
 
@@ -49,7 +50,7 @@ class MMDiTConfig:
             )
         if self.qk_norm not in ("none", "rms"):
             raise ValueError(f"MMDiTConfig.qk_norm must be one of 'none', 'rms', got {self.qk_norm!r}")
-        if self.parametrization not in ("sp", "mup"):
+        if self.parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"MMDiTConfig.parametrization must be one of 'sp', 'mup', got {self.parametrization!r}")
         if self.mup_base_width % 4:
             raise ValueError(f"MMDiTConfig.mup_base_width ({self.mup_base_width}) must be divisible by 4, "
