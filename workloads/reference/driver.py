@@ -13,9 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import tempfile
 from pathlib import Path
 
+from fsspec.implementations.local import LocalFileSystem
 from omegaconf import OmegaConf
 
 from conf.checks import validate
@@ -23,7 +23,8 @@ from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
 from conf.reference import ReferenceConf, register
 from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
-from pipelines.storage import Location, join, require_bucket
+from pipelines.storage import Location, join, require_bucket, write_bytes
+from pipelines.synthetic.shapes_vae import shipped
 from workloads.runtime import cli, ensure_ray, logger
 from workloads.train import driver as train_job
 from workloads.train.runlog import read_records
@@ -89,7 +90,7 @@ def card(cfg: ReferenceConf, train: TrainConf, summary: dict) -> dict:
         "name": "shapes reference model (an MM-DiT trained on the shapes toy data; not SD3)",
         "command": " ".join(["python -m workloads.reference", *sys.argv[1:]]),  # as this process was started
         "recipe": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
-        "autoencoder": f"shapes-vae{'' if cfg.latent_channels == 16 else f'-c{cfg.latent_channels}'}",
+        "autoencoder": shipped(cfg.latent_channels).name,
         "resolution": cfg.resolution,
         "step": summary["step"],
         "train_flops": summary["step"] * train.trainer.batch_size * per_sample,
@@ -101,22 +102,19 @@ def card(cfg: ReferenceConf, train: TrainConf, summary: dict) -> dict:
 
 
 def ship(cfg: ReferenceConf, train: TrainConf, summary: dict, to: str) -> Path:
-    """The run's EMA export in float16 (`config.json`, the safetensors file) and its card, written into `to`."""
+    """The run's EMA export in float16 (`config.json`, the safetensors file) and its card, each written whole into
+    `to`."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load, save
 
-    run = train_job.run_location(train)
+    export = train_job.run_location(train)
     out = Path(to)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="reference-") as scratch:
-        local = Path(scratch)
-        for name in ("config.json", WEIGHTS):
-            (local / name).write_bytes(run.read_bytes("export", name))
-        weights = {k: v.to(torch.float16) if v.is_floating_point() else v
-                   for k, v in load_file(local / WEIGHTS).items()}
-        save_file(weights, out / WEIGHTS)
-        (out / "config.json").write_bytes((local / "config.json").read_bytes())
-    (out / CARD).write_text(json.dumps(card(cfg, train, summary), indent=1) + "\n")
+    local = LocalFileSystem()
+    weights = {k: v.to(torch.float16) if v.is_floating_point() else v
+               for k, v in load(export.read_bytes("export", WEIGHTS)).items()}
+    write_bytes(local, str(out / WEIGHTS), save(weights))
+    write_bytes(local, str(out / "config.json"), export.read_bytes("export", "config.json"))
+    write_bytes(local, str(out / CARD), (json.dumps(card(cfg, train, summary), indent=1) + "\n").encode())
     LOG.info(f"shipped the EMA export of step {summary['step']} (float16) and its card to {out}")
     return out
 
