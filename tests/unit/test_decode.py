@@ -32,16 +32,23 @@ def test_rgb_png_is_resized_and_centre_cropped():
     assert (np.abs(out.astype(int) - [10, 20, 30]).max(axis=-1) < 8).mean() > 0.95
 
 
-@pytest.mark.parametrize("mode", ["CMYK", "P", "L", "LA", "RGBA", "I;16", "I", "F", "1"])
-def test_any_mode_becomes_rgb(mode):
-    base = Image.new("RGB", (80, 80), (200, 100, 50))
-    if mode in ("I;16", "I", "F"):
-        image = Image.fromarray((np.arange(80 * 80).reshape(80, 80) % 60000).astype(np.uint16)).convert(mode)
-        data = encode(image, "TIFF")
-    else:
-        data = encode(base.convert(mode), "JPEG" if mode == "CMYK" else "PNG")
+@pytest.mark.parametrize(("mode", "mean_rgb"), [("CMYK", (200, 100, 50)), ("P", (200, 100, 50)), ("L", (124,) * 3),
+                                               ("LA", (124,) * 3), ("RGBA", (200, 100, 50)), ("1", (124,) * 3)])
+def test_any_mode_becomes_rgb_of_its_colour(mode, mean_rgb):
+    """The colour (200, 100, 50) in each mode; its grey is 124, and mode 1 dithers to that grey on average."""
+    data = encode(Image.new("RGB", (80, 80), (200, 100, 50)).convert(mode), "JPEG" if mode == "CMYK" else "PNG")
     out = decode_image(data, SQUARE)
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    np.testing.assert_allclose(out.reshape(-1, 3).mean(axis=0), mean_rgb, atol=3)
+
+
+@pytest.mark.parametrize(("mode", "brightest"), [("I;16", 24), ("I", 254), ("F", 254)])
+def test_high_bit_modes_are_scaled_to_grey_bytes(mode, brightest):
+    """A ramp 0..6399: 16-bit scales by its full range (6399 of 65535 is 24), 32-bit and float by their maximum."""
+    ramp = Image.fromarray((np.arange(80 * 80).reshape(80, 80)).astype(np.uint16)).convert(mode)
+    out = decode_image(encode(ramp, "TIFF"), SQUARE)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert (out == out[..., :1]).all() and out.min() == 0 and abs(int(out.max()) - brightest) <= 1
 
 
 def test_alpha_is_composited_on_white():

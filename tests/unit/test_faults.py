@@ -28,6 +28,9 @@ def test_memory_errors_name_rank_step_and_only_the_remedies_not_in_use():
     assert (failure.kind, failure.step, failure.rank) == (faults.HOST_OOM, 7, 1)
     assert str(failure).startswith("rank 1 ran out of host memory at step 7 (no room)")
     assert "activation_checkpointing" not in str(failure) and "deepspeed.stage=3" in str(failure)
+    cfg.trainer.activation_checkpointing, cfg.deepspeed.stage = False, 3
+    advice = str(faults.step_failure(MemoryError("no room"), 7, 1, cfg))
+    assert "trainer.activation_checkpointing=true" in advice and "deepspeed.stage=3" not in advice
     assert faults.step_failure(torch.OutOfMemoryError("CUDA"), 7, 1, cfg).kind == faults.CUDA_OOM
     timeout = faults.step_failure(RuntimeError("Timed out waiting 3000ms for recv operation"), 3, 0, cfg)
     assert timeout.kind == faults.COLLECTIVE_TIMEOUT
@@ -57,9 +60,12 @@ def test_only_the_same_failure_at_the_same_step_twice_in_this_session_stops():
 
 
 def test_primary_failure_is_the_cause_not_the_collateral():
-    records = [faults.FailureRecord(faults.COLLECTIVE_TIMEOUT, 3, 0, "a"),
-               faults.FailureRecord(faults.HOST_OOM, 3, 1, "b")]
-    assert faults.primary(records).rank == 1
+    timeout = faults.FailureRecord(faults.COLLECTIVE_TIMEOUT, 3, 0, "a")
+    oom = faults.FailureRecord(faults.HOST_OOM, 3, 1, "b")
+    died = faults.FailureRecord(faults.DIED, 3, 2, "c")
+    other = faults.FailureRecord("KeyError", 3, 3, "d")
+    assert faults.primary([timeout, oom]) is oom and faults.primary([oom, timeout]) is oom
+    assert faults.primary([died, other, timeout]) is other and faults.primary([other, oom]) is oom
 
 
 def test_describe_names_the_innermost_frame_of_a_sleeping_thread():
