@@ -463,8 +463,21 @@ def test_no_credentials_under_cluster():
     assert not found, found
 
 
-def test_the_credential_scan_finds_planted_keys():
-    assert secrets_in_text("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
-    assert secrets_in_text("AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE")
+@pytest.mark.parametrize(("text", "found"), [
+    ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+     "secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    ("key id AKIAIOSFODNN7EXAMPLE here", "AKIAIOSFODNN7EXAMPLE"),  # each of these matches one pattern alone
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIE", "-----BEGIN RSA PRIVATE KEY-----"),
+    ("login with hf_" + "aB3" * 12, "hf_" + "aB3" * 12),
+    ("password: hunter2hunter2x", "password: hunter2hunter2x"),
+])
+def test_the_credential_scan_finds_each_kind_of_planted_key(text, found):
+    assert secrets_in_text(text) == [found]
+
+
+def test_the_credential_scan_passes_clean_text_and_flags_literal_secrets_in_yaml():
+    assert secrets_in_text("image: rayproject/ray:2.9.0-py311-gpu\nserviceAccountName: sd3-storage") == []
     env = {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}, {"name": "HF_TOKEN", "valueFrom": {}}]}
     assert list(secrets_in_yaml(env)) == [".env[0]: env AWS_SECRET_ACCESS_KEY has a literal value (use valueFrom)"]
+    assert list(secrets_in_yaml({"metadata": {"aws_secret_access_key": "abc", "token": ""}})) == [
+        ".metadata.aws_secret_access_key"]
