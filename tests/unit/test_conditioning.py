@@ -94,6 +94,8 @@ def test_any_subset_of_encoders(present: tuple[str, ...]):
     assert context.shape == (B, 2 * N, 64) and pooled.shape == (B, 64)
     assert bool(context[:, N:].abs().sum() > 0) == ("t5" in present)
     assert bool(pooled[:, :32].abs().sum() > 0) == ("clip_l" in present)
+    assert bool(pooled[:, 32:].abs().sum() > 0) == ("clip_g" in present)
+    assert bool(context[:, :N, 32:].abs().sum() > 0) == ("clip_g" in present)
 
 
 def test_no_encoder_without_batch_size_raises():
