@@ -30,13 +30,15 @@ def test_a_field_of_the_sweeps_train_section_reaches_every_trial_and_its_run_key
     plain = runtime.compose("sweep", ["data=/data", "depths=[1,2]"])
     tuned = runtime.compose("sweep", ["data=/data", "depths=[1,2]", "train.optim.weight_decay=0.05",
                                       "train.loader.shuffle_buffer=7"])
-    for before, after in zip(trials(plain), trials(tuned), strict=True):
+    tuned_trials = trials(tuned)
+    assert [c.model.depth for c in tuned_trials] == [1, 2]
+    for before, after in zip(trials(plain), tuned_trials, strict=True):
         assert (after.optim.weight_decay, after.loader.shuffle_buffer) == (0.05, 7)
+        assert (before.optim.weight_decay, before.loader.shuffle_buffer) != (0.05, 7)
         assert after.run.name == sweep.run_key(after) != before.run.name  # the key hashes the resolved config
         # the trial set only its axis: depth with the width rule, data from the sweep, its own run folder
-        assert (after.model.depth, after.model.hidden_size, after.model.num_heads) == (after.model.depth,
-                                                                                   64 * after.model.depth,
-                                                                                   after.model.depth)
+        depth = after.model.depth
+        assert (before.model.depth, after.model.hidden_size, after.model.num_heads) == (depth, 64 * depth, depth)
         assert after.data == "/data" and after.run.storage == "sweeps/runs"
     other_data = dataclasses.replace(plain, data="/other")
     assert {c.run.name for c in trials(other_data)}.isdisjoint(c.run.name for c in trials(plain))
