@@ -82,7 +82,8 @@ def test_api_address_wins_for_the_call_only(monkeypatch: pytest.MonkeyPatch) -> 
     assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://other:8265"
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
     with api_address("http://head:8265"):
-        pass
+        assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://head:8265"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
     with api_address(None):
         assert "RAY_API_SERVER_ADDRESS" not in os.environ
     assert "RAY_API_SERVER_ADDRESS" not in os.environ
