@@ -38,12 +38,12 @@ test-fast: lint bytecode
 	$(BIN)/python -m pytest -q tests/unit
 
 test: lint bytecode
-	$(BIN)/python -m pytest -q tests/unit tests/integration
+	$(BIN)/python -m pytest -q -m "not faults" --durations=15 tests/unit tests/integration
 
-# The fault tests too long for the integration tier's budget (a SIGTERM to a training worker, to the training driver
-# and to the preprocessing driver; a full run folder and a full preprocessing output); CI runs this after `make test`.
+# The fault tests (marked `faults`: a killed, preempted or stalled process, a full disk, a repeated out-of-memory),
+# too long together for the integration tier's budget; CI runs them after `make test`.
 test-faults: bytecode
-	SD3_TEST_FAULTS=1 $(BIN)/python -m pytest -q tests/integration/test_preemption.py tests/integration/test_full_disk.py
+	$(BIN)/python -m pytest -q -m faults --durations=15 tests/integration
 
 # `make demo storage=s3://bucket/prefix` keeps data, runs and the sweep in object storage; ARGS='...' passes any
 # other override of conf/demo.py (e.g. ARGS='train.steps=500 depths=[1,2,3,4]').

@@ -163,6 +163,7 @@ def test_rerun_writes_nothing_new(folder_run, shapes, tiny_models_dir, capsys):
     assert again["counts"] == manifest["counts"] and again["files"] == manifest["files"]
 
 
+@pytest.mark.faults  # `make test-faults`
 def test_killed_run_resumes_without_duplicates(folder_run, shapes, tiny_models_dir, tmp_path):
     reference, _ = folder_run
     output = tmp_path / "out"

@@ -166,7 +166,8 @@ def reference(request, stage: int) -> tuple[str, str, str]:
 
 
 # ZeRO-3 resumption from a checkpoint is covered by the restarted-job test (a whole-job restart reads the same
-# checkpoint a replaced worker group does); one stage here keeps the suite within its time budget.
+# checkpoint a replaced worker group does); one stage here keeps the fault tier within its time budget.
+@pytest.mark.faults  # `make test-faults`
 @pytest.mark.parametrize("stage", [2])
 def test_killed_worker_is_replaced_and_the_trajectory_is_unchanged(request, stage):
     """SIGKILL a worker after the step-4 checkpoint: Ray Train restarts the group, which resumes from the latest

@@ -22,6 +22,8 @@ from workloads.train.runlog import EVENTS, METRICS, read_records
 
 ROOT = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.faults  # `make test-faults`
+
 
 def tiny_overrides(data: str, storage: str, name: str, workers: int, steps: int) -> list[str]:
     """A run of a few steps that validates and checkpoints only where a test asks (command-line form)."""
