@@ -202,6 +202,7 @@ def test_zero3_on_s3_matches_zero2(zero3_s3_reference, zero2_run):
     assert fs.exists(join(root, "export", "config.json")) and fs.exists(join(root, "metrics.jsonl"))
 
 
+@pytest.mark.faults  # `make test-faults`
 @pytest.mark.parametrize("stage", [3])  # ZeRO-2 resumption is covered by the killed-worker test
 def test_restarted_job_resumes_and_skips_a_partial_checkpoint(request, stage, tmp_path):
     """A job stopped after step 8's checkpoint, as a killed job leaves its folder (the reference run's checkpoint 8,
@@ -230,6 +231,7 @@ def test_restarted_job_resumes_and_skips_a_partial_checkpoint(request, stage, tm
     shutil.rmtree(local)
 
 
+@pytest.mark.faults  # `make test-faults`
 def test_restarted_job_skips_a_checkpoint_cut_short_and_a_cut_metrics_line(zero2_run, train_dataset, tmp_path):
     """A job killed while it wrote its step-12 checkpoint (every rank's list there, one file cut short) and a metrics
     line: the same command resumes from step 8, the last complete checkpoint, drops the cut line and continues the
