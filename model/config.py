@@ -78,6 +78,10 @@ class MMDiTConfig:
         """muP's width ratio hidden_size / mup_base_width, by which hidden learning rates shrink; 1 under SP."""
         return self.hidden_size / self.mup_base_width if self.parametrization == "mup" else 1.0
 
+    def parametrization_label(self) -> str:
+        """'sp', or 'mup' with its base width: what a checkpoint's optimizer state was trained under."""
+        return "sp" if self.parametrization == "sp" else f"mup (base width {self.mup_base_width})"
+
     @property
     def attention_scale(self) -> float | None:
         """Scale of the attention logits; None: SDPA's (and SD3's) 1/sqrt(head_dim). muP scales them by 1/head_dim,

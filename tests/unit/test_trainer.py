@@ -169,6 +169,30 @@ def test_checkpoint_round_trip_continues_identically(process_group, stage, tmp_p
         torch.testing.assert_close(tensor, saved_ema[name], rtol=0, atol=0, msg=name)
 
 
+def test_a_checkpoint_resumes_only_under_the_parametrization_it_was_trained_with(process_group, tmp_path):
+    """The checkpoint records its parametrization (muP with its base width): a run under another one refuses it
+    naming both, before DeepSpeed loads optimizer groups that would not match; a checkpoint from before the record
+    still loads."""
+    cfg = conf(2)
+    cfg.model = ModelConf("debug", hidden_size=256, num_heads=4, parametrization="mup")
+    t = trainer(cfg)
+    t.step(batch(), 1)
+    t.save(tmp_path, TrainState(step=1, world_size=1, zero_stage=2))
+    assert checkpointing.read_state(tmp_path).parametrization == "mup (base width 128)"
+    sp = conf(2)
+    sp.model = ModelConf("debug", hidden_size=256, num_heads=4)
+    with pytest.raises(ValueError, match=r"trained under mup \(base width 128\); this run sets sp"):
+        trainer(sp).load(tmp_path)
+    cfg.model.mup_base_width = 64
+    with pytest.raises(ValueError, match=r"this run sets mup \(base width 64\)"):
+        trainer(cfg).load(tmp_path)
+    state = json.loads((tmp_path / checkpointing.STATE_FILE).read_text())
+    state.pop("parametrization")
+    (tmp_path / checkpointing.STATE_FILE).write_text(json.dumps(state))
+    cfg.model.mup_base_width = 128
+    assert trainer(cfg).load(tmp_path).step == 1
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_compiled_blocks_train_resume_and_validate_like_eager(process_group, stage, tmp_path):
     """`trainer.compile` (aot_eager here: the same capture as inductor without its code generation) with activation

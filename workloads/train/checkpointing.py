@@ -39,6 +39,7 @@ class TrainState:
     nonfinite_run: int = 0  # consecutive non-finite steps at the moment of saving
     world_size: int = 1
     zero_stage: int = 0
+    parametrization: str | None = None  # MMDiTConfig.parametrization_label(); None: written before it was kept
 
 
 def dir_name(step: int) -> str:

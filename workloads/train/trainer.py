@@ -9,7 +9,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -224,6 +224,7 @@ class Trainer:
         # under LoRA the frozen base is left out: a resumed run loads it from init_from again
         self.engine.save_checkpoint(str(folder), tag=DS_TAG, exclude_frozen_parameters=self.lora)
         holds_ema = self.stage == 3 or self.rank == 0
+        state = replace(state, parametrization=self.config.parametrization_label())
         write_rank_files(folder, self.rank, state, self.ema_state() if holds_ema else None)
 
     def load(self, folder: Path) -> TrainState:
@@ -232,6 +233,11 @@ class Trainer:
             raise ValueError(f"checkpoint {folder.name} was written by {state.world_size} workers with ZeRO stage "
                              f"{state.zero_stage}; this run has {self.world} workers and stage {self.stage}. Resume "
                              "with the same trainer.num_workers and deepspeed.stage, or start a new run.name")
+        label = self.config.parametrization_label()
+        if state.parametrization not in (None, label):  # the optimizer's per-layer learning rates would not match
+            raise ValueError(f"checkpoint {folder.name} was trained under {state.parametrization}; this run sets "
+                             f"{label} (model.parametrization, model.mup_base_width). Resume with the same "
+                             "parametrization, or start a new run.name (train.init_from= takes its weights alone)")
         path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=not self.lora)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
