@@ -72,11 +72,13 @@ def test_overfitting_one_batch_drives_the_loss_down(process_group, stage):
     assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10])  # fresh noise and t each step: not to zero
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_mup_groups_keep_their_learning_rates_through_the_warmup(process_group, stage):
-    """DeepSpeed's optimizer keeps muP's groups (hidden weights at base/width = 1/2 the learning rate here) and the
-    warm-up scales each; the step reports the base learning rate."""
+@pytest.mark.parametrize("stage, offload", [(2, False), (3, False), (3, True)])
+def test_mup_groups_keep_their_learning_rates_through_the_warmup(process_group, stage, offload):
+    """DeepSpeed's optimizer keeps muP's groups (hidden weights at base/width = 1/2 the learning rate here) under
+    ZeRO-2, ZeRO-3 and ZeRO-3 with the optimizer offloaded, and the warm-up scales each; the step reports the base
+    learning rate."""
     cfg = conf(stage)
+    cfg.deepspeed.offload = offload
     cfg.model = ModelConf("debug", hidden_size=256, num_heads=4, parametrization="mup")
     cfg.optim.warmup_steps = 4
     t = trainer(cfg)
