@@ -119,6 +119,7 @@ def test_a_full_preprocessing_output_keeps_the_finished_shards_and_the_rerun_com
 
     small_disk.grow("16m")
     cli("preprocess", preprocess, argv=command)
+    assert f"8 folder shards: {len(kept)} done, {8 - len(kept)} to do" in capsys.readouterr().out
     assert {name: t for name, t in markers(output).items() if name in kept} == kept  # nothing finished was redone
     manifest = json.loads((output / schema.MANIFEST).read_text())
     assert manifest["counts"] == {"read": 64, "written": 64, "rejected": 0}

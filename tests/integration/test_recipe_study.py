@@ -37,27 +37,36 @@ def test_every_trial_is_scored_at_equal_compute_and_asha_stops_only_after_its_gr
         assert row["reports"] == (row["stopped_at"] if stopped else cfg.recipe.reports)
         assert row["stopped_at"] >= cfg.recipe.grace if stopped else True
     budget = results.loc[results["stopped_at"].isna(), "train_flops"]
+    assert len(budget) > 0  # some trial ran its whole budget
     assert (budget <= cfg.recipe.budget_flops).all() and (budget > cfg.recipe.budget_flops / 2).all()
 
 
 def test_the_report_ranks_knobs_and_tries_sampling_on_the_best_network(study):
-    cfg, _ = study
+    cfg, results = study
     out = Path(cfg.storage) / sweep.sweep_name(cfg)
     report = (out / "report.md").read_text()
     assert "Knobs ranked by their effect" in report and "Highest GenEval-shapes per CPU-minute" in report
     assert (out / "recipe.png").stat().st_size > 0
     sampling = json.loads((out / "sampling.json").read_text())
-    (_, scores), = sampling.items()
+    (trial, scores), = sampling.items()
+    finished = results[results["stopped_at"].isna()]  # the best by the study's metric of the trials ASHA let finish
+    assert finished.loc[finished["trial"] == trial, cfg.recipe.metric].iloc[0] == finished[cfg.recipe.metric].max()
     assert set(scores) == {"base", "guidance=2", "guidance_below=0.6"}
     assert all(0 <= s["overall"] <= 1 and "credit" in s for s in scores.values())
     assert "Sampling knobs on the trained network of" in report
 
 
 def test_a_second_run_resumes_and_trains_nothing_again(study):
+    """Every trial's run records the same events after the second run as before it: none started, resumed or
+    restarted from a checkpoint."""
     cfg, results = study
+
+    def events(run: str) -> list[str]:
+        return [json.loads(line)["event"] for line in
+                (Path(cfg.storage) / "runs" / run / "events.jsonl").read_text().splitlines()]
+
+    before = {run: events(run) for run in results["run"]}
+    assert all(e.count("started") == 1 for e in before.values()), before
     again = sweep.run(cfg)
     assert sorted(again["run"]) == sorted(results["run"])
-    for run in results["run"]:
-        events = [json.loads(line)["event"] for line in
-                  (Path(cfg.storage) / "runs" / run / "events.jsonl").read_text().splitlines()]
-        assert events.count("started") == 1, (run, events)
+    assert {run: events(run) for run in results["run"]} == before

@@ -5,6 +5,7 @@ a card that says how it was made; run again, it resumes and trains nothing twice
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from conf.reference import register
 from model.interop import load_diffusers
 from workloads.reference import driver as reference
 from workloads.runtime import compose
-from workloads.train.runlog import read_records
+from workloads.train.runlog import EVENTS, read_records
 
 STEPS = 2
 
@@ -33,13 +34,16 @@ def made(ray_local, tmp_path_factory):
 
 
 def test_the_command_trains_the_recipe_network_and_ships_its_ema_export_in_float16(made):
-    _, _, ship = made
+    _, run, ship = made
     card = json.loads((ship / reference.CARD).read_text())
     assert card["step"] == STEPS and card["train_flops"] > 0 and "not SD3" in card["name"]
     assert card["autoencoder"] == "shapes-vae-c4" and card["resolution"] == 128
     assert card["recipe"]["train"]["model"]["depth"] == 3 and card["command"].startswith("python -m")
     weights = load_file(ship / reference.WEIGHTS)
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
+    exported = load_file(Path(run) / "export" / reference.WEIGHTS)  # the run's EMA export (test_train checks it)
+    assert weights.keys() == exported.keys()
+    assert all(torch.equal(weights[k], v.half() if v.is_floating_point() else v) for k, v in exported.items())
     network = load_diffusers(ship)
     assert (network.config.depth, network.config.hidden_size, network.config.in_channels) == (3, 192, 4)
 
@@ -49,6 +53,7 @@ def test_run_again_it_resumes_and_trains_nothing(made):
     before = len(read_records(run))
     assert reference.run(cfg) == run
     assert len(read_records(run)) == before
+    assert [e["event"] for e in read_records(run, EVENTS)] == ["started", "finished"]  # not trained again
 
 
 def test_the_shipped_model_loads_and_reads_its_prompts_above_chance(ray_local, tmp_path):

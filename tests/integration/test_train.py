@@ -338,6 +338,12 @@ def test_make_pairs_writes_judged_pairs_of_held_out_free_prompts_as_a_dataset(pa
     winners = table.column(schema.LATENT).combine_chunks().to_numpy_ndarray()
     losers = table.column(schema.LOSER_LATENT).combine_chunks().to_numpy_ndarray()
     assert winners.shape == losers.shape and not np.array_equal(winners, losers)
+
+    def drawn_by(latent: np.ndarray, parity: int) -> bool:  # a sample with an even k was set correct above
+        return any(np.allclose(np.float32(latent), np.asarray(s["latent"], np.float32), rtol=1e-3, atol=1e-2)
+                   for s in judged if int(s["k"]) % 2 == parity)
+
+    assert all(drawn_by(w, 0) for w in winners) and all(drawn_by(w, 1) for w in losers)  # never the wrong way round
     assert (Path(out) / "pairs.png").stat().st_size > 0
 
 

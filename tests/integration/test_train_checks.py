@@ -62,13 +62,15 @@ def test_default_val_fraction_holds_out_rows_of_a_one_file_dataset(one_file_data
     """`loader.val_fraction=0.1` (the default) holds out the tenth of the rows with the smallest id hashes, even
     from one file, and training skips them (the old file-level split stopped here: "needs at least 2 data
     files"). `test_train.py`'s runs train end to end with this default."""
-    p = plan(TrainConf(data=one_file_dataset))  # 2 workers, global batch 32
+    cfg = TrainConf(data=one_file_dataset)  # 2 workers
+    cfg.trainer.batch_size = 4  # 2 a rank: 10 batches a rank with the hold-out, 12 without
+    p = plan(cfg)
     ((bucket, files),) = p.train_files.items()
     assert len(files) == 1
     table = pq.read_table(files[0], columns=[schema.ID, schema.LATENT])
     held = held_out(table.column(schema.ID).to_pylist(), p.holdout)
     assert p.val_source == "held-out rows" and held.sum() == 5  # round(0.1 * 48) rows
-    assert p.batches == {bucket: (48 - 5) // 2 // 16} == {bucket: 1}
+    assert p.batches == {bucket: (48 - 5) // 2 // 2} == {bucket: 10}
     (group,) = p.val
     latents = table.column(schema.LATENT).combine_chunks().to_numpy_ndarray()
     assert len(group) == 4  # the 5 held-out rows, cut to a multiple of the 2 workers

@@ -63,8 +63,6 @@ def test_a_job_beside_another_local_cluster_finishes(train_dataset, tmp_path):
     assert os.environ.get("RAY_ADDRESS") == before  # the test session's own environment is untouched
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason="rank 0's worker process can die natively after its "
-                   "collective timeout before its error reaches Ray Train's controller (seen once in a full suite)")
 def test_a_stalled_rank_fails_the_step_within_the_timeout_and_dumps_its_stack(train_dataset, tmp_path):
     """Rank 1 sleeps in step 3 (`trainer.fault_injection=stall@3:1`): rank 0's collective gives up after
     `trainer.collective_timeout_s` instead of torch's 30 minutes, the failure is recorded with its step, and rank 1's
@@ -72,8 +70,10 @@ def test_a_stalled_rank_fails_the_step_within_the_timeout_and_dumps_its_stack(tr
     cfg = tiny_conf(train_dataset, str(tmp_path), "stall", workers=2, steps=4)
     t = cfg.trainer
     t.max_failures, t.collective_timeout_s, t.first_step_timeout_s, t.fault_injection = 0, 6.0, 120.0, "stall@3:1"
-    with pytest.raises(ray.train.TrainingFailedError, match="waited in a collective past its timeout at step 3"):
+    with pytest.raises(ray.train.TrainingFailedError) as failed:
         run(cfg)
+    if "waited in a collective past its timeout at step 3" not in str(failed.value):  # seen once in a full suite
+        pytest.xfail(f"rank 0's process died natively before its error reached the controller: {failed.value}")
     failed_at = time.time()
     folder = tmp_path / "stall"
     detected_s = failed_at - (folder / METRICS).stat().st_mtime  # from step 2's record to the failure raised

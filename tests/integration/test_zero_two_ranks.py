@@ -85,6 +85,7 @@ def lora_checks(stage: int, folder: Path) -> dict:
     resumed = lora_trainer(stage, base)
     resumed.load(checkpoint)
     out["resumed_loss"] = resumed.step(batch(10 * rank + 3), 3).loss
+    out["resumed_weights"] = weights(resumed)  # after the update: the optimizer's moments were resumed too
     return out
 
 
@@ -205,7 +206,7 @@ def test_lora_trains_only_the_adapters_alike_under_zero2_and_zero3(ranks):
     # the rank-0 EMA state: the whole network under both stages (ZeRO-3 gathered), None on the other rank
     assert ranks[1]["lora2"]["ema_state"] is None and ranks[1]["lora3"]["ema_state"] is None
     e2, e3 = ranks[0]["lora2"]["ema_state"], ranks[0]["lora3"]["ema_state"]
-    assert e2.keys() == e3.keys() and all(torch.allclose(e3[k], e2[k], atol=1e-6) for k in e2)
+    assert e2 and e2.keys() == e3.keys() and all(torch.allclose(e3[k], e2[k], atol=1e-6) for k in e2)
 
 
 def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(ranks, numels):
@@ -213,6 +214,8 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(ranks, numel
         for stage in (2, 3):
             z = got[f"lora{stage}"]
             assert z["resumed_loss"] == z["losses"][2]  # the same step 3 after a resume
+            for name, value in z["weights"].items():  # and the same update: Adam's moments came back
+                torch.testing.assert_close(z["resumed_weights"][name], value, rtol=1e-6, atol=0, msg=name)
     for stage in (2, 3):
         total = ranks[0][f"lora{stage}"]["checkpoint_bytes"]  # the folder both ranks wrote into
         adapters = ranks[0][f"lora{stage}"]["trained_numel"]
