@@ -51,7 +51,8 @@ class MMDiTConfig:
         if self.qk_norm not in ("none", "rms"):
             raise ValueError(f"MMDiTConfig.qk_norm must be one of 'none', 'rms', got {self.qk_norm!r}")
         if self.parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"MMDiTConfig.parametrization must be one of 'sp', 'mup', got {self.parametrization!r}")
+            raise ValueError(f"MMDiTConfig.parametrization must be one of {', '.join(map(repr, PARAMETRIZATIONS))}, "
+                             f"got {self.parametrization!r}")
         if self.mup_base_width % 4:
             raise ValueError(f"MMDiTConfig.mup_base_width ({self.mup_base_width}) must be divisible by 4, "
                              "as any hidden size")

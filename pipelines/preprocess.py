@@ -201,7 +201,9 @@ def process(cfg: PreprocessConf, p: Plan, pending: list[Shard]) -> dict:
     """Run the pipeline over the pending shards, marking each as it completes; returns this run's timings."""
     ensure_ray(min_cpus=local_cpus(cfg, p))  # local, or the cluster in RAY_ADDRESS
     # one progress bar for the whole job in a terminal; in a log file the per-shard lines below say enough
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stdout.isatty()
+    context.raise_original_map_exception = True  # a stage's DiskFull reaches `run` as itself (find_disk_full)
     start = time.perf_counter()
     progress = Progress(cfg.output, cfg.endpoint_url, {s.index: list(s.paths) for s in pending})
     first_done = progress.track(build_dataset(cfg, p, pending).iter_rows(), LOG)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -48,31 +47,10 @@ class DiskFull(OSError):
         return (type(self), (self.path, self.needed, self.free, self.then, self.reason))
 
 
-    @classmethod
-    def parse(cls, text: str) -> DiskFull | None:
-        """The DiskFull whose message (`disk_full_message`) appears in `text`, or None: for a wrapper that kept only
-        the text of the traceback (Ray Data's UserCodeException loses its cause when it crosses to the driver)."""
-        found = _MESSAGE.search(text)
-        if found is None:
-            return None
-        needed, free = (_bytes(found[k]) for k in ("needed", "free"))
-        return cls(found["path"], needed, free, found["then"], found["reason"])
-
-
-UNKNOWN_SIZE = "an unknown number of bytes"
-_SIZE = rf"(?:{UNKNOWN_SIZE}|[\d,]+ bytes \([\d.]+ MiB\))"
-_MESSAGE = re.compile(rf"disk full \((?P<reason>[^)]+)\): writing (?P<path>.+?) needs (?P<needed>{_SIZE}), "
-                      rf"(?P<free>{_SIZE}) free; (?P<then>.*)")
-
-
 def _size(n: int | None) -> str:
     if n is None:
-        return UNKNOWN_SIZE
+        return "an unknown number of bytes"
     return f"{n:,} bytes ({n / 2**20:.1f} MiB)"
-
-
-def _bytes(size: str) -> int | None:
-    return None if size == UNKNOWN_SIZE else int(size.split(" ", 1)[0].replace(",", ""))
 
 
 def disk_full_message(path: str, needed: int | None, free: int | None, then: str = "",
@@ -110,9 +88,8 @@ def is_disk_full(error: BaseException | None) -> bool:
 
 
 def find_disk_full(error: BaseException | None) -> DiskFull | None:
-    """The DiskFull behind `error` (through Ray's task errors and chained causes, else in its traceback's text), or
-    None."""
-    seen, first = 0, error
+    """The DiskFull behind `error` (through Ray's task errors and chained causes), or None."""
+    seen = 0
     while error is not None and seen < 8:
         if isinstance(error, DiskFull) and type(error) is DiskFull:
             return error
@@ -120,7 +97,7 @@ def find_disk_full(error: BaseException | None) -> DiskFull | None:
         if isinstance(cause, DiskFull):
             return cause
         error, seen = cause if isinstance(cause, BaseException) else error.__cause__ or error.__context__, seen + 1
-    return None if first is None else DiskFull.parse(str(first))
+    return None
 
 
 def endpoint_from_env() -> str | None:

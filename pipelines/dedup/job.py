@@ -298,7 +298,9 @@ def run(cfg: DedupConf) -> dict:
     p = plan(cfg)
     stage = cfg.embedder.stage  # a local Ray fits the actor pool and a read, a decode and a write task at once
     ensure_ray(min_cpus=stage.num_cpus * stage.min_actors + 3 * cfg.decode_num_cpus)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.raise_original_map_exception = True  # a stage's DiskFull reaches the handler below as itself
     try:
         with sigterm_stops():
             embedding = embed(cfg, p)

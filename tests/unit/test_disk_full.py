@@ -98,17 +98,3 @@ def test_the_disk_full_behind_a_ray_task_error_is_found():
     assert storage.find_disk_full(TaskError(full)) is full
     assert storage.find_disk_full(full) is full
     assert storage.find_disk_full(TaskError(ValueError("x"))) is None
-
-
-def test_a_disk_full_known_only_by_its_traceback_text_is_found_with_its_fields():
-    class DataError(RuntimeError):  # Ray Data's UserCodeException reaches the driver without its cause
-        pass
-
-    for full in (DiskFull("/out/data/bucket=64x64/shard-3.parquet", 137_522, 131_072),
-                 DiskFull("/out/a b, c.parquet", None, None, then="free it", reason="Disk quota exceeded")):
-        wrapped = DataError(f"ray::MapBatches(write_batch)()\n  File x\npipelines.storage.DiskFull: {full}\n\n"
-                            "The above exception was the direct cause of the following exception:\nUDF failed")
-        found = storage.find_disk_full(wrapped)
-        assert (found.path, found.needed, found.free, found.reason) == (full.path, full.needed, full.free, full.reason)
-        assert str(found) == str(full)
-    assert storage.find_disk_full(DataError("OSError: [Errno 28] No space left on device")) is None
