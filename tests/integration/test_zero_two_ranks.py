@@ -1,7 +1,8 @@
 """ZeRO on two ranks (two spawned processes, a gloo group set up by DeepSpeed, the CPU): ZeRO-3 builds and trains
 the same network as ZeRO-2 while each rank holds half of it, each stage's per-rank state bytes match the ZeRO
 paper's expectation, and LoRA trains only its adapters under both stages, checkpoints only them and resumes
-exactly. One process pair runs every check: starting it and importing DeepSpeed dominate the time."""
+exactly, and muP's per-group learning rates train alike under both. One process pair runs every check: starting it
+and importing DeepSpeed dominate the time."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from support import random_step_batch
 
+from conf.model import ModelConf
 from conf.train import TrainConf
 from model import FLAVORS, MMDiT
 from model.conditioning import TINY_TEXT
@@ -38,10 +40,26 @@ def batch(seed: int = 0, n: int = 2) -> dict[str, torch.Tensor]:
     return random_step_batch(seed, n)
 
 
-def trainer(stage: int):
+def trainer(stage: int, model: ModelConf | None = None):
     from workloads.train.trainer import Trainer
 
-    return Trainer(conf(stage), TINY_TEXT, torch.device("cpu"))
+    cfg = conf(stage)
+    cfg.model = model or cfg.model
+    return Trainer(cfg, TINY_TEXT, torch.device("cpu"))
+
+
+# muP at 1.5x the debug flavor's width (its base width): hidden matrices at 2/3 of the base learning rate
+MUP = ModelConf("debug", hidden_size=192, num_heads=3, parametrization="mup")
+
+
+def mup_checks(stage: int) -> dict:
+    """muP's learning-rate groups, three steps' losses and the weights after them, under `stage`."""
+    rank = dist.get_rank()
+    t = trainer(stage, MUP)
+    out = {"lrs": [g["lr"] for g in t.optimizer.param_groups],
+           "losses": [t.step(batch(10 * rank + s), s).loss for s in (1, 2, 3)]}
+    out["weights"] = weights(t)
+    return out
 
 
 LORA_RANK = 4
@@ -122,6 +140,7 @@ def rank_checks(folder: Path) -> dict:
         del t
     for stage in (2, 3):
         out[f"lora{stage}"] = lora_checks(stage, folder)
+        out[f"mup{stage}"] = mup_checks(stage)
     return out
 
 
@@ -222,3 +241,16 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(ranks, numel
         # fp32 adapters, their EMA, two Adam moments and DeepSpeed's fp32 master: ~5 copies, far below the base
         assert total < 12 * 4 * adapters + 200_000, (stage, total)
         assert total < 0.5 * sum(numels) * 4, (stage, total)
+
+
+def test_mup_groups_train_alike_under_zero2_and_zero3_on_two_ranks(ranks):
+    """muP's groups (hidden matrices at base width / width of the learning rate) through DeepSpeed's optimizer
+    partitioned over two ranks: ZeRO-3 takes the same steps as ZeRO-2, and both ranks end with the same weights."""
+    for got in ranks:
+        z2, z3 = got["mup2"], got["mup3"]
+        assert z2["lrs"] == z3["lrs"] and z2["lrs"][1] == pytest.approx(z2["lrs"][0] * 128 / 192)
+        assert z3["losses"] == pytest.approx(z2["losses"], rel=1e-5)
+        for name, value in z2["weights"].items():
+            torch.testing.assert_close(z3["weights"][name], value, msg=name)
+    for name, value in ranks[0]["mup3"]["weights"].items():
+        torch.testing.assert_close(ranks[1]["mup3"]["weights"][name], value, rtol=0, atol=0, msg=name)
