@@ -71,10 +71,16 @@ class DemoConf:
     pairs_prompts_per_task: int = 16
     pairs_images_per_prompt: int = 8
     pairs_sample_steps: int = 10  # Euler steps of the pairs' samples (half the evaluation's: 528 images to judge)
+    # The shipped shapes reference model (`pipelines/synthetic/weights/shapes-reference`, a network that already follows
+    # prompts sometimes): evaluated and preference-tuned beside the main run, at its own resolution, autoencoder and
+    # guidance, with `reference_images` shapes images of its kind preprocessed for its text encoders and autoencoder.
+    reference: bool = True
+    reference_images: int = 32
 
     def __post_init__(self) -> None:
         at_least(self, 1, "images", "image_size", "resolution", "shard_size", "geneval_steps", "dpo_rank",
-                 "dpo_geneval_images_per_prompt", "pairs_prompts_per_task", "pairs_sample_steps")
+                 "dpo_geneval_images_per_prompt", "pairs_prompts_per_task", "pairs_sample_steps",
+                 "reference_images")
         at_least(self, 0, "geneval_images_per_prompt", "dpo_steps", "geneval_guidance")
         at_least(self, 1, "geneval_prompts_per_task", optional=True)
         if min(self.depths, default=0) < 1:

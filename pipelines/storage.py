@@ -294,3 +294,11 @@ def join(base: str, *parts: str) -> str:
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
+
+
+def absolute(path: str | None) -> str | None:
+    """A relative local path made absolute here (Ray's workers start in folders of their own); a URI, an absolute
+    path or None as it is."""
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(path)

@@ -15,6 +15,7 @@ from conf.sweep import SweepConf
 from conf.train import TrainConf
 from workloads import runtime
 from workloads.demo import driver as demo
+from workloads.demo import preference
 from workloads.sweep import driver as sweep
 from workloads.sweep import studies
 from workloads.train import driver as train
@@ -67,13 +68,54 @@ def test_the_demos_dpo_run_is_its_main_run_turned_to_dpo_on_the_pairs(tmp_path):
     cfg = runtime.compose("demo", [f"out_dir={tmp_path}", "dpo_steps=30", "dpo_rank=8"])
     at = demo.Layout.under(demo.storage_of(cfg))
     main = demo.main_run_conf(cfg, at)
-    dpo, pairs = demo.dpo_conf(cfg, at, main), demo.pairs_conf(cfg, at, main)
+    base = demo.bases(cfg, at)["main run"]
+    dpo, pairs = preference.dpo_conf(cfg, at.storage, base), preference.pairs_conf(cfg, at.storage, base)
     assert dpo.objective.kind == Objective.dpo and dpo.lora.rank == 8 and dpo.trainer.max_steps == 30
     assert dpo.data == pairs.out and pairs.run == dpo.init_from == f"{main.run.storage}/{main.run.name}"
+    assert pairs.data == at.data and pairs.guidance == dpo.validation.guidance == cfg.geneval_guidance
     assert dpo.validation.geneval_before and dpo.validation.geneval_every == 30
     assert pairs.held_out_prompts_per_task == dpo.validation.geneval_prompts_per_task
     assert (dpo.optim, dpo.model, dpo.trainer.batch_size) == (main.optim, main.model, main.trainer.batch_size)
     assert dpo.run.name != main.run.name and dpo.objective.text_drop_prob == 0.0
+
+
+def test_the_demo_also_tunes_the_shipped_reference_model_at_its_own_resolution_and_guidance(tmp_path):
+    """The second base: the shipped weights as the DPO run's init_from, its network (not the main run's), a dataset
+    of its kind (its resolution and autoencoder) under the demo's storage, its own sampling guidance, its own pairs
+    folder and run name; `reference=false` leaves only the main run."""
+    from workloads.reference import shipped
+
+    cfg = runtime.compose("demo", [f"out_dir={tmp_path}"])
+    at = demo.Layout.under(demo.storage_of(cfg))
+    made = shipped.recipe()
+    bases = demo.bases(cfg, at)
+    main, ref = bases["main run"], bases["reference model"]
+    dpo, pairs = preference.dpo_conf(cfg, at.storage, ref), preference.pairs_conf(cfg, at.storage, ref)
+    assert dpo.init_from == pairs.run == str(shipped.folder())
+    assert dpo.model == made.train.model != main.train.model
+    assert pairs.guidance == dpo.validation.guidance == made.train.validation.guidance
+    assert pairs.out != preference.pairs_conf(cfg, at.storage, main).out
+    assert dpo.run.name != preference.dpo_conf(cfg, at.storage, main).run.name
+    data = demo.reference_conf(cfg, at)
+    assert (data.resolution, data.latent_channels, data.images) == (made.resolution, made.latent_channels,
+                                                                     cfg.reference_images)
+    assert pairs.data == f"{data.storage}/data"
+    assert set(demo.geneval_confs(cfg, at, main.train, "/untrained")) == {"main run", "ground truth", "untrained",
+                                                                         "reference model"}
+    off = runtime.compose("demo", [f"out_dir={tmp_path}", "reference=false"])
+    assert list(demo.bases(off, at)) == ["main run"]
+    assert "reference model" not in demo.geneval_confs(off, at, main.train, "/untrained")
+
+
+def test_the_workers_get_init_from_as_an_absolute_path_they_can_open_from_their_own_folder(tmp_path, monkeypatch):
+    """Ray's workers start in folders of their own: a relative `init_from=` the driver could read (its checks passed)
+    would name nothing there. URIs and absolute paths pass as they are."""
+    monkeypatch.chdir(tmp_path)
+    c = runtime.compose("train", ["data=/data", "init_from=runs/base", "lora.rank=4"])
+    assert train.worker_conf(c).init_from == str(tmp_path / "runs" / "base")
+    for kept in ("s3://bucket/base", "/abs/base", None):
+        assert train.worker_conf(dataclasses.replace(c, init_from=kept, lora=TrainConf().lora)).init_from == kept
+    assert train.worker_conf(c).data == c.data
 
 
 def test_a_sweep_rejects_data_set_inside_its_train_section():

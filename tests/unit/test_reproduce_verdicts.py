@@ -164,7 +164,7 @@ def test_steps_verdict_deeper_models_lose_less_at_few_steps(lfd_increase, status
 
 
 def preference(before: float, after: float):
-    """What `demo.preference_tune` hands back, as far as the analysis reads it."""
+    """What `preference.preference_tune` hands back, as far as the analysis reads it."""
     from types import SimpleNamespace
 
     tasks = {"single_object": 0.5}

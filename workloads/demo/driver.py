@@ -17,18 +17,20 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-from conf.checks import Objective, validate
+from conf.checks import validate
 from conf.demo import DemoConf, register
 from conf.evaluate import EvaluateConf
-from conf.pairs import MakePairsConf
 from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
+from conf.reference import ReferenceConf
 from conf.sweep import Study, SweepConf
-from conf.train import LoraConf, TrainConf
+from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
 from pipelines.storage import Location, join, require_bucket
 from workloads.demo import report as demo_report
+from workloads.demo.preference import Base, dpo_conf, preference_tune
+from workloads.reference import driver as reference_job
+from workloads.reference import shipped
 from workloads.runtime import cli, ensure_ray, logger
 from workloads.sweep import driver as sweep_job
 from workloads.sweep import studies
@@ -90,92 +92,61 @@ def main_run_conf(cfg: DemoConf, at: Layout) -> TrainConf:
     return sweep_job.trial_train_conf(sweep, params)
 
 
-class PreferenceSettings(Protocol):
-    """The preference stage's settings, as `DemoConf` and `ReproduceConf` (which tunes its best run) both carry them."""
-
-    endpoint_url: str | None
-    geneval_guidance: float
-    pairs_prompts_per_task: int
-    pairs_images_per_prompt: int
-    pairs_sample_steps: int
-    dpo_steps: int
-    dpo_rank: int
-    dpo_geneval_images_per_prompt: int
+def main_base(cfg: DemoConf, at: Layout) -> Base:
+    """The preference stage's first base: the main run, on the demo's data."""
+    return Base.of_run(main_run_conf(cfg, at), at.data, cfg.geneval_guidance)
 
 
-def pairs_conf(cfg: PreferenceSettings, at: Layout, main: TrainConf) -> MakePairsConf:
-    """Preference pairs from the main run: its training prompts judged by GenEval-shapes, the demo's sampling."""
-    return MakePairsConf(run=join(main.run.storage, main.run.name), data=at.data, out=join(at.storage, "pairs"),
-                         endpoint_url=cfg.endpoint_url, prompts_per_task=cfg.pairs_prompts_per_task,
-                         held_out_prompts_per_task=main.validation.geneval_prompts_per_task,
-                         images_per_prompt=cfg.pairs_images_per_prompt, steps=cfg.pairs_sample_steps,
-                         guidance=cfg.geneval_guidance)
+def reference_conf(cfg: DemoConf, at: Layout) -> ReferenceConf:
+    """The shipped reference model's recipe (its card) on `reference_images` images of its kind under
+    `<storage>/reference`: its image size, resolution and autoencoder, so that their manifest names the text encoders
+    and autoencoder the model reads and draws with."""
+    r = shipped.recipe()
+    r.storage, r.endpoint_url, r.ship_to = join(at.storage, "reference"), cfg.endpoint_url, None
+    r.images, r.shard_size, r.seed = cfg.reference_images, cfg.shard_size, cfg.seed
+    return r
 
 
-def dpo_conf(cfg: PreferenceSettings, at: Layout, main: TrainConf) -> TrainConf:
-    """The main run's training settings turned into `objective=dpo` on the pairs: LoRA adapters on the main run's
-    weights, GenEval-shapes of the held-out prompts before the first step and after the last."""
-    c = copy.deepcopy(main)
-    c.data, c.val_data, c.init_from = pairs_conf(cfg, at, main).out, None, join(main.run.storage, main.run.name)
-    o, v = c.objective, c.validation
-    o.kind, o.synthetic_caption_prob, o.text_drop_prob = Objective.dpo, 0.0, 0.0
-    c.lora = LoraConf(rank=cfg.dpo_rank)
-    c.trainer.max_steps = c.checkpoint.every = v.every = v.geneval_every = cfg.dpo_steps
-    v.geneval_before, v.geneval_images_per_prompt = True, cfg.dpo_geneval_images_per_prompt
-    c.run.name = f"dpo-{main.run.name}"
-    validate(c)
-    return c
+def reference_base(cfg: DemoConf, at: Layout) -> Base:
+    """The preference stage's second base: the shipped reference model, tuned with the demo's training settings
+    (workers, batch, optimizer, held-out prompts) on its own network, data and sampling guidance."""
+    r = reference_conf(cfg, at)
+    train = copy.deepcopy(cfg.train)
+    train.model = copy.deepcopy(reference_job.train_conf(r).model)
+    train.data = join(r.storage, "data")
+    train.run.storage, train.run.name = main_run_conf(cfg, at).run.storage, shipped.SHIPPED.name
+    return Base(str(shipped.folder()), train.data, train, r.train.validation.guidance, pairs="pairs-reference")
 
 
-def preference_tune(cfg: PreferenceSettings, at: Layout, main: TrainConf) -> demo_report.Preference:
-    """Pairs, then DPO (each kept when an earlier invocation finished it). A main run that drew no correct image of
-    any training prompt gives no pairs: the stage is then skipped, and the report says why."""
-    import json
-
-    from pipelines import schema
-    from workloads.make_pairs import driver as make_pairs
-
-    pairs, dpo = pairs_conf(cfg, at, main), dpo_conf(cfg, at, main)
-    out = Location.of(pairs.out, cfg.endpoint_url)
-    if out.exists(schema.MANIFEST):
-        manifest = json.loads(out.read_bytes(schema.MANIFEST))
-        LOG.info(f"{pairs.out} already holds {manifest['counts']['written']} pairs: kept")
-    else:
-        try:
-            manifest = make_pairs.run(pairs)
-        except make_pairs.NoPairs as error:
-            LOG.warning(f"DPO skipped: {error}")
-            return demo_report.Preference(None, None, dpo, skipped=str(error))
-    needed = dpo.trainer.batch_size + dpo.trainer.num_workers  # a global batch, and a held-out pair per worker
-    if manifest["counts"]["written"] < needed:
-        reason = (f"{manifest['counts']['written']} pairs from {manifest['counts']['read']} samples, fewer than the "
-                  f"{needed} a DPO step and its validation need (global batch {dpo.trainer.batch_size})")
-        LOG.warning(f"DPO skipped: {reason}")
-        return demo_report.Preference(manifest, None, dpo, skipped=reason)
-    summary = sweep_job.finished(dpo)
-    if summary is None:
-        train_job.run(dpo)
-        summary = sweep_job.finished(dpo)
-    return demo_report.Preference(manifest, summary, dpo)
+def reference_eval_out(at: Layout) -> str:
+    """Where the evaluation job writes the reference model's GenEval-shapes (its summary, results and grid.png)."""
+    return join(at.storage, "geneval", "reference")
 
 
 def geneval_confs(cfg: DemoConf, at: Layout, main: TrainConf, untrained: str) -> dict[str, EvaluateConf]:
-    """GenEval-shapes of the main run, of the ground truth (the shapes folder itself) and of an untrained network
-    of the same shape (`untrained`: its diffusers export)."""
-    sampled = {"data": at.data, "images_per_prompt": cfg.geneval_images_per_prompt, "steps": cfg.geneval_steps,
-               "prompts_per_task": cfg.geneval_prompts_per_task,
-               "guidance": cfg.geneval_guidance, "resolution": cfg.resolution, "endpoint_url": cfg.endpoint_url}
-    return {
+    """GenEval-shapes of the main run, of the ground truth (the shapes folder itself), of an untrained network of the
+    same shape (`untrained`: its diffusers export) and, with `reference`, of the shipped reference model (at its own
+    resolution and guidance)."""
+    sampled = {"images_per_prompt": cfg.geneval_images_per_prompt, "steps": cfg.geneval_steps,
+               "prompts_per_task": cfg.geneval_prompts_per_task, "endpoint_url": cfg.endpoint_url}
+    ours = {"data": at.data, "guidance": cfg.geneval_guidance, "resolution": cfg.resolution, **sampled}
+    confs = {
         "main run": EvaluateConf(run=join(main.run.storage, main.run.name), out=join(at.storage, "geneval", "main"),
-                                 **sampled),
+                                 **ours),
         "ground truth": EvaluateConf(images=join(at.shapes, "folder"), out=join(at.storage, "geneval", "truth"),
                                      endpoint_url=cfg.endpoint_url),
-        "untrained": EvaluateConf(run=untrained, out=join(at.storage, "geneval", "untrained"), **sampled),
+        "untrained": EvaluateConf(run=untrained, out=join(at.storage, "geneval", "untrained"), **ours),
     }
+    if cfg.reference:
+        ref = reference_base(cfg, at)
+        confs["reference model"] = EvaluateConf(run=ref.weights, data=ref.data, guidance=ref.guidance,
+                                                resolution=reference_conf(cfg, at).resolution,
+                                                out=reference_eval_out(at), **sampled)
+    return confs
 
 
 def evaluate_geneval(cfg: DemoConf, at: Layout, main: TrainConf) -> dict[str, dict]:
-    """The three GenEval-shapes summaries, by label."""
+    """The GenEval-shapes summaries, by label."""
     import tempfile
 
     import torch
@@ -190,6 +161,11 @@ def evaluate_geneval(cfg: DemoConf, at: Layout, main: TrainConf) -> dict[str, di
         return {label: evaluate_job.run(conf) for label, conf in geneval_confs(cfg, at, main, untrained).items()}
 
 
+def bases(cfg: DemoConf, at: Layout) -> dict[str, Base]:
+    """What the preference stage tunes, by label: the main run and, with `reference`, the shipped reference model."""
+    return {"main run": main_base(cfg, at), **({"reference model": reference_base(cfg, at)} if cfg.reference else {})}
+
+
 def check(cfg: DemoConf) -> None:
     """Everything that can be wrong before any work: numbers, each job's config, a missing bucket."""
     validate(cfg)
@@ -200,8 +176,13 @@ def check(cfg: DemoConf) -> None:
     sweep = sweep_conf(cfg, at)
     for params in studies.trial_params(sweep):
         train_job.check(sweep_job.trial_train_conf(sweep, params))
+    if cfg.reference:
+        r = reference_conf(cfg, at)
+        check_shapes(reference_job.shapes_conf(r))
+        validate(reference_job.preprocess_conf(r))
     if cfg.dpo_steps:
-        dpo_conf(cfg, at, main_run_conf(cfg, at))  # its own checks (the base it adapts does not exist yet)
+        for base in bases(cfg, at).values():
+            dpo_conf(cfg, at.storage, base)  # its own checks (the main run it adapts does not exist yet)
     require_bucket(at.storage, "storage", cfg.endpoint_url)
 
 
@@ -225,11 +206,19 @@ def run(cfg: DemoConf) -> Path:
     ensure_ray(min_cpus=t.num_workers * t.cpus_per_worker + 2)  # training workers plus room for Ray Data's readers
     from pipelines import make_shapes, preprocess
 
-    with stage("shapes", f"generating {cfg.images} shapes images ({cfg.image_size} px) in {at.shapes}", timings):
+    ref = reference_conf(cfg, at) if cfg.reference else None
+    also = f", and {ref.images} ({ref.image_size} px) of the reference model's kind" if ref else ""
+    with stage("shapes", f"generating {cfg.images} shapes images ({cfg.image_size} px) in {at.shapes}{also}",
+               timings):
         make_shapes.run(shapes_conf(cfg, at))
+        if ref:
+            make_shapes.run(reference_job.shapes_conf(ref))
+    also = f", and the reference model's into {join(ref.storage, 'data')}" if ref else ""
     with stage("preprocess", f"preprocessing with Ray Data (the shapes autoencoder, tiny text encoders) into "
-                             f"{at.data}", timings):
+                             f"{at.data}{also}", timings):
         manifest = preprocess.run(preprocess_conf(cfg, at))
+        if ref:
+            preprocess.run(reference_job.preprocess_conf(ref))
     train = main_run_conf(cfg, at)
     with stage("train", f"training the depth-{cfg.main_depth} ({train.model.flavor} flavor) MM-DiT with Ray Train + "
                         f"DeepSpeed ZeRO-{train.deepspeed.stage} on {t.num_workers} workers, {t.max_steps} steps",
@@ -244,16 +233,21 @@ def run(cfg: DemoConf) -> Path:
         results = sweep_job.run(sweep)
     geneval: dict[str, dict] = {}
     if cfg.geneval_images_per_prompt:
+        also = " and the shipped reference model" if ref else ""
         with stage("evaluate", f"GenEval on shapes of the main run ({cfg.geneval_images_per_prompt} image(s) per "
-                               "prompt), the ground truth and an untrained network", timings):
+                               f"prompt), the ground truth, an untrained network{also}", timings):
             geneval = evaluate_geneval(cfg, at, train)
-    preference = None
+    preference: dict[str, demo_report.Preference] = {}
     if cfg.dpo_steps:
-        with stage("dpo", f"preference tuning: pairs of the main run's samples judged by GenEval-shapes, then "
-                          f"{cfg.dpo_steps} Diffusion-DPO steps on rank-{cfg.dpo_rank} LoRA adapters", timings):
-            preference = preference_tune(cfg, at, train)
+        tuned = bases(cfg, at)
+        with stage("dpo", f"preference tuning of the {' and the '.join(tuned)}: pairs of its samples judged by "
+                          f"GenEval-shapes, then {cfg.dpo_steps} Diffusion-DPO steps on rank-{cfg.dpo_rank} LoRA "
+                          "adapters", timings):
+            preference = {label: preference_tune(cfg, at.storage, base) for label, base in tuned.items()}
     with stage("report", f"writing the report to {out}", timings):
-        sources = demo_report.Sources(manifest, train, sweep, results, geneval, preference)
+        evaluated = geneval.get("reference model") is not None
+        reference_eval = Location.of(reference_eval_out(at), cfg.endpoint_url) if evaluated else None
+        sources = demo_report.Sources(manifest, train, sweep, results, geneval, preference, reference_eval)
         summary = demo_report.write(out, sources, timings, time.perf_counter() - start)
     LOG.info("summary.md:\n" + summary)
     LOG.info(f"finished in {time.perf_counter() - start:.0f} s; report folder: {out}")

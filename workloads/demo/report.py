@@ -1,9 +1,10 @@
-"""The demo's report folder: `samples.png`, `reference.png`, `loss.png`, `scaling.png`, `summary.md` and
-`summary.json`, gathered from the finished jobs' own outputs (local or s3://)."""
+"""The demo's report folder: `samples.png`, `reference.png`, `loss.png`, `scaling.png`, `reference_model.png`,
+`summary.md`, `summary.json` and `dpo/`, gathered from the finished jobs' own outputs (local or s3://)."""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from math import nan
 from pathlib import Path
@@ -17,6 +18,7 @@ from pipelines import schema
 from pipelines.geneval.credit import overall_credit
 from pipelines.storage import Location
 from workloads.plots import plot_loss
+from workloads.reproduce.stats import geneval_se
 from workloads.sweep import studies
 from workloads.train.driver import plan, run_location
 from workloads.train.runlog import METRICS, SUMMARY, read_records
@@ -43,7 +45,8 @@ class Sources:
     sweep: SweepConf
     results: pd.DataFrame  # the sweep's trial rows
     geneval: dict[str, dict] = field(default_factory=dict)  # GenEval-shapes summaries by label (main run, ...)
-    preference: Preference | None = None
+    preference: dict[str, Preference] = field(default_factory=dict)  # by the tuned base's label
+    reference_eval: Location | None = None  # the evaluation folder of the shipped reference model (its grid.png)
 
     @property
     def run(self) -> Location:
@@ -95,7 +98,7 @@ def figures(src: Sources, timings: dict[str, float], seconds: float) -> tuple[di
         "sweep": src.results.sort_values("depth")[[c for c in ("depth", "params", "train_flops", "val_loss", "geneval")
                                                    if c in src.results]].to_dict(orient="records"),
         "geneval": src.geneval,
-        **({"dpo": dpo_figures(src.preference)} if src.preference and src.preference.summary else {}),
+        "dpo": {label: dpo_figures(p) for label, p in src.preference.items() if p.summary is not None},
     }, records
 
 
@@ -109,9 +112,14 @@ def dpo_figures(p: Preference) -> dict:
             "geneval_tasks_before": s.get("geneval_tasks_before"), "geneval_tasks_after": s.get("geneval_tasks_after")}
 
 
-def dpo_lines(f: dict, p: Preference) -> list[str]:
-    """The preference-tuning section: the pairs per task, and GenEval-shapes before and after DPO."""
-    title = "## Preference tuning: Diffusion-DPO with LoRA (`workloads.make_pairs`, `objective=dpo`)"
+def dpo_file(label: str) -> str:
+    """Where the report keeps a DPO run's `summary.json`."""
+    return f"dpo/{label.replace(' ', '-')}.json"
+
+
+def dpo_lines(f: dict, p: Preference, label: str) -> list[str]:
+    """One base's preference-tuning section: the pairs per task, and GenEval-shapes before and after DPO."""
+    title = f"## Preference tuning of the {label}: Diffusion-DPO with LoRA (`workloads.make_pairs`, `objective=dpo`)"
     if p.summary is None:
         return ["", title, f"- skipped: {p.skipped}"]
     v = p.train.validation
@@ -124,16 +132,21 @@ def dpo_lines(f: dict, p: Preference) -> list[str]:
              f"parameters, checkpoint {f['checkpoint_bytes'] / 2**20:.1f} MiB), beta from the velocity-error scale, "
              f"{f['samples_per_s']:.1f} pairs/s; last step: implicit accuracy {last['dpo_accuracy']:.2f}, reward "
              f"margin {last['dpo_reward_margin']:.3f}",
-             f"- run folder: `{f['run']}` (its `summary.json` is `dpo/summary.json` here)"]
+             f"- run folder: `{f['run']}` (its `summary.json` is `{dpo_file(label)}` here)"]
     if f["geneval_before"] is None:
         return lines
     tags = list(f["geneval_tasks_before"])
     lines += ["", f"GenEval-shapes on the held-out prompts ({v.geneval_prompts_per_task} per task, "
                   f"{v.geneval_images_per_prompt} images each; none of them made a pair):", "",
               "| | overall | " + " | ".join(tags) + " |", "|---|---|" + "---|" * len(tags)]
-    for label, overall, tasks in (("before DPO", f["geneval_before"], f["geneval_tasks_before"]),
-                                  ("after DPO", f["geneval_after"], f["geneval_tasks_after"])):
-        lines.append(f"| {label} | {overall:.3f} | " + " | ".join(f"{tasks[t]:.3f}" for t in tags) + " |")
+    for row, overall, tasks in (("before DPO", f["geneval_before"], f["geneval_tasks_before"]),
+                                ("after DPO", f["geneval_after"], f["geneval_tasks_after"])):
+        lines.append(f"| {row} | {overall:.3f} | " + " | ".join(f"{tasks[t]:.3f}" for t in tags) + " |")
+    images = v.geneval_prompts_per_task * len(tags) * v.geneval_images_per_prompt
+    gain, se = f["geneval_after"] - f["geneval_before"], math.hypot(geneval_se(f["geneval_before"], images),
+                                                                     geneval_se(f["geneval_after"], images))
+    lines += ["", f"- change {gain:+.3f}, standard error {se:.3f} ({images} images each): "
+                  + ("beyond" if abs(gain) > 2 * se else "within") + " twice its standard error"]
     return lines
 
 
@@ -170,8 +183,11 @@ def markdown(src: Sources, f: dict, sweep_body: str, decoder_note: str | None, g
                      "checked against its caption by eye")
     lines += geneval_lines(f["geneval"])
     lines += credit_lines(f["geneval"])
-    if src.preference is not None:
-        lines += dpo_lines(f.get("dpo", {}), src.preference)
+    if src.reference_eval is not None:
+        lines.append("- `reference_model.png`: the shipped reference model's first GenEval-shapes images, each marked "
+                     "green (correct) or red")
+    for label, p in src.preference.items():
+        lines += dpo_lines(f["dpo"].get(label, {}), p, label)
     lines += ["", "## Toy depth sweep (Ray Tune)",
               f"Width 64*depth, {t['steps']} steps each; the depth-{src.train.model.depth} trial is the run above (the "
               "same training config, so the sweep found it finished and reused it).", "", sweep_body, "",
@@ -245,7 +261,10 @@ def write(out: Path, src: Sources, timings: dict[str, float], seconds: float) ->
     text = markdown(src, f, analysis.markdown, note, grid)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(f, indent=1) + "\n")
-    if src.preference is not None and src.preference.summary is not None:
-        (out / "dpo").mkdir(exist_ok=True)
-        (out / "dpo" / "summary.json").write_text(json.dumps(src.preference.summary, indent=1) + "\n")
+    if src.reference_eval is not None:
+        (out / "reference_model.png").write_bytes(src.reference_eval.read_bytes("grid.png"))
+    for label, p in src.preference.items():
+        if p.summary is not None:
+            (out / dpo_file(label)).parent.mkdir(exist_ok=True)
+            (out / dpo_file(label)).write_text(json.dumps(p.summary, indent=1) + "\n")
     return text

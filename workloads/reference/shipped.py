@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pipelines.synthetic
 from conf.evaluate import EvaluateConf
+from conf.reference import ReferenceConf
 from workloads.reference.driver import CARD
 
 SHIPPED = Path(pipelines.synthetic.__file__).parent / "weights" / "shapes-reference"
@@ -25,6 +26,13 @@ def folder() -> Path:
 def card() -> dict:
     """How it was made: the recipe, the command, the step and training FLOPs it holds, its GenEval-shapes curve."""
     return json.loads((folder() / CARD).read_text())
+
+
+def recipe() -> ReferenceConf:
+    """The `workloads.reference` config the shipped model was made with (its card's `recipe`), schema-checked."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ReferenceConf), card()["recipe"]))
 
 
 def evaluate_conf(out: str, tiny_dir: str, **settings) -> EvaluateConf:

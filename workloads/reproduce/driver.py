@@ -28,7 +28,7 @@ from conf.sweep import Study, SweepConf
 from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
 from pipelines.storage import Location, is_remote, join, require_bucket
-from workloads.demo import driver as demo
+from workloads.demo import preference
 from workloads.reproduce import autoencoder, report
 from workloads.reproduce import findings as analysis
 from workloads.runtime import cli, ensure_ray, logger
@@ -172,13 +172,9 @@ def check(cfg: ReproduceConf) -> None:
             train_job.check(sweep_job.trial_train_conf(sweep, params))
     if Finding.dpo in cfg.findings and cfg.dpo_steps:
         original = every["captions-original"]
-        demo.dpo_conf(cfg, demo_layout(at), sweep_job.trial_train_conf(original, studies.trial_params(original)[0]))
+        first = sweep_job.trial_train_conf(original, studies.trial_params(original)[0])
+        preference.dpo_conf(cfg, at.storage, preference.Base.of_run(first, at.data, cfg.geneval_guidance))
     require_bucket(at.storage, "storage", cfg.endpoint_url)
-
-
-def demo_layout(at: Layout) -> demo.Layout:
-    """The preference stage's paths (`make demo`'s): pairs under `<storage>/pairs`, sampled with the study data."""
-    return demo.Layout(at.storage, at.shapes, at.data)
 
 
 @contextlib.contextmanager
@@ -215,13 +211,14 @@ def run(cfg: ReproduceConf) -> Path:
     for name, sweep in sweeps(cfg, at).items():
         with step(f"study {name}: {len(studies.trial_params(sweep))} trial(s)", timings, name):
             results[name] = sweep_job.run(sweep)
-    preference = None
+    tuned = None
     if Finding.dpo in cfg.findings and cfg.dpo_steps:
         base = dpo_base(cfg, at, results)
         with step(f"DPO of {base.run.name}", timings, "dpo"):
-            preference = demo.preference_tune(cfg, demo_layout(at), base)
+            tuned = preference.preference_tune(cfg, at.storage, preference.Base.of_run(base, at.data,
+                                                                                      cfg.geneval_guidance))
     out = Path(cfg.out_dir).resolve()
-    sections = analysis.analyze(cfg, results, preference, sweeps(cfg, at), reconstructed)
+    sections = analysis.analyze(cfg, results, tuned, sweeps(cfg, at), reconstructed)
     text = report.write(out, cfg, at.storage, sections, timings, time.perf_counter() - start)
     LOG.info("report.md:\n" + text)
     if is_remote(at.storage):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from conf.checks import Objective, validate
 from conf.train import TrainConf, register
@@ -21,7 +21,7 @@ from model import count_params, train_flops
 from model.conditioning import TextConditioningConfig
 from model.interop import config_from_diffusers
 from pipelines.geneval import TAGS
-from pipelines.storage import Location, join
+from pipelines.storage import Location, absolute, join
 from workloads.evaluate.inline import PromptSet, encode_prompt_set
 from workloads.runtime import JobStopped, cli, ensure_ray, logger
 from workloads.train import preemption, streaming
@@ -155,9 +155,15 @@ def run_config(cfg: TrainConf, callbacks: list | None = None):
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep), callbacks=callbacks)
 
 
+def worker_conf(cfg: TrainConf) -> TrainConf:
+    """The config the workers get: the paths they read themselves (`init_from`) absolute, as the driver saw them."""
+    return replace(cfg, init_from=absolute(cfg.init_from))
+
+
 def run(cfg: TrainConf, callbacks: list | None = None):
     """Plan, then train on the Ray cluster (local unless RAY_ADDRESS is set); returns Ray Train's Result.
     `callbacks` are Ray Train `UserCallback`s (a Tune trial passes `TuneReportCallback`)."""
+    cfg = worker_conf(cfg)
     p = plan(cfg)
     import ray
     import ray.train
