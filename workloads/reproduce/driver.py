@@ -154,6 +154,11 @@ def dpo_base(cfg: ReproduceConf, at: Layout, results: dict[str, pd.DataFrame]) -
     return sweep_job.trial_train_conf(sweep, params)
 
 
+def tuned_base(cfg: ReproduceConf, at: Layout, run: TrainConf) -> preference.Base:
+    """A study run as DPO's base: pairs sampled with the study data at the studies' guidance."""
+    return preference.Base.of_run(run, at.data, cfg.geneval_guidance)
+
+
 def check(cfg: ReproduceConf) -> None:
     """Every job's config checked before any work: numbers, the shapes, each study's trials, DPO, the bucket."""
     validate(cfg)
@@ -173,7 +178,7 @@ def check(cfg: ReproduceConf) -> None:
     if Finding.dpo in cfg.findings and cfg.dpo_steps:
         original = every["captions-original"]
         first = sweep_job.trial_train_conf(original, studies.trial_params(original)[0])
-        preference.dpo_conf(cfg, at.storage, preference.Base.of_run(first, at.data, cfg.geneval_guidance))
+        preference.dpo_conf(cfg, at.storage, tuned_base(cfg, at, first))
     require_bucket(at.storage, "storage", cfg.endpoint_url)
 
 
@@ -215,8 +220,7 @@ def run(cfg: ReproduceConf) -> Path:
     if Finding.dpo in cfg.findings and cfg.dpo_steps:
         base = dpo_base(cfg, at, results)
         with step(f"DPO of {base.run.name}", timings, "dpo"):
-            tuned = preference.preference_tune(cfg, at.storage, preference.Base.of_run(base, at.data,
-                                                                                      cfg.geneval_guidance))
+            tuned = preference.preference_tune(cfg, at.storage, tuned_base(cfg, at, base))
     out = Path(cfg.out_dir).resolve()
     sections = analysis.analyze(cfg, results, tuned, sweeps(cfg, at), reconstructed)
     text = report.write(out, cfg, at.storage, sections, timings, time.perf_counter() - start)
