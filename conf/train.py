@@ -310,6 +310,9 @@ class TrainConf:
     export: bool = True  # <run>/export/: the EMA weights as a diffusers SD3Transformer2DModel folder
 
     def __post_init__(self) -> None:
+        if self.optim.decay_steps > self.trainer.max_steps:
+            raise ValueError(f"optim.decay_steps={self.optim.decay_steps} is more than trainer.max_steps="
+                             f"{self.trainer.max_steps}: the decay is over the run's last steps")
         if self.stage_needs_init and not self.init_from:
             raise ValueError(f"the stage at {self.stage_resolution}px continues a previous stage: set "
                              "init_from=<the previous stage's run folder>")

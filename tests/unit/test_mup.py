@@ -6,7 +6,7 @@ import torch
 
 import model
 from model import mup
-from workloads.train.trainer import warmup_lambda
+from workloads.train.trainer import lr_lambda
 
 WIDTHS = (64, 128, 256)  # heads of 64: the width rule
 
@@ -97,7 +97,7 @@ def test_param_groups_scale_hidden_and_output_learning_rates_by_base_over_width(
 def test_the_warmup_scales_each_group_keeping_the_ratios():
     c = _config(256, "mup")
     optimizer = torch.optim.AdamW(mup.param_groups(model.MMDiT(c), 1e-3, c))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(4))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(4))
     for factor in (0.25, 0.5, 0.75, 1.0, 1.0):
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3 * factor, 0.5e-3 * factor])
         optimizer.step()

@@ -88,6 +88,15 @@ def test_mup_groups_keep_their_learning_rates_through_the_warmup(process_group, 
         assert not result.skipped and result.lr == pytest.approx(2e-3 * step / 4)
 
 
+def test_the_learning_rate_warms_up_holds_and_decays_over_the_last_steps(process_group):
+    """optim.decay_steps: linear decay over the last steps of max_steps, to lr/decay_steps at the last one."""
+    cfg = conf(2, max_steps=8)
+    cfg.optim.warmup_steps, cfg.optim.decay_steps = 2, 4
+    t = trainer(cfg)
+    lrs = [t.step(batch(), step).lr for step in range(1, 9)]
+    assert lrs == pytest.approx([2e-3 * f for f in (0.5, 1, 1, 1, 1, 0.75, 0.5, 0.25)])
+
+
 def test_nonfinite_loss_skips_the_step_without_touching_the_weights(process_group):
     t = trainer(conf(2))
     bad = batch()

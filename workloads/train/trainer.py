@@ -45,9 +45,15 @@ from workloads.train.lora import LORA_DIR, adapters_disabled, apply_lora, export
 from workloads.train.validation import ValGroup, distributed_val_loss, sample_latents
 
 
-def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to the base learning rate, then constant (the paper's schedule)."""
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+def lr_lambda(warmup_steps: int, max_steps: int = 0, decay_steps: int = 0) -> Callable[[int], float]:
+    """The learning rate's factor at scheduler step `step` (0 at the first optimizer step): a linear warm-up to the
+    base rate, constant (the paper's schedule), then with `decay_steps` a linear decay over the last of `max_steps`
+    to 1/decay_steps at the last step."""
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, warmup_steps))
+        return min(warm, (max_steps - step) / decay_steps) if decay_steps else warm
+
+    return factor
 
 
 @dataclass
@@ -99,14 +105,14 @@ class Trainer:
         self.compiled = cfg.trainer.compiles(device.type)
         if self.compiled:
             apply_compile(net, str(cfg.trainer.compile_backend), cfg.trainer.compile_dynamic)
-        warmup = warmup_lambda(cfg.optim.warmup_steps)
+        schedule = lr_lambda(cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.decay_steps)
         # one group per learning rate (muP's hidden weights learn slower when wider; SP: one group); the warm-up
         # multiplies each group's own
         groups = param_groups(net, cfg.optim.lr, self.config, cfg.optim.weight_decay)
         self.lr_multiplier = groups[0]["lr"] / cfg.optim.lr  # the logged lr is the base one
         self.engine, self.optimizer, _, self.scheduler = load_deepspeed(device).initialize(
             model=net, model_parameters=groups, config=ds_config,
-            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, warmup))
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
         self.ema = EMA(local_shards(trained(self.engine.module), self.stage), cfg.ema.decay, cfg.ema.warmup)
         self.formulation = get_formulation(cfg.objective.formulation)
         self.dpo = cfg.objective.kind == Objective.dpo
