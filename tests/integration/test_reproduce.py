@@ -103,7 +103,8 @@ def two_point_status(agrees: bool, tied: bool) -> str:
 def expected_statuses(cfg: ReproduceConf) -> list[str]:
     """Each claim's verdict as the studies' stored results decide it: worked out here for the two-point claims, by
     the (unit-tested) rules of `findings` for the shift, caption and DPO comparisons."""
-    from workloads.reproduce.stats import differs, geneval_se
+    from pipelines.geneval.stats import geneval_se
+    from workloads.reproduce.stats import differs
 
     form = results(cfg, "formulation").set_index("formulation")
     combined = form["val_loss"].rank(method="min") + form["geneval"].rank(ascending=False, method="min")

@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from conf.train import TrainConf
+from pipelines.geneval.stats import PairedChange, paired_change
 from pipelines.storage import filesystem, join
 from workloads.train import checkpointing
 from workloads.train.driver import plan, run
 from workloads.train.runlog import EVENTS, METRICS, read_records
+from workloads.train.validation import geneval_results
 
 STEPS = 12  # 6 or 7 steps per epoch (58 training rows, 6 held out by id): the runs cross an epoch boundary
 
@@ -396,6 +398,8 @@ def test_dpo_on_zero3_trains_only_lora_adapters_scores_before_and_after_and_expo
     assert summary["val_source"] == "val_data" and summary["lora_rank"] == 4
     assert 0.0 <= summary["geneval_before"] <= 1.0 and summary["geneval_after"] == records[-1]["geneval"]
     assert set(summary["geneval_tasks_before"]) == set(summary["geneval_tasks_after"]) >= {"counting", "position"}
+    results = [read_records(str(folder), geneval_results(step)) for step in (0, 4)]  # the same prompts and noise
+    assert PairedChange.of_summary(summary, len(results[0])) == paired_change(*results)
     events = read_records(str(folder), EVENTS)
     assert [e["event"] for e in events] == ["started", "geneval_before", "failed", "resumed", "finished"]
     assert events[3]["step"] in (2, 4)

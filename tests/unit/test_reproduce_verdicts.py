@@ -11,8 +11,9 @@ import pytest
 from conf.reproduce import PRESETS, TABLE_1, Finding, ReproduceConf
 from conf.sweep import Study, SweepConf
 from model.formulations import paper_global_rank
+from pipelines.geneval.stats import geneval_se
 from workloads.reproduce import findings, paper
-from workloads.reproduce.stats import differs, geneval_se, spearman_test
+from workloads.reproduce.stats import differs, spearman_test
 
 
 def test_spearman_permutation_p_value_is_exact_for_few_points():
@@ -183,6 +184,19 @@ def test_dpo_verdict_when_it_ran(before, after, status):
     (verdict,) = section.verdicts
     assert verdict.status == status, verdict.reason
     assert verdict.ours == f"{before:.3f} -> {after:.3f}" and "12 pairs" in section.body
+
+
+def test_a_paired_dpo_change_is_decided_by_its_own_error():
+    """A summary with the per-image paired change: a gain the unpaired errors call noise is beyond the paired one."""
+    cfg = ReproduceConf(geneval_prompts_per_task=20, dpo_geneval_images_per_prompt=4)
+    p = preference(0.30, 0.33)
+    assert findings.dpo(cfg, p).verdicts[0].status == findings.INCONCLUSIVE
+    p.summary |= {"geneval_change_se": 0.01, "geneval_gained": 30, "geneval_lost": 6}
+    section = findings.dpo(cfg, p)
+    assert section.verdicts[0].status == findings.REPRODUCED and "30 gained, 6 lost" in section.verdicts[0].reason
+    assert "paired standard error 0.010" in section.body
+    p.summary |= {"geneval_change_se": 0.02}
+    assert findings.dpo(cfg, p).verdicts[0].status == findings.INCONCLUSIVE
 
 
 def test_a_skipped_dpo_says_why():

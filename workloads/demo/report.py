@@ -16,9 +16,9 @@ from conf.sweep import SweepConf
 from conf.train import TrainConf
 from pipelines import schema
 from pipelines.geneval.credit import overall_credit
+from pipelines.geneval.stats import PAIRED, PairedChange, geneval_se
 from pipelines.storage import Location
 from workloads.plots import plot_loss
-from workloads.reproduce.stats import geneval_se
 from workloads.sweep import studies
 from workloads.train.driver import plan, run_location
 from workloads.train.runlog import METRICS, SUMMARY, read_records
@@ -109,7 +109,8 @@ def dpo_figures(p: Preference) -> dict:
             "samples_per_s": s["samples_per_s"], "pairs": p.pairs["pairs"], "prompts": p.pairs["prompts"],
             "correct": p.pairs["correct"], "images": p.pairs["counts"]["read"],
             "geneval_before": s.get("geneval_before"), "geneval_after": s.get("geneval_after"),
-            "geneval_tasks_before": s.get("geneval_tasks_before"), "geneval_tasks_after": s.get("geneval_tasks_after")}
+            "geneval_tasks_before": s.get("geneval_tasks_before"), "geneval_tasks_after": s.get("geneval_tasks_after"),
+            **{k: s.get(k) for k in PAIRED}}
 
 
 def dpo_file(label: str) -> str:
@@ -143,11 +144,13 @@ def dpo_lines(f: dict, p: Preference, label: str) -> list[str]:
                                 ("after DPO", f["geneval_after"], f["geneval_tasks_after"])):
         lines.append(f"| {row} | {overall:.3f} | " + " | ".join(f"{tasks[t]:.3f}" for t in tags) + " |")
     images = v.geneval_prompts_per_task * len(tags) * v.geneval_images_per_prompt
+    change = PairedChange.of_summary(f, images)
+    if change is not None:
+        return [*lines, "", f"- {change.line()}"]
     gain, se = f["geneval_after"] - f["geneval_before"], math.hypot(geneval_se(f["geneval_before"], images),
                                                                      geneval_se(f["geneval_after"], images))
-    lines += ["", f"- change {gain:+.3f}, standard error {se:.3f} ({images} images each): "
-                  + ("beyond" if abs(gain) > 2 * se else "within") + " twice its standard error"]
-    return lines
+    return [*lines, "", f"- change {gain:+.3f}, standard error {se:.3f} ({images} images each, unpaired): "
+                        + ("beyond" if abs(gain) > 2 * se else "within") + " twice its standard error"]
 
 
 def markdown(src: Sources, f: dict, sweep_body: str, decoder_note: str | None, grid: str) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from conf.reproduce import Finding, ReproduceConf
+from pipelines.geneval.stats import geneval_se
 from workloads.plots import pyplot
 from workloads.reproduce import paper
 from workloads.reproduce.findings import (
@@ -22,7 +23,6 @@ from workloads.reproduce.findings import (
     difference_verdict,
     images_per_trial,
 )
-from workloads.reproduce.stats import geneval_se
 from workloads.sweep import studies
 
 # Table 3's pixel metrics the reconstruction verdict reads, both higher-is-better; FID, when measured, is shown only

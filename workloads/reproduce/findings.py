@@ -13,8 +13,9 @@ from conf.reproduce import Finding, ReproduceConf
 from conf.sweep import SweepConf
 from model.formulations import paper_global_rank
 from pipelines import geneval
+from pipelines.geneval.stats import PairedChange, geneval_se
 from workloads.reproduce import paper
-from workloads.reproduce.stats import differs, geneval_se, spearman_test
+from workloads.reproduce.stats import differs, spearman_test
 from workloads.sweep import studies
 from workloads.sweep.scaling import fit_power_law
 
@@ -203,6 +204,17 @@ def difference_verdict(a: float, b: float, se_a: float, se_b: float, sampled: st
         differs(a, b, se_a, se_b)]
 
 
+def paired_verdict(change: PairedChange) -> tuple[str, str]:
+    """The verdict on a claim that a fine-tune raised GenEval, from the paired change of the same images."""
+    sampled = f"paired, {change.images} images scored before and after: {change.gained} gained, {change.lost} lost"
+    margin = 2 * change.se
+    if change.change > margin:
+        return REPRODUCED, f"+{change.change:.3f}, above twice its standard error ({margin:.3f}, {sampled})"
+    if -change.change > margin:
+        return NOT_REPRODUCED, f"{change.change:+.3f}: lower by more than twice its standard error ({margin:.3f})"
+    return INCONCLUSIVE, f"{change.change:+.3f}, within twice its standard error ({margin:.3f}, {sampled})"
+
+
 def tasks_of(row: pd.Series) -> dict[str, float]:
     """The per-task GenEval-shapes columns of a one-setting study's trial row."""
     columns = {t: f"geneval_{t}" for t in geneval.TAGS}
@@ -231,9 +243,14 @@ def dpo(cfg: ReproduceConf, preference) -> Section:
     images = images_per_trial(cfg, cfg.dpo_geneval_images_per_prompt)
     table, verdict = geneval_comparison(claim, says, ("before DPO", s["geneval_before"], s["geneval_tasks_before"]),
                                         ("after DPO", s["geneval_after"], s["geneval_tasks_after"]), images)
+    change = PairedChange.of_summary(s, images)
+    if change is not None:  # the same prompts and noise before and after: each image's own difference
+        status, reason = paired_verdict(change)
+        verdict = Verdict(claim, says, verdict.ours, status, reason)
     pairs = preference.pairs["counts"]["written"] if preference.pairs else 0
     body = "\n".join([table, "", f"- {pairs} pairs from the base run's samples, judged by GenEval-shapes; "
-                      f"{cfg.dpo_steps} steps on rank-{cfg.dpo_rank} LoRA adapters; held-out prompts"])
+                      f"{cfg.dpo_steps} steps on rank-{cfg.dpo_rank} LoRA adapters; held-out prompts",
+                      *([f"- {change.line()}"] if change is not None else [])])
     return Section(Finding.dpo, "Preference tuning (Table 5)", body, [verdict])
 
 

@@ -1,5 +1,5 @@
-"""The few statistics the verdicts need: a rank correlation with a permutation p-value, and the sampling error of
-a GenEval score (a share of correct images)."""
+"""The few statistics the verdicts need beyond GenEval's own (`pipelines.geneval.stats`): a rank correlation with a
+permutation p-value, and whether two scores differ beyond their errors."""
 
 from __future__ import annotations
 
@@ -30,13 +30,6 @@ def spearman_test(x, y, samples: int = 20_000) -> tuple[float, float]:
         perms = np.array([rng.permutation(ry) for _ in range(samples)])
     centred = (perms - ry.mean()) @ (rx - rx.mean()) / (len(rx) * rx.std() * ry.std())
     return rho, float((centred >= rho - 1e-12).mean())
-
-
-def geneval_se(score: float, images: int) -> float:
-    """Standard error of a GenEval overall score read as a share of `images` correct images (add-one smoothed, so
-    a score of 0 or 1 still has an error)."""
-    p = (score * images + 1) / (images + 2)
-    return math.sqrt(p * (1 - p) / images)
 
 
 def differs(a: float, b: float, se_a: float, se_b: float, z: float = 2.0) -> int:

@@ -181,6 +181,12 @@ def write_images(images: torch.Tensor, captions: list[str], path: Path) -> None:
     sample_grid(images, [c[:40] for c in captions], path)
 
 
+def geneval_results(step: int) -> str:
+    """Where in the run folder the per-image GenEval-shapes results of `step` go (as the evaluation job's
+    results.jsonl)."""
+    return f"geneval/step_{step:08d}.jsonl"
+
+
 class Validator:
     """EMA validation every `validation.every` steps and at the end: the fixed-timestep loss (overall and per
     timestep; every rank takes part) and, on rank 0, a sample grid PNG in the run folder. With a GenEval prompt
@@ -231,7 +237,7 @@ class Validator:
             return {}
         results = score_images(to_uint8(self.decoded()(latents)), self.geneval)
         lines = "".join(json.dumps(r) + "\n" for r in results)  # per image, as the evaluation job's results.jsonl
-        self.log.path(f"geneval/step_{step:08d}.jsonl").write_text(lines)
+        self.log.path(geneval_results(step)).write_text(lines)
         return metric_fields(summarize(results))
 
     def decoded(self) -> LatentDecoder:

@@ -15,6 +15,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.train.torch import get_device
 
 from conf.train import TrainConf
+from pipelines.geneval.stats import paired_change
 from pipelines.storage import DiskFull, Location, write_bytes
 from workloads.runtime import logger, quiet_ray, setup_logging
 from workloads.train import checkpointing, faults, preemption
@@ -24,10 +25,10 @@ from workloads.train.faults import StepDeadline
 from workloads.train.initialize import weight_loader
 from workloads.train.mfu import peak_tflops
 from workloads.train.progress import Progress
-from workloads.train.runlog import EVENTS, SUMMARY, RunLog, read_records
+from workloads.train.runlog import EVENTS, SUMMARY, RunLog, parse_records, read_records
 from workloads.train.streaming import EpochStream, dataset_name
 from workloads.train.trainer import Trainer
-from workloads.train.validation import Validator
+from workloads.train.validation import Validator, geneval_results
 
 LOG = logger("train")
 GENEVAL_BEFORE = "geneval_before"  # the event holding the starting weights' GenEval-shapes
@@ -206,7 +207,7 @@ def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: 
                    "samples_per_s": progress.median_rate(),  # of this session's steps
                    "train_flops_per_sample": sum(plan.flops[b] * k for b, k in plan.batches.items()) / n}
         summary |= {k: v for k, v in last.items() if k.startswith(("credit_", "chance_"))}  # GenEval's partial credits
-        summary |= before_and_after(plan.run, last)
+        summary |= before_and_after(plan.run, last, state.step, log)
         # whole or not at all: a later start (the sweep, the reference job) reads it as the sign the run finished
         write_bytes(LocalFileSystem(), str(log.path(SUMMARY)), (json.dumps(summary, indent=1) + "\n").encode())
     log.event("finished", step=state.step)
@@ -214,16 +215,30 @@ def finish(cfg: TrainConf, trainer: Trainer, plan, state: TrainState, progress: 
     return None
 
 
-def before_and_after(run: Location, last: dict) -> dict:
+def before_and_after(run: Location, last: dict, step: int, log: RunLog) -> dict:
     """`geneval_before` / `geneval_after` (overall) and `geneval_tasks_before` / `_after` for a run that scored its
-    starting weights (`validation.geneval_before`); {} otherwise."""
+    starting weights (`validation.geneval_before`), with the paired change of its per-image results (the same prompts
+    and noise both times): `geneval_change_se`, `geneval_gained`, `geneval_lost`; {} otherwise."""
     before = next((e for e in read_records(run, EVENTS) if e["event"] == GENEVAL_BEFORE), None)
     if before is None or "geneval" not in last:
         return {}
     tasks = lambda fields: {k[len("geneval_"):]: v for k, v in fields.items() if k.startswith("geneval_")}  # noqa: E731
-    return {"geneval_before": before["geneval"], "geneval_after": last["geneval"],
-            "geneval_tasks_before": tasks({k: v for k, v in before.items() if k not in ("event", "time")}),
-            "geneval_tasks_after": tasks(last)}
+    out = {"geneval_before": before["geneval"], "geneval_after": last["geneval"],
+           "geneval_tasks_before": tasks({k: v for k, v in before.items() if k not in ("event", "time")}),
+           "geneval_tasks_after": tasks(last)}
+    first, final = (per_image_geneval(run, log, s) for s in (0, step))
+    if first is not None and final is not None:
+        out |= paired_change(first, final).summary_fields()
+    return out
+
+
+def per_image_geneval(run: Location, log: RunLog, step: int) -> list[dict] | None:
+    """The per-image GenEval-shapes results of `step` (`Validator.geneval_fields`): this session's local copy, else
+    the run folder's; None when neither has them."""
+    name = geneval_results(step)
+    local = log.path(name)
+    results = parse_records(local.read_text(), str(local)) if local.exists() else read_records(run, name)
+    return results or None
 
 
 def train_loop(config: dict) -> dict | None:
