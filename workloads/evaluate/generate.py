@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import torch
@@ -17,6 +18,13 @@ from model.interop import load_diffusers
 from model.sampling import SkipLayerGuidance, sample
 from pipelines.storage import Location
 from workloads.evaluate.inline import fixed_noise, to_uint8
+
+ALL_CORES = -1  # a CPU Generator's threads: every core its node lets it use (its judge and PNG writes are light)
+
+
+def cpu_threads(threads: int) -> int:
+    """Torch threads for `threads` (0: leave torch's default, which under Ray is the CPUs the actor holds)."""
+    return len(os.sched_getaffinity(0)) if threads == ALL_CORES else threads
 
 
 class Generator:
@@ -29,7 +37,7 @@ class Generator:
         from pipelines.encoders import TextEncoders, downsample
         from workloads.train.validation import LatentDecoder
 
-        if threads:
+        if threads := cpu_threads(threads):
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.network = load_diffusers(export).to(self.device).eval()
@@ -83,7 +91,7 @@ def generate(prompts: list[dict], per_prompt: int, out: Location, batch_size: in
     rows = [{"prompt_index": i, "k": k, "prompt": p["prompt"]}
             for i, p in enumerate(prompts) for k in range(per_prompt)]
     dataset = ray.data.from_items(rows).map_batches(
-        Generator, fn_constructor_kwargs=generator | {"use_gpu": use_gpu, "threads": 0 if use_gpu else 1},
+        Generator, fn_constructor_kwargs=generator | {"use_gpu": use_gpu, "threads": 0 if use_gpu else ALL_CORES},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_gpus=1 if use_gpu else 0,
         num_cpus=0 if use_gpu else 1, batch_format="numpy")
     images = out.child("images")

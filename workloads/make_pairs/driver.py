@@ -92,7 +92,7 @@ def sample_and_judge(cfg: MakePairsConf, prompts: list[dict], models: str, resol
     import ray.data
 
     from workloads.evaluate.driver import local_export
-    from workloads.evaluate.generate import Generator
+    from workloads.evaluate.generate import ALL_CORES, Generator
 
     ensure_ray()
     use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
@@ -105,7 +105,7 @@ def sample_and_judge(cfg: MakePairsConf, prompts: list[dict], models: str, resol
         generator = {"export": export, "models": models, "resolution": resolution, "steps": cfg.steps,
                      "guidance": cfg.guidance, "shift": cfg.shift, "sampler": str(cfg.sampler), "seed": cfg.seed,
                      "slg": cfg.skip_layer_guidance,
-                     "use_gpu": use_gpu, "threads": 0 if use_gpu else 1, "keep_latents": True}
+                     "use_gpu": use_gpu, "threads": 0 if use_gpu else ALL_CORES, "keep_latents": True}
         dataset = ray.data.from_items(rows).map_batches(
             Generator, fn_constructor_kwargs=generator, batch_size=cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(size=1), num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
