@@ -34,6 +34,9 @@ class TrainerConf:
     num_workers: int = 2
     use_gpu: bool = False  # one GPU per worker; NCCL between them
     cpus_per_worker: float = 1.0
+    # Custom Ray resources each worker needs besides its CPUs (and GPU): the workers run only on nodes that advertise
+    # them: `+trainer.worker_resources.spot=1` for a node type started with `--resources='{"spot": 8}'`
+    worker_resources: dict[str, float] = field(default_factory=dict)
     max_steps: int = 1000
     batch_size: int = 32  # global: split evenly over the workers
     seed: int = 0
@@ -66,6 +69,10 @@ class TrainerConf:
     def __post_init__(self) -> None:
         at_least(self, 1, "num_workers", "max_steps", "batch_size", "max_nonfinite")
         at_least(self, 0, "cpus_per_worker")
+        custom = self.worker_resources
+        if {"CPU", "GPU", "memory", "object_store_memory"} & set(custom) or any(v <= 0 for v in custom.values()):
+            raise ValueError(f"trainer.worker_resources must name custom resources with amounts > 0 (CPUs and GPUs "
+                             f"are cpus_per_worker and use_gpu), got {dict(self.worker_resources)}")
         at_least(self, -1, "max_failures")  # -1: forever
         positive(self, "collective_timeout_s", "first_step_timeout_s")
         if self.fault_injection is not None:

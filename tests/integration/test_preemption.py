@@ -5,14 +5,21 @@ optimizer step and reaches the uninterrupted run's losses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray
 from test_train import train_worker_pids
 from test_train_faults import tiny_conf
 
@@ -20,7 +27,7 @@ from conf.train import TrainConf
 from pipelines import schema
 from pipelines.interrupt import sigterm_stops
 from pipelines.preprocess import run as preprocess
-from pipelines.runtime import cli
+from pipelines.runtime import cli, free_port
 from workloads.train import checkpointing, preemption
 from workloads.train.driver import run
 from workloads.train.runlog import EVENTS, read_records
@@ -189,3 +196,97 @@ def test_sigterm_to_the_preprocessing_driver_keeps_finished_shards_and_the_rerun
     assert {name: t for name, t in markers(output).items() if name in kept} == kept  # nothing finished was redone
     assert json.loads((output / schema.MANIFEST).read_text())["counts"] == {"read": 64, "written": 64, "rejected": 0}
     print(lines[0])
+
+
+@contextlib.contextmanager
+def spot_nodes(count: int) -> Iterator[list[subprocess.Popen]]:
+    """`count` more nodes in this session's cluster, each a `ray start --block` of 1 CPU advertising a `spot`
+    resource (a multi-node local cluster); stopped (SIGTERM to the blocking process) at the end."""
+    gcs = ray.get_runtime_context().gcs_address
+    alive = lambda: sum(1 for n in ray.nodes() if n["Alive"])  # noqa: E731
+    before = alive()
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    nodes, sockets = [], Path(tempfile.mkdtemp(prefix="spot-", dir="/tmp"))  # short: a socket path has 107 bytes
+    for i in range(count):  # each node's own ports and folder (its sockets): raylets on one machine may not share
+        ports = [f"--{name}-port={free_port()}" for name in ("node-manager", "object-manager", "dashboard-agent-listen",
+                                                             "dashboard-agent-grpc", "runtime-env-agent",
+                                                             "metrics-export")]
+        low = free_port()
+        nodes.append(subprocess.Popen(
+            [ray_cli, "start", f"--address={gcs}", "--num-cpus=1", '--resources={"spot": 1}', *ports,
+             f"--min-worker-port={low}", f"--max-worker-port={low + 50}", f"--temp-dir={sockets}/n{i}", "--block",
+             "--disable-usage-stats"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        deadline = time.monotonic() + 120
+        while alive() < before + count and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert alive() == before + count, f"{alive() - before} of {count} nodes joined the cluster"
+        yield nodes
+    finally:
+        for node in nodes:
+            node.terminate()
+        for node in nodes:
+            try:
+                node.wait(60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        deadline = time.monotonic() + 60
+        while alive() > before and time.monotonic() < deadline:
+            time.sleep(0.5)
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def train_worker_node() -> str | None:
+    """The node id of this run's live Ray Train worker (one worker)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return actors[0].node_id if len(actors) == 1 else None
+
+
+def drain(node_id: str, deadline_s: float) -> None:
+    """What a cloud's preemption notice does through the autoscaler: Ray drains the node, with a deadline."""
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
+    accepted, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   "spot instance reclaimed (test)", int((time.time() + deadline_s) * 1000))
+    assert accepted, why
+
+
+def test_a_drained_node_checkpoints_that_step_and_the_run_moves_to_another_node(train_dataset, tmp_path,
+                                                                               monkeypatch):
+    """A multi-node local cluster: the worker runs on one of two `spot` nodes (`trainer.worker_resources`), which Ray
+    then drains with a 120 s deadline. Bound: Ray Train's preemption watcher sees the drain within a step or two; the
+    ranks checkpoint that step, the worker restarts on the other node at the same step (zero steps repeated) and the
+    run finishes with `trainer.max_failures=0`."""
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # local runs turn it off (no node ever drains)
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.2")  # 5 s by default
+    folder, seen, steps = tmp_path / "drained", {}, 200  # steps enough that the run outlasts the drain's notice
+    cfg = tiny_conf(train_dataset, str(tmp_path), "drained", workers=1, steps=steps)
+    cfg.trainer.max_failures, cfg.trainer.worker_resources = 0, {"spot": 1.0}
+
+    def drain_the_workers_node() -> None:
+        seen["node"], seen["at"] = train_worker_node(), time.time()
+        drain(seen["node"], deadline_s=120)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and train_worker_node() in (None, seen["node"]):
+            time.sleep(0.2)
+        seen["moved_to"] = train_worker_node()
+
+    with spot_nodes(2):
+        thread = when_step(folder, 3, drain_the_workers_node)
+        result = run(cfg)
+        thread.join(60)
+    assert result.error is None and seen.get("node")
+    events = read_records(str(folder), EVENTS)
+    assert [e["event"] for e in events] == ["started", preemption.PREEMPTED, "resumed", "finished"], events
+    preempted, resumed = events[1], events[2]
+    assert preempted["reason"] == "Ray drains the node of rank 0" and 3 <= preempted["step"] < steps
+    assert resumed["step"] == preempted["step"]  # zero steps repeated
+    assert seen["moved_to"] not in (None, seen["node"])  # the restart went to the other spot node
+    assert len(losses(folder)) == steps  # every step once
+    checkpointed = (folder / checkpointing.dir_name(preempted["step"])).stat().st_mtime - seen["at"]
+    print(f"drained after step >= 3; checkpoint of step {preempted['step']} {checkpointed:.1f} s after the drain; "
+          f"resumed at step {resumed['step']} on another node")

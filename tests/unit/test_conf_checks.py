@@ -46,6 +46,8 @@ BAD = [
     ("train", "optim.lr=0", "optim.lr must be > 0"),
     ("train", "optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
     ("train", "optim.decay_steps=-1", "optim.decay_steps must be >= 0"),
+    ("train", "+trainer.worker_resources.CPU=2", "trainer.worker_resources must name custom resources"),
+    ("train", "+trainer.worker_resources.spot=0", "trainer.worker_resources must name custom resources"),
     ("train", "optim.decay_steps=1001", "optim.decay_steps=1001 is more than trainer.max_steps=1000"),
     ("train", "optim.betas=[0.9,1.0]", "optim.betas must be two values in [0, 1)"),
     ("train", "optim.betas=[-0.1,0.999]", "optim.betas must be two values in [0, 1)"),

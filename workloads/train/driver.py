@@ -185,7 +185,8 @@ def run(cfg: TrainConf, callbacks: list | None = None):
     trainer = TorchTrainer(
         train_loop, train_loop_config={"cfg": cfg, "plan": p},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
-                                               resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.trainer.cpus_per_worker,
+                                                                     **cfg.trainer.worker_resources}),
         run_config=run_config(cfg, [failures, *(callbacks or [])]),
         datasets=streaming.bucket_datasets(p.data, files, cfg.trainer.seed, materialize, p.holdout,
                                            p.tensor_columns),
