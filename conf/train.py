@@ -41,6 +41,9 @@ class TrainerConf:
     batch_size: int = 32  # global: split evenly over the workers
     seed: int = 0
     max_failures: int = 3  # worker or node deaths survived by restarting from the latest checkpoint (-1: forever)
+    # preemptions (a drained node, a SIGTERM to a worker) survived by restarting from the checkpoint of the step they
+    # stopped at, counted apart from max_failures (-1: forever; 0: a preemption ends the run, its checkpoint kept)
+    max_preemptions: int = -1
     dtype: Dtype = Dtype.auto  # auto: bf16 on GPU, fp32 on CPU (float16 is refused: no loss scaling)
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     max_nonfinite: int = 10  # consecutive NaN/Inf losses (each step skipped) before the run stops
@@ -73,7 +76,7 @@ class TrainerConf:
         if {"CPU", "GPU", "memory", "object_store_memory"} & set(custom) or any(v <= 0 for v in custom.values()):
             raise ValueError(f"trainer.worker_resources must name custom resources with amounts > 0 (CPUs and GPUs "
                              f"are cpus_per_worker and use_gpu), got {dict(self.worker_resources)}")
-        at_least(self, -1, "max_failures")  # -1: forever
+        at_least(self, -1, "max_failures", "max_preemptions")  # -1: forever
         positive(self, "collective_timeout_s", "first_step_timeout_s")
         if self.fault_injection is not None:
             FaultInjection.parse(self.fault_injection, self.num_workers)

@@ -27,7 +27,7 @@ from conf.train import TrainConf
 from pipelines import schema
 from pipelines.interrupt import sigterm_stops
 from pipelines.preprocess import run as preprocess
-from pipelines.runtime import cli, free_port
+from pipelines.runtime import JobStopped, cli, free_port
 from workloads.train import checkpointing, preemption
 from workloads.train.driver import run
 from workloads.train.runlog import EVENTS, read_records
@@ -109,6 +109,29 @@ def test_sigterm_to_a_worker_checkpoints_that_step_and_the_restart_repeats_none(
     checkpointed = (folder / checkpointing.dir_name(preempted["step"])).stat().st_mtime - sent["at"]
     print(f"preempted after step {preempted['step']} (signal at step >= 3), its checkpoint {checkpointed:.1f} s after "
           f"the signal; resumed at step {resumed['step']}")
+
+
+def test_past_max_preemptions_the_run_ends_at_its_checkpoint_and_resumes_later(train_dataset, tmp_path,
+                                                                              uninterrupted):
+    """`trainer.max_preemptions=0`: a SIGTERM to a worker still checkpoints that step, and the run then ends with an
+    error instead of restarting. Bound: the same command with preemptions allowed resumes at that step (zero steps
+    repeated) and reaches the uninterrupted run's losses."""
+    folder = tmp_path / "capped"
+    cfg = conf(train_dataset, tmp_path, "capped")
+    cfg.trainer.max_preemptions = 0
+    thread = when_step(folder, 3, lambda: os.kill(train_worker_pids()[-1], signal.SIGTERM))
+    with pytest.raises(JobStopped, match=r"preempted more than trainer\.max_preemptions=0 times") as stopped:
+        run(cfg)
+    thread.join(5)
+    events = read_records(str(folder), EVENTS)
+    assert [e["event"] for e in events][:2] == ["started", preemption.PREEMPTED], events
+    stopped_at = events[1]["step"]
+    assert str(stopped.value).endswith(f"{checkpointing.dir_name(stopped_at)}: run the same command to resume")
+    cfg.trainer.max_preemptions = -1
+    assert run(cfg).error is None
+    resumed = [e for e in read_records(str(folder), EVENTS) if e["event"] == "resumed"]
+    assert resumed[-1]["step"] == stopped_at and losses(folder) == losses(uninterrupted)
+    print(f"capped run: preempted after step {stopped_at}: error: {stopped.value}")
 
 
 def test_sigterm_to_the_driver_stops_at_a_checkpoint_and_the_same_command_resumes(train_dataset, tmp_path,

@@ -60,6 +60,7 @@ BAD = [
     ("train", "run.name=''", "run.name must name a folder"),
     ("train", "run.name=/", "run.name must name a folder"),
     ("train", "trainer.max_failures=-2", "trainer.max_failures must be >= -1"),
+    ("train", "trainer.max_preemptions=-2", "trainer.max_preemptions must be >= -1"),
     ("train", "validation.guidance=-1", "validation.guidance must be >= 0"),
     ("train", "validation.guidance_below=0", "validation.guidance_below must be in (0, 1]"),
     ("train", "validation.guidance_below=1.5", "validation.guidance_below must be in (0, 1]"),

@@ -24,7 +24,7 @@ from pipelines.geneval import TAGS
 from pipelines.storage import Location, absolute, join
 from workloads.evaluate.inline import PromptSet, encode_prompt_set
 from workloads.runtime import JobStopped, cli, ensure_ray, logger
-from workloads.train import preemption, streaming
+from workloads.train import checkpointing, preemption, streaming
 from workloads.train.data import TENSOR_COLUMNS, check_spec, latent_shape, read_spec, training_columns
 from workloads.train.faults import STOPPED, FailureLog, stopped_reason
 from workloads.train.initialize import init_source
@@ -151,7 +151,8 @@ def run_config(cfg: TrainConf, callbacks: list | None = None):
     pafs, storage = streaming.ray_storage(Location.of(cfg.run.storage, cfg.endpoint_url))
     return ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage, storage_filesystem=pafs,
-        failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures,
+                                               max_preemption_failures=cfg.trainer.max_preemptions),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep), callbacks=callbacks)
 
 
@@ -194,7 +195,12 @@ def run(cfg: TrainConf, callbacks: list | None = None):
         # the start-up and first step's collective timeout; the workers lower it after (`faults.StepDeadline`)
         torch_config=TorchConfig(timeout_s=math.ceil(cfg.trainer.first_step_timeout_s)))
     with preemption.driver_sigterm(p.stop):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.PreemptionError:  # more preemptions than trainer.max_preemptions
+            latest = checkpointing.find_latest(p.run)
+            raise JobStopped(f"preempted more than trainer.max_preemptions={cfg.trainer.max_preemptions} times; "
+                             f"checkpoint {latest}: run the same command to resume") from None
     outcome = result.return_value or {}
     if (reason := outcome.get(STOPPED) or stopped_reason(p.run, p.session)) is not None:
         raise JobStopped(reason)
