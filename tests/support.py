@@ -49,3 +49,6 @@ def offline(who: str) -> Iterator[None]:
         mp.setenv("TRANSFORMERS_OFFLINE", "1")
         mp.setattr(socket.socket, "connect", refuse)
         yield
+
+
+PLANTED_ORIGINALS, PLANTED_COPIED = 40, 6  # the dedup tests' folder: 40 distinct images, 6 with a copy of each kind

@@ -104,3 +104,17 @@ def train_dataset(ray_local, tmp_path_factory) -> str:
         compute=ComputeConf(decode_num_cpus=0.25, decode_batch_size=8, write_batch_size=8, vae=stage, caption=stage,
                             text=stage)))
     return str(root / "data")
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory) -> tuple[str, dict]:
+    """A folder of images with planted copies for the dedup job (and its ground truth), plus one broken PNG."""
+    from support import PLANTED_COPIED, PLANTED_ORIGINALS
+
+    from pipelines.synthetic.planted import write_planted
+
+    folder = tmp_path_factory.mktemp("planted") / "images"
+    truth = write_planted(str(folder), PLANTED_ORIGINALS, PLANTED_COPIED, seed=4, size=64)
+    (folder / "zz-broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "zz-broken.txt").write_text("a photo of nothing")
+    return str(folder), truth

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
+from support import PLANTED_ORIGINALS
 
 from conf.dedup import DedupConf, EmbedderConf
 from conf.preprocess import ComputeConf, FiltersConf, ModelsConf, PreprocessConf, ScoreFilterConf, StageConf
@@ -17,19 +18,8 @@ from pipelines.dedup.job import run as dedup
 from pipelines.dedup.stages import data_files
 from pipelines.preprocess import run as preprocess
 from pipelines.storage import Location
-from pipelines.synthetic.planted import score, write_planted
+from pipelines.synthetic.planted import score
 from pipelines.synthetic.tiny_models import build_tiny_scorer
-
-ORIGINALS, PLANTED = 40, 6  # 40 distinct images, 6 of them with a copy of each kind: 70 images, and a broken one
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> tuple[str, dict]:
-    folder = tmp_path_factory.mktemp("planted") / "images"
-    truth = write_planted(str(folder), ORIGINALS, PLANTED, seed=4, size=64)
-    (folder / "zz-broken.png").write_bytes(b"\x89PNG not really")
-    (folder / "zz-broken.txt").write_text("a photo of nothing")
-    return str(folder), truth
 
 
 def dedup_conf(input: str, output: str, **changes) -> DedupConf:
@@ -51,7 +41,7 @@ def test_dedup_finds_planted_copies_and_preprocessing_skips_them(planted, tmp_pa
     assert (c["images"], c["embedded"], c["failed"]) == (71, 70, 1)
     assert manifest["clusters"] == 5 and c["kept"] == 70 - c["duplicates"]
     found = duplicates_of(str(tmp_path / "dedup"))
-    quality = score(truth, found, ORIGINALS)
+    quality = score(truth, found, PLANTED_ORIGINALS)
     assert all(quality["recall_by_kind"][k] == 1.0 for k in ("exact", "jpeg", "resize", "flip")), quality
     assert quality["recall_by_kind"]["crop"] >= 0.5 and quality["precision"] >= 0.8, quality
 

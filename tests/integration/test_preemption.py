@@ -221,6 +221,41 @@ def test_sigterm_to_the_preprocessing_driver_keeps_finished_shards_and_the_rerun
     print(lines[0])
 
 
+@pytest.mark.usefixtures("ray_local")
+def test_sigterm_to_the_dedup_driver_keeps_finished_shards_and_the_rerun_redoes_none(planted, tmp_path, capsys):
+    """Bound: the dedup job returns at the signal with one line and no manifest; every embedding shard marked done
+    before it is kept untouched, and the same command embeds only the images of the shards that were not."""
+    from test_dedup_job import dedup_conf
+
+    from pipelines.dedup.job import run as dedup
+
+    folder, _ = planted
+    output = tmp_path / "dedup"
+    done = output / "embeddings"
+
+    def sigterm_after_the_first_shard() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not markers(done):
+            time.sleep(0.05)
+        handler = getattr(signal.getsignal(signal.SIGTERM), "__qualname__", "")
+        if handler.startswith(sigterm_stops.__name__):  # ours, while the job runs: never Ray's exit
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=sigterm_after_the_first_shard, daemon=True)
+    thread.start()
+    assert dedup(dedup_conf(folder, str(output))) == {"stopped": True}
+    thread.join(5)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "stopped by SIGTERM" in line]
+    kept = markers(done)
+    assert len(lines) == 1 and "run the same command to finish the rest" in lines[0]
+    assert kept and not (output / schema.MANIFEST).exists()
+    read = sum(json.loads((done / schema.MARKERS_DIR / name).read_text())["rows_read"] for name in kept)
+    again = dedup(dedup_conf(folder, str(output)))
+    assert again["counts"]["images"] == read + again["last_run"]["embed_images"]  # none embedded twice
+    assert {name: t for name, t in markers(done).items() if name in kept} == kept  # nothing finished was redone
+    print(f"{lines[0]}; {len(kept)} shards ({read} images) kept, {again['last_run']['embed_images']} embedded after")
+
+
 @contextlib.contextmanager
 def spot_nodes(count: int) -> Iterator[list[subprocess.Popen]]:
     """`count` more nodes in this session's cluster, each a `ray start --block` of 1 CPU advertising a `spot`
