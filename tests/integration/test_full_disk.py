@@ -17,7 +17,7 @@ from test_train_faults import tiny_overrides
 
 from pipelines import schema
 from pipelines.preprocess import run as preprocess
-from pipelines.runtime import cli
+from pipelines.runtime import JobStopped, cli, is_user_error, one_line
 from workloads.train import checkpointing
 from workloads.train.driver import run
 from workloads.train.faults import STOPPED
@@ -123,3 +123,35 @@ def test_a_full_preprocessing_output_keeps_the_finished_shards_and_the_rerun_com
     assert {name: t for name, t in markers(output).items() if name in kept} == kept  # nothing finished was redone
     manifest = json.loads((output / schema.MANIFEST).read_text())
     assert manifest["counts"] == {"read": 64, "written": 64, "rejected": 0}
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_full_dedup_output_keeps_the_finished_shards_and_the_rerun_completes(planted, small_disk):
+    """Bound: one `error:` line naming a file under the output, its bytes and the bytes free; every embedding shard
+    marked done before stays untouched, nothing is left half-written, and the same command after the disk grows
+    embeds only the images of the other shards and writes the manifest."""
+    from test_dedup_job import dedup_conf
+
+    from pipelines.dedup.job import run as dedup
+
+    folder, _ = planted
+    small_disk.mount("120k")
+    output = small_disk.path / "dedup"
+    cfg = dedup_conf(folder, str(output))
+    with pytest.raises(JobStopped) as stopped:
+        dedup(cfg)
+    assert is_user_error(stopped.value)  # `python -m pipelines.dedup` prints it as this one line and exits 2
+    line = f"error: {one_line(stopped.value)}"
+    assert line.startswith(f"error: disk full (No space left on device): writing {output}/"), line
+    assert NEEDS_AND_FREE.search(line) and line.endswith("(the finished shards and groups are kept)"), line
+    done = output / "embeddings"
+    kept = markers(done)
+    assert leftovers(output) == [] and not (output / schema.MANIFEST).exists()
+    read = sum(json.loads((done / schema.MARKERS_DIR / name).read_text())["rows_read"] for name in kept)
+    print(f"{line} ({len(kept)} embedding shards, {read} images, finished before it)")
+
+    small_disk.grow("16m")
+    again = dedup(cfg)
+    assert again["counts"]["images"] == read + again["last_run"]["embed_images"]  # none embedded twice
+    assert {name: t for name, t in markers(done).items() if name in kept} == kept
+    assert (output / schema.MANIFEST).exists()
