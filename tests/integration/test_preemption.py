@@ -186,6 +186,21 @@ def preprocess_overrides(train_dataset: str, output: Path) -> list[str]:
             *[f"compute.{s}.{o}" for s in ("vae", "caption", "text") for o in stage]]
 
 
+def sigterm_after_the_first_marker(output: Path) -> threading.Thread:
+    """A thread that sends this process a SIGTERM once `output` holds a shard's done marker, while the job's own
+    handler is in place (never Ray's, which would exit)."""
+    def send() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not markers(output):
+            time.sleep(0.05)
+        handler = getattr(signal.getsignal(signal.SIGTERM), "__qualname__", "")
+        if handler.startswith(sigterm_stops.__name__):
+            os.kill(os.getpid(), signal.SIGTERM)
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
 def markers(output: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in (output / schema.MARKERS_DIR).glob("*.json")}
 
@@ -197,16 +212,7 @@ def test_sigterm_to_the_preprocessing_driver_keeps_finished_shards_and_the_rerun
     output = tmp_path / "data"
     command = preprocess_overrides(train_dataset, output)
 
-    def sigterm_after_the_first_shard() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not markers(output):
-            time.sleep(0.05)
-        handler = getattr(signal.getsignal(signal.SIGTERM), "__qualname__", "")
-        if handler.startswith(sigterm_stops.__name__):  # ours, while shards are processed: never Ray's exit
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    thread = threading.Thread(target=sigterm_after_the_first_shard, daemon=True)
-    thread.start()
+    thread = sigterm_after_the_first_marker(output)
     cli("preprocess", preprocess, argv=command)  # returns: exit status 0
     thread.join(5)
     out = capsys.readouterr().out
@@ -233,16 +239,7 @@ def test_sigterm_to_the_dedup_driver_keeps_finished_shards_and_the_rerun_redoes_
     output = tmp_path / "dedup"
     done = output / "embeddings"
 
-    def sigterm_after_the_first_shard() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not markers(done):
-            time.sleep(0.05)
-        handler = getattr(signal.getsignal(signal.SIGTERM), "__qualname__", "")
-        if handler.startswith(sigterm_stops.__name__):  # ours, while the job runs: never Ray's exit
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    thread = threading.Thread(target=sigterm_after_the_first_shard, daemon=True)
-    thread.start()
+    thread = sigterm_after_the_first_marker(done)
     assert dedup(dedup_conf(folder, str(output))) == {"stopped": True}
     thread.join(5)
     lines = [line for line in capsys.readouterr().out.splitlines() if "stopped by SIGTERM" in line]
