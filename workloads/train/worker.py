@@ -228,7 +228,10 @@ def before_and_after(run: Location, last: dict, step: int, log: RunLog) -> dict:
            "geneval_tasks_after": tasks(last)}
     first, final = (per_image_geneval(run, log, s) for s in (0, step))
     if first is not None and final is not None:
-        out |= paired_change(first, final).summary_fields()
+        try:
+            out |= paired_change(first, final).summary_fields()
+        except ValueError as error:  # a resumed run that changed its GenEval prompt set: no image pairs up
+            LOG.warning(f"no paired GenEval change: {error}")
     return out
 
 
