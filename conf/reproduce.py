@@ -15,6 +15,11 @@ from conf.shapes import AUTOENCODER_CHANNELS
 from conf.train import CheckpointConf, EMAConf, ObjectiveConf, TrainConf, TrainerConf, ValidationConf
 
 
+class DPOBase(StrEnum):
+    study = "study"  # the formulation study's best run by GenEval-shapes (else the study-depth run)
+    reference = "reference"  # the shipped shapes reference model, which follows prompts (pipelines/synthetic/weights)
+
+
 class Finding(StrEnum):
     formulation = "formulation"  # Table 1: the formulations ranked at equal training compute
     depth = "depth"  # Fig. 8: validation loss is a power law in compute and predicts GenEval
@@ -83,7 +88,11 @@ class ReproduceConf:
     geneval_steps: int = 20
     geneval_guidance: float = 4.0
     eval_samples: int = 64
-    # Preference tuning of the study-depth run (the paper's last stage), as `make demo` does it.
+    # Preference tuning (the paper's last stage), as `make demo` does it, of `dpo_base`: the shipped shapes reference
+    # model (on `reference_images` images of its kind, preprocessed for its encoders), or the studies' best run.
+    # The studies' runs follow prompts at chance at this size; Table 5 starts from a base that follows them.
+    dpo_base: DPOBase = DPOBase.reference
+    reference_images: int = 32
     dpo_steps: int = 60
     dpo_rank: int = 16
     dpo_geneval_images_per_prompt: int = 4
@@ -104,7 +113,7 @@ class ReproduceConf:
         at_least(self, 1, "images", "image_size", "shard_size", "resolution", "high_resolution", "study_depth",
                  "geneval_prompts_per_task", "geneval_images_per_prompt", "geneval_steps", "eval_samples",
                  "dpo_rank", "dpo_geneval_images_per_prompt", "pairs_prompts_per_task", "pairs_sample_steps",
-                 "reconstruction_images")
+                 "reconstruction_images", "reference_images")
         at_least(self, 0, "dpo_steps", "geneval_guidance")
         if not all(steps >= 1 for steps in self.sampling_steps):
             raise ValueError(f"reproduce.sampling_steps must all be >= 1, got {list(self.sampling_steps)}")

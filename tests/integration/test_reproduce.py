@@ -1,7 +1,8 @@
 """`make reproduce` end to end, shrunk far below its quick preset to fit the suite: the shapes at two resolutions
 (with synthetic captions from their ground truth) -> every study as a Ray Tune sweep of `workloads.sweep` on shared
-runs -> DPO -> report.md with a verdict per claim. Started from the command line, stopped (SIGTERM) once its first
-trial finished, then run again: the interrupted sweep resumes and nothing finished is redone."""
+runs -> DPO of the shipped shapes reference model -> report.md with a verdict per claim. Started from the command
+line, stopped (SIGTERM) once its first trial finished, then run again: the interrupted sweep resumes and nothing
+finished is redone."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ SETTINGS = {"images": 48, "image_size": 64, "shard_size": 16, "resolution": 32, 
             "depths": [1, 2], "study_depth": 2, "sampling_steps": [2, 4], "sampling_shifts": [1.0, 3.0],
             "geneval_prompts_per_task": 1, "geneval_images_per_prompt": 1, "geneval_steps": 2, "eval_samples": 8,
             "dpo_steps": 2, "pairs_prompts_per_task": 1, "pairs_images_per_prompt": 2, "pairs_sample_steps": 2,
-            "dpo_geneval_images_per_prompt": 1, "channels": [4, 16], "channel_depths": [],
+            "dpo_geneval_images_per_prompt": 1, "reference_images": 8, "channels": [4, 16], "channel_depths": [],
             "reconstruction_images": 4}  # the autoencoder finding's reconstruction only: its depth series cost minutes
 TRAIN = {"trainer.max_steps": 4, "trainer.batch_size": 8, "optim.warmup_steps": 1, "ema.decay": 0.9,
          "validation.every": 4, "validation.samples": 8, "validation.grid_prompts": 1,
@@ -103,8 +104,7 @@ def two_point_status(agrees: bool, tied: bool) -> str:
 def expected_statuses(cfg: ReproduceConf) -> list[str]:
     """Each claim's verdict as the studies' stored results decide it: worked out here for the two-point claims, by
     the (unit-tested) rules of `findings` for the shift, caption and DPO comparisons."""
-    from pipelines.geneval.stats import geneval_se
-    from workloads.reproduce.stats import differs
+    from pipelines.geneval.stats import PairedChange
 
     form = results(cfg, "formulation").set_index("formulation")
     combined = form["val_loss"].rank(method="min") + form["geneval"].rank(ascending=False, method="min")
@@ -124,13 +124,14 @@ def expected_statuses(cfg: ReproduceConf) -> list[str]:
     statuses.append(captions.verdicts[0].status)
     runs = Path(reproduce.Layout.of(cfg).storage) / "runs"
     summaries = [json.loads(f.read_text()) for f in runs.glob("dpo-*/summary.json")]
+    assert [f.parent.name for f in runs.glob("dpo-*/summary.json")] in ([], ["dpo-shapes-reference"])  # dpo_base
     if summaries and summaries[0].get("geneval_before") is not None:
-        before, after = summaries[0]["geneval_before"], summaries[0]["geneval_after"]
         images = findings.images_per_trial(cfg, cfg.dpo_geneval_images_per_prompt)
-        sign = differs(before, after, geneval_se(before, images), geneval_se(after, images))
-        statuses.append({1: findings.REPRODUCED, -1: findings.NOT_REPRODUCED, 0: findings.INCONCLUSIVE}[sign])
+        paired = PairedChange.of_summary(summaries[0], images)
+        assert paired is not None  # before and after scored the same images
+        statuses.append(findings.paired_verdict(paired)[0])
     else:
-        statuses.append(findings.INCONCLUSIVE)  # DPO skipped: no pairs from the base run's samples
+        statuses.append(findings.INCONCLUSIVE)  # DPO skipped: no pairs from the base's samples
     reconstructed = autoencoder.reconstruction(cfg)  # deterministic: the same held-out images, the shipped weights
     statuses += [autoencoder.reconstruction_verdict(reconstructed, size).status for size in (32, 64)]
     return statuses + [findings.INCONCLUSIVE] * 2  # Fig. 10's two claims: not trained (channel_depths=[])

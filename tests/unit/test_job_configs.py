@@ -107,6 +107,24 @@ def test_the_demo_also_tunes_the_shipped_reference_model_at_its_own_resolution_a
     assert "reference model" not in demo.geneval_confs(off, at, main.train, "/untrained")
 
 
+def test_make_reproduce_preference_tunes_the_shipped_reference_model_by_default(tmp_path):
+    """`dpo_base=reference` (the default): DPO adapts the shipped weights on images of their kind, with the studies'
+    training settings, its run beside the studies' runs; `dpo_base=study` tunes a study run on the study data."""
+    from workloads.reference import shipped
+    from workloads.reproduce import driver as reproduce
+
+    cfg = runtime.compose("reproduce", ["preset=quick", f"out_dir={tmp_path}"])
+    at = reproduce.Layout.of(cfg)
+    reproduce.check(cfg)
+    dpo = preference.dpo_conf(cfg, at.storage, reproduce.reference_tuned(cfg, at))
+    assert dpo.init_from == str(shipped.folder()) and dpo.model == shipped.recipe().train.model
+    assert dpo.data == f"{at.storage}/pairs-reference" and dpo.run.storage == f"{at.storage}/runs"
+    assert dpo.trainer.num_workers == cfg.train.trainer.num_workers and dpo.trainer.max_steps == cfg.dpo_steps
+    assert reproduce.reference_data(cfg, at).images == cfg.reference_images
+    study = runtime.compose("reproduce", ["preset=quick", f"out_dir={tmp_path}", "dpo_base=study"])
+    reproduce.check(study)
+
+
 def test_the_workers_get_init_from_as_an_absolute_path_they_can_open_from_their_own_folder(tmp_path, monkeypatch):
     """Ray's workers start in folders of their own: a relative `init_from=` the driver could read (its checks passed)
     would name nothing there. URIs and absolute paths pass as they are."""

@@ -12,7 +12,6 @@ again resumes each job where it stopped, and a finished job is not redone.
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,9 +27,8 @@ from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
 from pipelines.storage import Location, join, require_bucket
 from workloads.demo import report as demo_report
-from workloads.demo.preference import Base, dpo_conf, preference_tune
+from workloads.demo.preference import Base, dpo_conf, preference_tune, reference_base, shipped_reference
 from workloads.reference import driver as reference_job
-from workloads.reference import shipped
 from workloads.runtime import cli, ensure_ray, logger
 from workloads.sweep import driver as sweep_job
 from workloads.sweep import studies
@@ -98,24 +96,13 @@ def main_base(cfg: DemoConf, at: Layout) -> Base:
 
 
 def reference_conf(cfg: DemoConf, at: Layout) -> ReferenceConf:
-    """The shipped reference model's recipe (its card) on `reference_images` images of its kind under
-    `<storage>/reference`: its image size, resolution and autoencoder, so that their manifest names the text encoders
-    and autoencoder the model reads and draws with."""
-    r = shipped.recipe()
-    r.storage, r.endpoint_url, r.ship_to = join(at.storage, "reference"), cfg.endpoint_url, None
-    r.images, r.shard_size, r.seed = cfg.reference_images, cfg.shard_size, cfg.seed
-    return r
+    """The shipped reference model's recipe on `reference_images` images of its kind under `<storage>/reference`."""
+    return shipped_reference(at.storage, cfg.endpoint_url, cfg.reference_images, cfg.shard_size, cfg.seed)
 
 
-def reference_base(cfg: DemoConf, at: Layout) -> Base:
-    """The preference stage's second base: the shipped reference model, tuned with the demo's training settings
-    (workers, batch, optimizer, held-out prompts) on its own network, data and sampling guidance."""
-    r = reference_conf(cfg, at)
-    train = copy.deepcopy(cfg.train)
-    train.model = copy.deepcopy(reference_job.train_conf(r).model)
-    train.data = join(r.storage, "data")
-    train.run.storage, train.run.name = main_run_conf(cfg, at).run.storage, shipped.SHIPPED.name
-    return Base(str(shipped.folder()), train.data, train, r.train.validation.guidance, pairs="pairs-reference")
+def reference_tuned(cfg: DemoConf, at: Layout) -> Base:
+    """The preference stage's second base: the shipped reference model, tuned with the demo's training settings."""
+    return reference_base(reference_conf(cfg, at), cfg.train, main_run_conf(cfg, at).run.storage)
 
 
 def reference_eval_out(at: Layout) -> str:
@@ -138,7 +125,7 @@ def geneval_confs(cfg: DemoConf, at: Layout, main: TrainConf, untrained: str) ->
         "untrained": EvaluateConf(run=untrained, out=join(at.storage, "geneval", "untrained"), **ours),
     }
     if cfg.reference:
-        ref = reference_base(cfg, at)
+        ref = reference_tuned(cfg, at)
         confs["reference model"] = EvaluateConf(run=ref.weights, data=ref.data, guidance=ref.guidance,
                                                 resolution=reference_conf(cfg, at).resolution,
                                                 out=reference_eval_out(at), **sampled)
@@ -163,7 +150,7 @@ def evaluate_geneval(cfg: DemoConf, at: Layout, main: TrainConf) -> dict[str, di
 
 def bases(cfg: DemoConf, at: Layout) -> dict[str, Base]:
     """What the preference stage tunes, by label: the main run and, with `reference`, the shipped reference model."""
-    return {"main run": main_base(cfg, at), **({"reference model": reference_base(cfg, at)} if cfg.reference else {})}
+    return {"main run": main_base(cfg, at), **({"reference model": reference_tuned(cfg, at)} if cfg.reference else {})}
 
 
 def check(cfg: DemoConf) -> None:

@@ -11,9 +11,12 @@ from typing import Protocol
 
 from conf.checks import Objective, validate
 from conf.pairs import MakePairsConf
+from conf.reference import ReferenceConf
 from conf.train import LoraConf, TrainConf
 from pipelines.storage import Location, join
 from workloads.demo import report as demo_report
+from workloads.reference import driver as reference_job
+from workloads.reference import shipped
 from workloads.runtime import logger
 from workloads.sweep import driver as sweep_job
 from workloads.train import driver as train_job
@@ -50,6 +53,35 @@ class Base:
     def of_run(cls, train: TrainConf, data: str, guidance: float) -> Base:
         """A run the same job trained: its folder under `train.run`."""
         return cls(join(train.run.storage, train.run.name), data, train, guidance)
+
+
+def shipped_reference(storage: str, endpoint_url: str | None, images: int, shard_size: int,
+                      seed: int) -> ReferenceConf:
+    """The shipped reference model's recipe (its card) on `images` images of its kind under `<storage>/reference`:
+    its image size, resolution and autoencoder, so that their manifest names the text encoders and autoencoder the
+    model reads and draws with (`prepare_reference_data` makes them)."""
+    r = shipped.recipe()
+    r.storage, r.endpoint_url, r.ship_to = join(storage, "reference"), endpoint_url, None
+    r.images, r.shard_size, r.seed = images, shard_size, seed
+    return r
+
+
+def prepare_reference_data(r: ReferenceConf) -> None:
+    """The images of `shipped_reference` drawn and preprocessed (each kept when an earlier invocation finished it)."""
+    from pipelines import make_shapes, preprocess
+
+    make_shapes.run(reference_job.shapes_conf(r))
+    preprocess.run(reference_job.preprocess_conf(r))
+
+
+def reference_base(r: ReferenceConf, settings: TrainConf, run_storage: str) -> Base:
+    """The shipped reference model as a base, tuned with `settings`' training settings (workers, batch, optimizer,
+    held-out prompts) on its own network, data (`r`'s) and sampling guidance; its DPO run goes under `run_storage`."""
+    train = copy.deepcopy(settings)
+    train.model = copy.deepcopy(reference_job.train_conf(r).model)
+    train.data = join(r.storage, "data")
+    train.run.storage, train.run.name = run_storage, shipped.SHIPPED.name
+    return Base(str(shipped.folder()), train.data, train, r.train.validation.guidance, pairs="pairs-reference")
 
 
 def pairs_conf(cfg: PreferenceSettings, storage: str, base: Base) -> MakePairsConf:

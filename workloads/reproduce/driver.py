@@ -4,7 +4,8 @@ On a local Ray cluster (or the one in RAY_ADDRESS): draw the shapes dataset with
 synthetic captions from its ground truth, preprocess it at two resolutions, then run the studies as Ray Tune
 sweeps of `workloads.sweep` on the same storage — formulations (Table 1), depths (Fig. 8), a depth series per
 autoencoder latent width (Fig. 10), sampling steps (Table 6), sampling shift at both resolutions (the sqrt(m/n) rule),
-original against mixed captions (Table 4) — and Diffusion-DPO of the best run (Table 5); the shipped shapes
+original against mixed captions (Table 4) — and Diffusion-DPO (Table 5) of the shipped shapes reference model
+(`dpo_base=reference`, the default: it follows prompts) or of the studies' best run; the shipped shapes
 autoencoders' reconstruction (Table 3) is measured in the driver. Runs are keyed by their training config, so the
 studies share them (the study-depth run is trained once). `<out_dir>/report.md` sets each result beside the paper's
 figures with a verdict per finding. Running the same command again resumes: finished data, runs and trials are kept.
@@ -23,12 +24,14 @@ import pandas as pd
 
 from conf.checks import SyntheticCaptions, validate
 from conf.preprocess import ComputeConf, ModelsConf, PreprocessConf, StageConf
-from conf.reproduce import Finding, ReproduceConf, register
+from conf.reference import ReferenceConf
+from conf.reproduce import DPOBase, Finding, ReproduceConf, register
 from conf.sweep import Study, SweepConf
 from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
 from pipelines.storage import Location, is_remote, join, require_bucket
 from workloads.demo import preference
+from workloads.reference import driver as reference_job
 from workloads.reproduce import autoencoder, report
 from workloads.reproduce import findings as analysis
 from workloads.runtime import cli, ensure_ray, logger
@@ -159,6 +162,16 @@ def tuned_base(cfg: ReproduceConf, at: Layout, run: TrainConf) -> preference.Bas
     return preference.Base.of_run(run, at.data, cfg.geneval_guidance)
 
 
+def reference_data(cfg: ReproduceConf, at: Layout) -> ReferenceConf:
+    """`reference_images` images of the shipped reference model's kind, for its encoders (`dpo_base=reference`)."""
+    return preference.shipped_reference(at.storage, cfg.endpoint_url, cfg.reference_images, cfg.shard_size, cfg.seed)
+
+
+def reference_tuned(cfg: ReproduceConf, at: Layout) -> preference.Base:
+    """The shipped reference model as DPO's base, with the studies' training settings; its run beside theirs."""
+    return preference.reference_base(reference_data(cfg, at), cfg.train, join(at.storage, "runs"))
+
+
 def check(cfg: ReproduceConf) -> None:
     """Every job's config checked before any work: numbers, the shapes, each study's trials, DPO, the bucket."""
     validate(cfg)
@@ -175,7 +188,12 @@ def check(cfg: ReproduceConf) -> None:
         validate(sweep)
         for params in studies.trial_params(sweep):
             train_job.check(sweep_job.trial_train_conf(sweep, params))
-    if Finding.dpo in cfg.findings and cfg.dpo_steps:
+    if Finding.dpo in cfg.findings and cfg.dpo_steps and cfg.dpo_base == DPOBase.reference:
+        r = reference_data(cfg, at)
+        check_shapes(reference_job.shapes_conf(r))
+        validate(reference_job.preprocess_conf(r))
+        preference.dpo_conf(cfg, at.storage, reference_tuned(cfg, at))
+    elif Finding.dpo in cfg.findings and cfg.dpo_steps:
         original = every["captions-original"]
         first = sweep_job.trial_train_conf(original, studies.trial_params(original)[0])
         preference.dpo_conf(cfg, at.storage, tuned_base(cfg, at, first))
@@ -217,7 +235,12 @@ def run(cfg: ReproduceConf) -> Path:
         with step(f"study {name}: {len(studies.trial_params(sweep))} trial(s)", timings, name):
             results[name] = sweep_job.run(sweep)
     tuned = None
-    if Finding.dpo in cfg.findings and cfg.dpo_steps:
+    if Finding.dpo in cfg.findings and cfg.dpo_steps and cfg.dpo_base == DPOBase.reference:
+        r = reference_data(cfg, at)
+        with step(f"DPO of the shipped shapes reference model (on {r.images} images of its kind)", timings, "dpo"):
+            preference.prepare_reference_data(r)
+            tuned = preference.preference_tune(cfg, at.storage, reference_tuned(cfg, at))
+    elif Finding.dpo in cfg.findings and cfg.dpo_steps:
         base = dpo_base(cfg, at, results)
         with step(f"DPO of {base.run.name}", timings, "dpo"):
             tuned = preference.preference_tune(cfg, at.storage, tuned_base(cfg, at, base))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from conf.reproduce import Finding, ReproduceConf
+from conf.reproduce import DPOBase, Finding, ReproduceConf
 from conf.sweep import SweepConf
 from model.formulations import paper_global_rank
 from pipelines import geneval
@@ -248,7 +248,8 @@ def dpo(cfg: ReproduceConf, preference) -> Section:
         status, reason = paired_verdict(change)
         verdict = Verdict(claim, says, verdict.ours, status, reason)
     pairs = preference.pairs["counts"]["written"] if preference.pairs else 0
-    body = "\n".join([table, "", f"- {pairs} pairs from the base run's samples, judged by GenEval-shapes; "
+    base = "the shipped shapes reference model" if cfg.dpo_base == DPOBase.reference else "the studies' best run"
+    body = "\n".join([table, "", f"- {pairs} pairs from the samples of {base}, judged by GenEval-shapes; "
                       f"{cfg.dpo_steps} steps on rank-{cfg.dpo_rank} LoRA adapters; held-out prompts",
                       *([f"- {change.line()}"] if change is not None else [])])
     return Section(Finding.dpo, "Preference tuning (Table 5)", body, [verdict])
