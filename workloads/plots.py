@@ -40,6 +40,27 @@ def plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_score_curve(rows: list[dict], path: Path) -> None:
+    """GenEval-shapes and its count, colour and shape credits against training FLOPs, each beside its chance level
+    (the same images scored against shuffled prompts, dashed): rows of a reference card's `curve`."""
+    flops = [r["train_flops"] for r in rows]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("geneval", "GenEval-shapes"), ("count", "count credit"), ("colors", "colour credit"),
+                       ("shapes", "shape credit")):
+        measured = "geneval" if key == "geneval" else f"credit_{key}"
+        line, = ax.plot(flops, [r.get(measured) for r in rows], "o-", markersize=3, label=label)
+        ax.plot(flops, [r.get(f"chance_{key}") for r in rows], "--", color=line.get_color(), alpha=0.6)
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("share of images (dashed: chance under shuffled prompts)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def latents_to_rgb(latents: torch.Tensor) -> torch.Tensor:
     """Channels 0-2 of synthetic latents, from [-1, 1] to [0, 1] images: (B, S, S, 3)."""
     return ((latents[:, :3].clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)

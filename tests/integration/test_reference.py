@@ -39,6 +39,7 @@ def test_the_command_trains_the_recipe_network_and_ships_its_ema_export_in_float
     assert card["step"] == STEPS and card["train_flops"] > 0 and "not SD3" in card["name"]
     assert card["autoencoder"] == "shapes-vae-c4" and card["resolution"] == 128
     assert card["recipe"]["train"]["model"]["depth"] == 3 and card["command"].startswith("python -m")
+    assert card["curve"] == [] and not (ship / reference.CURVE).exists()  # scored never (geneval_every=0): no plot
     weights = load_file(ship / reference.WEIGHTS)
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
     exported = load_file(Path(run) / "export" / reference.WEIGHTS)  # the run's EMA export (test_train checks it)

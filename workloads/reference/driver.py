@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
@@ -25,12 +26,14 @@ from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
 from pipelines.storage import Location, join, require_bucket, write_bytes
 from pipelines.synthetic.shapes_vae import shipped
+from workloads.plots import plot_score_curve
 from workloads.runtime import cli, ensure_ray, logger
 from workloads.train import driver as train_job
 from workloads.train.runlog import read_records
 
 LOG = logger("reference")
 CARD = "reference.json"
+CURVE = "curve.png"  # GenEval-shapes and its credits against training FLOPs, beside the card
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -102,8 +105,8 @@ def card(cfg: ReferenceConf, train: TrainConf, summary: dict) -> dict:
 
 
 def ship(cfg: ReferenceConf, train: TrainConf, summary: dict, to: str) -> Path:
-    """The run's EMA export in float16 (`config.json`, the safetensors file) and its card, each written whole into
-    `to`."""
+    """The run's EMA export in float16 (`config.json`, the safetensors file), its card and the card's curve drawn
+    (`curve.png`), each written whole into `to`."""
     import torch
     from safetensors.torch import load, save
 
@@ -114,7 +117,12 @@ def ship(cfg: ReferenceConf, train: TrainConf, summary: dict, to: str) -> Path:
                for k, v in load(export.read_bytes("export", WEIGHTS)).items()}
     write_bytes(local, str(out / WEIGHTS), save(weights))
     write_bytes(local, str(out / "config.json"), export.read_bytes("export", "config.json"))
-    write_bytes(local, str(out / CARD), (json.dumps(card(cfg, train, summary), indent=1) + "\n").encode())
+    made = card(cfg, train, summary)
+    write_bytes(local, str(out / CARD), (json.dumps(made, indent=1) + "\n").encode())
+    if made["curve"]:  # the score against compute, drawn
+        with tempfile.TemporaryDirectory() as scratch:
+            plot_score_curve(made["curve"], Path(scratch) / CURVE)
+            write_bytes(local, str(out / CURVE), (Path(scratch) / CURVE).read_bytes())
     LOG.info(f"shipped the EMA export of step {summary['step']} (float16) and its card to {out}")
     return out
 
