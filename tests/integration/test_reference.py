@@ -25,7 +25,8 @@ def made(ray_local, tmp_path_factory):
     register()
     storage, ship = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("shipped")
     overrides = [f"storage={storage}", f"ship_to={ship}", "images=48", "shard_size=16",
-                 f"train.trainer.max_steps={STEPS}", "train.trainer.batch_size=8", "train.validation.samples=8",
+                 f"train.trainer.max_steps={STEPS}", "train.optim.decay_steps=0", "train.trainer.batch_size=8",
+                 "train.validation.samples=8",
                  f"train.validation.every={STEPS}", "train.validation.geneval_every=0",
                  "train.validation.grid_prompts=1", "train.validation.grid_per_prompt=1",
                  "train.validation.sample_steps=2", f"train.checkpoint.every={STEPS}"]
