@@ -27,7 +27,14 @@ from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
 from pipelines.storage import Location, join, require_bucket
 from workloads.demo import report as demo_report
-from workloads.demo.preference import Base, dpo_conf, preference_tune, reference_base, shipped_reference
+from workloads.demo.preference import (
+    Base,
+    check_reference_data,
+    dpo_conf,
+    preference_tune,
+    reference_base,
+    shipped_reference,
+)
 from workloads.reference import driver as reference_job
 from workloads.runtime import cli, ensure_ray, logger
 from workloads.sweep import driver as sweep_job
@@ -165,8 +172,7 @@ def check(cfg: DemoConf) -> None:
         train_job.check(sweep_job.trial_train_conf(sweep, params))
     if cfg.reference:
         r = reference_conf(cfg, at)
-        check_shapes(reference_job.shapes_conf(r))
-        validate(reference_job.preprocess_conf(r))
+        check_reference_data(r)
     if cfg.dpo_steps:
         for base in bases(cfg, at).values():
             dpo_conf(cfg, at.storage, base)  # its own checks (the main run it adapts does not exist yet)

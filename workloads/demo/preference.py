@@ -66,6 +66,14 @@ def shipped_reference(storage: str, endpoint_url: str | None, images: int, shard
     return r
 
 
+def check_reference_data(r: ReferenceConf) -> None:
+    """The configs of `prepare_reference_data`, checked before any work."""
+    from pipelines.make_shapes import check as check_shapes
+
+    check_shapes(reference_job.shapes_conf(r))
+    validate(reference_job.preprocess_conf(r))
+
+
 def prepare_reference_data(r: ReferenceConf) -> None:
     """The images of `shipped_reference` drawn and preprocessed (each kept when an earlier invocation finished it)."""
     from pipelines import make_shapes, preprocess

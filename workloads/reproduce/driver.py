@@ -31,7 +31,6 @@ from conf.train import TrainConf
 from pipelines.make_shapes import MakeShapesConf
 from pipelines.storage import Location, is_remote, join, require_bucket
 from workloads.demo import preference
-from workloads.reference import driver as reference_job
 from workloads.reproduce import autoencoder, report
 from workloads.reproduce import findings as analysis
 from workloads.runtime import cli, ensure_ray, logger
@@ -190,8 +189,7 @@ def check(cfg: ReproduceConf) -> None:
             train_job.check(sweep_job.trial_train_conf(sweep, params))
     if Finding.dpo in cfg.findings and cfg.dpo_steps and cfg.dpo_base == DPOBase.reference:
         r = reference_data(cfg, at)
-        check_shapes(reference_job.shapes_conf(r))
-        validate(reference_job.preprocess_conf(r))
+        preference.check_reference_data(r)
         preference.dpo_conf(cfg, at.storage, reference_tuned(cfg, at))
     elif Finding.dpo in cfg.findings and cfg.dpo_steps:
         original = every["captions-original"]
